@@ -1,0 +1,87 @@
+"""Checkpoint I/O: atomic writes (temp file + fsync + rename) and safe loads (weights_only=True).
+
+A checkpoint is a dict of tensors and plain containers (dict/list/str/int/float/bool/None), so
+`torch.load(path, weights_only=True)` can read it; configs live inside as plain dicts.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names the file and the fix."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, write_fn) -> Path:
+    """Call write_fn(fileobj) on a temp file next to `path`, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def save_checkpoint(obj: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Atomically save a dict of tensors / plain containers with torch.save."""
+    return atomic_write_bytes(path, lambda f: torch.save(obj, f))
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> Path:
+    """Atomically write pretty JSON."""
+    data = (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
+    return atomic_write_bytes(path, lambda f: f.write(data))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load with weights_only=True; refuse pickles that would run code, with a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist: pass the path of a .pt file or a run directory")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is not a plain-tensor checkpoint and was refused for safety "
+            f"(weights_only load failed: {first}); re-save it as a state dict of tensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({msg}); use an intact copy or delete it and retrain"
+        ) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict: it was not written by pagoda")
+    return obj
