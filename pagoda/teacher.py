@@ -1,0 +1,113 @@
+"""The diffusion teacher: EDM preconditioning around a UNet, the EDM training loss, label dropout.
+
+    D(x, σ, y) = c_skip(σ) x + c_out(σ) F(c_in(σ) x, c_noise(σ), y)        (Karras et al. 2022, eq. 7)
+    c_in = 1/√(σ²+σ_d²), c_skip = σ_d²/(σ²+σ_d²), c_out = σ σ_d/√(σ²+σ_d²), σ_d = 0.5
+
+c_noise is explicit: "adm" = 250·ln σ (the ADM / consistency-models checkpoints, and ours),
+"edm" = ln(σ)/4 (NVlabs/edm's own networks).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagoda.unet import UNet
+
+C_NOISE = {
+    "adm": lambda sigma: 250.0 * torch.log(sigma),  # 1000 * 0.25 * ln σ (consistency_models karras_diffusion)
+    "edm": lambda sigma: 0.25 * torch.log(sigma),
+}
+
+
+def edm_scalings(sigma: torch.Tensor, sigma_data: float = 0.5):
+    """(c_skip, c_out, c_in) of EDM preconditioning (Karras et al. 2022, Table 1)."""
+    c_skip = sigma_data**2 / (sigma**2 + sigma_data**2)
+    c_out = sigma * sigma_data / (sigma**2 + sigma_data**2).sqrt()
+    c_in = 1 / (sigma**2 + sigma_data**2).sqrt()
+    return c_skip, c_out, c_in
+
+
+def c_noise(sigma: torch.Tensor, convention: str = "adm") -> torch.Tensor:
+    """Network noise input c_noise(σ): 250·ln σ ("adm") or ln(σ)/4 ("edm")."""
+    if convention not in C_NOISE:
+        raise ValueError(f"unknown c_noise convention {convention!r}: use 'adm' (250·ln σ) or 'edm' (ln(σ)/4)")
+    return C_NOISE[convention](sigma)
+
+
+def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+class Denoiser(nn.Module):
+    """EDM-preconditioned denoiser D(x, σ, y) around a UNet F; σ is a tensor of shape (batch,)."""
+
+    def __init__(self, unet: UNet, sigma_data: float = 0.5, c_noise: str = "adm", clamp: bool = False):
+        super().__init__()
+        if c_noise not in C_NOISE:
+            raise ValueError(f"unknown c_noise convention {c_noise!r}: use 'adm' or 'edm'")
+        self.unet, self.sigma_data, self.c_noise, self.clamp = unet, sigma_data, c_noise, clamp
+
+    @property
+    def resolution(self) -> int:
+        return self.unet.config.resolution
+
+    @property
+    def channels(self) -> int:
+        return self.unet.config.in_channels
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(x.shape[0])
+        c_skip, c_out, c_in = (_bcast(c, x) for c in edm_scalings(sigma, self.sigma_data))
+        F_x = self.unet((c_in * x).float(), C_NOISE[self.c_noise](sigma), labels)
+        D_x = c_skip * x.float() + c_out * F_x.float()
+        if self.clamp:
+            D_x = D_x.clamp(-1, 1)
+        return D_x.to(x.dtype)
+
+
+def drop_labels(labels: torch.Tensor | None, num_classes: int | None, p: float,
+                generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """One-hot labels with each row zeroed with probability p (zero row = unconditional, for CFG)."""
+    if labels is None or num_classes is None:
+        return None
+    onehot = torch.nn.functional.one_hot(labels.long(), num_classes).float()
+    if p > 0:
+        keep = torch.rand(labels.shape[0], generator=generator, device=labels.device) >= p
+        onehot = onehot * keep[:, None].float()
+    return onehot
+
+
+def edm_loss(denoiser: Denoiser, x: torch.Tensor, labels: torch.Tensor | None = None, P_mean: float = -1.2,
+             P_std: float = 1.2, label_dropout: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """EDM training loss λ(σ)‖D(x+σε, σ, y) − x‖², ln σ ~ N(P_mean, P_std²), λ = (σ²+σ_d²)/(σ σ_d)²; per sample."""
+    b = x.shape[0]
+    rnd = torch.randn(b, generator=generator, device=x.device)
+    sigma = (rnd * P_std + P_mean).exp()
+    weight = (sigma**2 + denoiser.sigma_data**2) / (sigma * denoiser.sigma_data) ** 2
+    noise = torch.randn(x.shape, generator=generator, device=x.device) * _bcast(sigma, x)
+    y = drop_labels(labels, denoiser.unet.config.num_classes, label_dropout, generator)
+    D_x = denoiser(x + noise, sigma, y)
+    return weight * ((D_x - x) ** 2).flatten(1).mean(1)
+
+
+def guided(denoiser: Denoiser, scale: float):
+    """Classifier-free guidance: D_w = D(x, σ, ∅) + w (D(x, σ, y) − D(x, σ, ∅)); returns a denoiser callable."""
+    num_classes = denoiser.unet.config.num_classes
+
+    def D(x, sigma, labels=None):
+        if labels is None or num_classes is None or scale == 1.0:
+            return denoiser(x, sigma, labels)
+        y = torch.nn.functional.one_hot(labels.long(), num_classes).float() if not labels.dtype.is_floating_point else labels
+        both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([y, torch.zeros_like(y)]))
+        cond, uncond = both.chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    return D
+
+
+def param_count_str(n: int) -> str:
+    """Human-readable parameter count, e.g. 295.9M."""
+    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
