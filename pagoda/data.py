@@ -4,6 +4,7 @@ Every item is `(image, label)`: a float32 C×R×R tensor in [-1, 1] and an int c
 center-cropped and resized the ADM way (openai/guided-diffusion `center_crop_arr`); tensors go to a
 lower resolution with `downsample` (2×2 box halving while ≥ 2R, then antialiased bicubic).
 Bad files give a one-line `ImageError` naming the file and the fix, or are skipped with a warning.
+Transparent pixels are composited over white; 16-bit images are scaled by 255/65535 (not clipped).
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ import json
 import math
 import os
 import struct
-from http.client import HTTPException
 import urllib.request
 import warnings
 import zipfile
 import zlib
+from http.client import HTTPException
 from pathlib import Path
 
 import numpy as np
@@ -39,17 +40,22 @@ class ImageError(DataError):
     """One image file that cannot be used: the message names the file and the fix."""
 
 
-# Fashion-MNIST
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+# Fashion-MNIST -----------------------------------------------------------------------------------
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
-# The S3 website endpoint is the official location (it serves plain HTTP only); GitHub is the same
-# data over HTTPS. Both are checked against the SHA-256 of the *decompressed* idx payload, because
-# re-packed copies (Debian's) differ in gzip header bytes but not in content.
+# The S3 website endpoint is the official location (it serves plain HTTP only); GitHub has the same
+# files over HTTPS. Downloads are checked against the SHA-256 of the *decompressed* idx payload:
+# re-packed copies (Debian's .gz files) differ from the official .gz in header bytes, not in content.
 FASHION_MNIST_MIRRORS = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
                          "https://github.com/zalandoresearch/fashion-mnist/raw/master/data/fashion/")
-FASHION_MNIST_SHA256 = {  # sha256 of the gunzipped files (official gz MD5s: zalandoresearch README)
+FASHION_MNIST_SHA256 = {
     "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
     "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
     "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
@@ -61,20 +67,12 @@ _FMNIST_FIX = ("fix: `apt-get install dataset-fashion-mnist`, or pass --data DIR
                "PAGODA_FASHION_MNIST=DIR to a folder holding the four idx(.gz) files")
 
 
-def fashion_mnist_cache_dir() -> Path:
-    """Download cache: $XDG_CACHE_HOME/pagoda/fashion-mnist (default ~/.cache/pagoda/fashion-mnist)."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pagoda" / "fashion-mnist"
-
-
 def _idx_file(folder: Path, name: str) -> Path | None:
-    for candidate in (folder / f"{name}.gz", folder / name):
-        if candidate.is_file():
-            return candidate
-    return None
+    return next((p for p in (folder / f"{name}.gz", folder / name) if p.is_file()), None)
 
 
 def _complete(folder: Path) -> bool:
-    return all(_idx_file(folder, n) is not None for pair in _SPLITS.values() for n in pair)
+    return all(_idx_file(folder, n) is not None for n in FASHION_MNIST_SHA256)
 
 
 def _fetch(url: str) -> bytes:
@@ -84,41 +82,35 @@ def _fetch(url: str) -> bytes:
 
 
 def _download_fashion_mnist(folder: Path) -> None:
-    """Fetch the four .gz files into `folder`, verifying the SHA-256 of each decompressed payload."""
+    """Fetch the four .gz files into `folder`, checking the SHA-256 of each decompressed payload."""
     for name, sha in FASHION_MNIST_SHA256.items():
-        if _idx_file(folder, name) is not None:
-            continue
-        errors = []
-        for mirror in FASHION_MNIST_MIRRORS:
-            url = f"{mirror}{name}.gz"
+        error = None
+        for url in [f"{mirror}{name}.gz" for mirror in FASHION_MNIST_MIRRORS]:
+            if _idx_file(folder, name) is not None:
+                break
             try:
                 data = _fetch(url)
-            except (OSError, HTTPException) as e:  # URLError, timeouts, resets
-                errors.append(f"{url}: {e}")
-                continue
-            try:
                 got = hashlib.sha256(gzip.decompress(data)).hexdigest()
-            except (OSError, EOFError, zlib.error):
-                got = "not a gzip file"
+            except (OSError, HTTPException, EOFError, zlib.error) as e:  # URLError, timeouts, bad gzip
+                error = f"{url}: {_first_line(e)}"
+                continue
             if got != sha:
-                raise DataError(f"{url}: checksum mismatch (sha256 {got}, expected {sha}); {_FMNIST_FIX}")
+                error = f"{url}: checksum mismatch (sha256 {got}, expected {sha})"
+                continue
             atomic_write_bytes(folder / f"{name}.gz", lambda f: f.write(data))
-            break
-        else:
-            raise DataError(f"Fashion-MNIST is not installed and the download failed "
-                            f"({errors[-1]}); {_FMNIST_FIX}")
+        if _idx_file(folder, name) is None:
+            raise DataError(f"Fashion-MNIST is not installed and the download failed ({error}); {_FMNIST_FIX}")
 
 
 def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
-    """The folder with the idx files: root, $PAGODA_FASHION_MNIST, the Debian copy, the cache, or a download."""
+    """The idx folder: root, $PAGODA_FASHION_MNIST, the Debian copy, ~/.cache/pagoda, or a download."""
     explicit = root if root is not None else os.environ.get("PAGODA_FASHION_MNIST") or None
     if explicit is not None:
-        folder = Path(explicit).expanduser()
-        if not _complete(folder):
+        if not _complete(folder := Path(explicit).expanduser()):
             raise DataError(f"{folder}: no Fashion-MNIST idx files (train-images-idx3-ubyte[.gz] and "
                             f"the other three); {_FMNIST_FIX}")
         return folder
-    cache = fashion_mnist_cache_dir()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pagoda" / "fashion-mnist"
     for folder in (FASHION_MNIST_SYSTEM_DIR, cache):
         if _complete(folder):
             return folder
@@ -129,15 +121,13 @@ def find_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
 def _read_idx(path: Path, magic: int) -> np.ndarray:
     """Parse an idx file strictly: magic number (unsigned bytes, ndim), dims, exact payload length."""
     try:
-        raw = path.read_bytes()
-        raw = gzip.decompress(raw) if path.suffix == ".gz" else raw
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: corrupt or truncated gzip ({e}); {_FMNIST_FIX}") from None
-    ndim = magic & 0xFF
-    head = 4 + 4 * ndim
+        raise DataError(f"{path}: corrupt or truncated gzip ({_first_line(e)}); {_FMNIST_FIX}") from None
+    head = 4 + 4 * (magic & 0xFF)
     if len(raw) < head or struct.unpack(">I", raw[:4])[0] != magic:
         raise DataError(f"{path}: not an idx file (expected magic 0x{magic:08x}); {_FMNIST_FIX}")
-    dims = struct.unpack(f">{ndim}I", raw[4:head])
+    dims = struct.unpack(f">{magic & 0xFF}I", raw[4:head])
     if len(raw) != head + math.prod(dims):
         raise DataError(f"{path}: truncated or padded idx file ({len(raw)} bytes, header says "
                         f"{head + math.prod(dims)}); {_FMNIST_FIX}")
@@ -146,11 +136,11 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
 
 @functools.lru_cache(maxsize=4)
 def _read_split(images: Path, labels: Path, _stamp: tuple) -> tuple[np.ndarray, np.ndarray]:
-    """Decode one split to uint8 arrays (cached per process, keyed on path + mtime + size)."""
+    """Decode one split to read-only uint8 arrays (cached per process on path + mtime + size)."""
     x, y = _read_idx(images, 0x0803), _read_idx(labels, 0x0801)
     if x.shape[1:] != (28, 28) or len(x) != len(y) or (len(y) and y.max() > 9):
-        raise DataError(f"{images}: expected N×28×28 images with N labels in 0..9, got images "
-                        f"{x.shape} and {y.shape} labels; {_FMNIST_FIX}")
+        raise DataError(f"{images}: expected N×28×28 images with N labels in 0..9, got {x.shape} "
+                        f"images and {y.shape} labels; {_FMNIST_FIX}")
     return x, y
 
 
@@ -159,17 +149,15 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
     """Images N×1×32×32 float32 in [-1, 1] (28×28 padded with background -1) and labels N int64."""
     if split not in _SPLITS:
         raise DataError(f"unknown Fashion-MNIST split {split!r}; fix: use 'train' or 'test'")
-    folder = find_fashion_mnist(root)
-    paths = [_idx_file(folder, n) for n in _SPLITS[split]]
-    stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in paths)
-    x, y = _read_split(paths[0], paths[1], stamp)
+    paths = [_idx_file(find_fashion_mnist(root), n) for n in _SPLITS[split]]
+    x, y = _read_split(*paths, tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in paths))
     padded = np.zeros((len(x), 1, 32, 32), np.uint8)  # 28 -> 32 with background 0, i.e. -1 after scaling
     padded[:, 0, 2:30, 2:30] = x
     images = torch.from_numpy(padded).float().div_(127.5).sub_(1.0)  # [0, 255] -> [-1, 1]
     return images, torch.from_numpy(y.astype(np.int64))
 
 
-# ADM preprocessing
+# ADM preprocessing -------------------------------------------------------------------------------
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_MAX_PIXELS = 44_739_242  # a quarter of PIL's hard limit (2 * 89_478_485), about 6700×6700
@@ -192,41 +180,32 @@ def downsample(x: torch.Tensor, resolution: int) -> torch.Tensor:
     """B×C×H×H -> B×C×R×R the ADM way on tensors: 2×2 means while H ≥ 2R, then antialiased bicubic."""
     if x.ndim != 4 or x.shape[-1] != x.shape[-2]:
         raise ValueError(f"downsample expects square B×C×H×H tensors, got {tuple(x.shape)}; fix: center-crop first")
-    if resolution > x.shape[-1] or resolution < 1:
+    if not 1 <= resolution <= x.shape[-1]:
         raise ValueError(f"downsample target {resolution} not in 1..{x.shape[-1]}; fix: pass a lower resolution")
     while x.shape[-1] >= 2 * resolution:
-        x = F.adaptive_avg_pool2d(x, x.shape[-1] // 2)  # exact 2×2 mean for even sizes
+        x = F.adaptive_avg_pool2d(x, x.shape[-1] // 2)  # exact 2×2 means for even sizes
     if x.shape[-1] != resolution:
         x = F.interpolate(x, size=(resolution, resolution), mode="bicubic", antialias=True, align_corners=False)
     return x
 
 
 def to_channels(img: Image.Image, channels: int) -> Image.Image:
-    """Any PIL mode -> "L" (channels=1) or "RGB" (3); alpha over white, 16-bit scaled by 1/257."""
+    """Any PIL mode -> "L" (channels=1) or "RGB" (3); alpha over white, 16-bit (I;16*, I) scaled by 1/257."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}; fix: pass 1 (grayscale) or 3 (RGB)")
-    if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit: 0..65535 -> 0..255 (I as 16-bit)
-        a = np.asarray(img).astype(np.float64) / 257.0
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):  # 16-bit 0..65535, or float in [0, 1]
+        a = np.nan_to_num(np.asarray(img).astype(np.float64)) * (255.0 if img.mode == "F" else 1 / 257)
         img = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
-    elif img.mode == "F":  # float images: [0, 1]
-        a = np.asarray(img).astype(np.float64) * 255.0
-        img = Image.fromarray(np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8), "L")
     elif img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA"):  # composite over white, like most viewers
+    if img.mode in ("RGBA", "RGBa", "LA", "La", "PA"):  # composite over white, as most viewers do
         white = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(white, img.convert("RGBA")).convert("RGB")
     target = "L" if channels == 1 else "RGB"
     return img if img.mode == target else img.convert(target)
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error,
-                  zipfile.BadZipFile, Image.DecompressionBombError)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, zipfile.BadZipFile)
 _BAD_FIX = "fix: re-export or delete the file (or pass skip_bad=True to skip it)"
 
 
@@ -238,7 +217,7 @@ def _open(source: str | os.PathLike | io.BytesIO, name: str, max_pixels: int) ->
             img = Image.open(source)
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: refused before decoding: {_first_line(e)}; "
-                         f"fix: downscale the file or delete it") from None
+                         f"fix: downscale or delete the file") from None
     except FileNotFoundError:
         raise ImageError(f"{name}: file not found; fix: check the path") from None
     except _DECODE_ERRORS:
@@ -246,18 +225,22 @@ def _open(source: str | os.PathLike | io.BytesIO, name: str, max_pixels: int) ->
     w, h = img.size
     if w * h == 0 or w * h > max_pixels:
         img.close()
-        why = "empty image" if w * h == 0 else f"too large to decode safely (> max_pixels={max_pixels})"
-        raise ImageError(f"{name}: {w}×{h} image refused before decoding: {why}; "
+        why = "empty image" if w * h == 0 else f"more than max_pixels={max_pixels}"
+        raise ImageError(f"{name}: {w}×{h} image refused before decoding ({why}); "
                          f"fix: downscale or delete the file, or raise max_pixels")
     return img
 
 
-def _decode(source, name: str, resolution: int, channels: int, max_pixels: int) -> torch.Tensor:
+def _decode(source: str | os.PathLike | io.BytesIO, name: str, resolution: int, channels: int,
+            max_pixels: int, check_only: str = "") -> torch.Tensor | None:
+    """Open (size-checked), decode, convert and ADM-resize; check_only='header'|'full' just validates."""
     with _open(source, name, max_pixels) as img:
         try:
-            img.load()
+            img.verify() if check_only == "header" else img.load()
         except _DECODE_ERRORS as e:
             raise ImageError(f"{name}: corrupt or truncated image ({_first_line(e)}); {_BAD_FIX}") from None
+        if check_only:
+            return None
         img = adm_resize(to_channels(img, channels), resolution)
     a = np.asarray(img, dtype=np.float32).reshape(resolution, resolution, channels)
     return torch.from_numpy(a).permute(2, 0, 1).div(127.5).sub(1.0).contiguous()
@@ -269,64 +252,61 @@ def load_image(path: str | os.PathLike, resolution: int, channels: int = 3,
     return _decode(path, str(path), resolution, channels, max_pixels)
 
 
-# Data sets
+# Data sets ---------------------------------------------------------------------------------------
 
 class _ImageFiles(Dataset):
-    """Shared logic: header scan at construction, decode + ADM resize per item, bad-file policy."""
+    """Shared by folders and zips: scan at construction, decode + ADM resize per item, bad-file policy."""
 
-    resolution: int
-    channels: int
-    num_classes: int | None
-    class_names: list[str] | None
-
-    def _setup(self, where: str, names: list[str], labels: list[int], resolution: int, channels: int,
-               skip_bad: bool, scan: str, max_pixels: int) -> None:
-        if scan not in ("none", "header", "full"):
-            raise ValueError(f"scan must be 'none', 'header' or 'full', got {scan!r}")
-        if channels not in (1, 3) or resolution < 1:
-            raise ValueError(f"need channels in (1, 3) and resolution >= 1, got {channels}, {resolution}")
+    def __init__(self, where: str, names: list[str], labels: list[int], resolution: int, channels: int,
+                 skip_bad: bool, scan: str, max_pixels: int):
+        if scan not in ("none", "header", "full") or channels not in (1, 3) or resolution < 1:
+            raise ValueError(f"need scan in none/header/full, channels 1 or 3, resolution >= 1; "
+                             f"got {scan!r}, {channels}, {resolution}")
         self.resolution, self.channels, self.skip_bad, self.max_pixels = resolution, channels, skip_bad, max_pixels
         keep, bad = [], []
         for i, name in enumerate(names):
             try:
-                if scan != "none":
-                    with _open(self._source(name), self._label_of(name), max_pixels) as img:
-                        img.verify() if scan == "header" else img.load()
+                if scan != "none":  # header: size + format (+ PNG chunk CRCs); full: decode every file
+                    _decode(*self._source(name), resolution, channels, max_pixels, check_only=scan)
                 keep.append(i)
             except ImageError as e:
+                if not skip_bad:
+                    raise
                 bad.append(str(e))
-            except _DECODE_ERRORS as e:
-                bad.append(f"{self._label_of(name)}: corrupt or truncated image ({_first_line(e)}); {_BAD_FIX}")
-            if bad and not skip_bad:
-                raise ImageError(bad[0])
         if bad:
             warnings.warn(f"{where}: skipped {len(bad)} unreadable image(s): " + " | ".join(bad[:5]), stacklevel=3)
         if not keep:
             raise DataError(f"{where}: no readable images; fix: add PNG/JPEG/WebP/BMP files")
-        self.files = [names[i] for i in keep]
-        self.labels = [labels[i] for i in keep]
+        self.files, self.labels = [names[i] for i in keep], [labels[i] for i in keep]
 
-    def _source(self, name: str):  # a path or a BytesIO for PIL
-        raise NotImplementedError
-
-    def _label_of(self, name: str) -> str:
-        return name
+    def _source(self, name: str) -> tuple[str | io.BytesIO, str]:
+        """(what PIL opens, the name errors show)."""
+        return name, name
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        for k in range(len(self.files) if self.skip_bad else 1):
+        for k in range(len(self.files) if self.skip_bad else 1):  # skip_bad: fall through to the next file
             j = (i + k) % len(self.files)
             try:
-                name = self.files[j]
-                return _decode(self._source(name), self._label_of(name), self.resolution, self.channels,
+                return _decode(*self._source(self.files[j]), self.resolution, self.channels,
                                self.max_pixels), self.labels[j]
             except ImageError as e:
                 if not self.skip_bad:
                     raise
                 warnings.warn(f"{e}; using the next image instead", stacklevel=2)
         raise DataError("no readable image left; fix: check the data set files")
+
+
+def _find_images(folder: Path) -> list[str]:
+    """Image files below `folder` (recursive, sorted, hidden files and folders skipped)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found += [os.path.join(dirpath, f) for f in filenames
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
 
 
 class ImageFolderDataset(_ImageFiles):
@@ -338,37 +318,21 @@ class ImageFolderDataset(_ImageFiles):
         if not self.root.is_dir():
             raise DataError(f"{self.root}: no such folder; fix: pass a folder of images (or class sub-folders)")
         entries = sorted(p for p in self.root.iterdir() if not p.name.startswith("."))
-        loose = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+        loose = [str(p) for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
         folders = [p for p in entries if p.is_dir()]
         if loose and folders:
             raise DataError(f"{self.root}: has both loose images and sub-folders; fix: put every image in a "
                             f"class sub-folder, or all of them directly in the folder")
-        names, labels = [str(p) for p in loose], [0] * len(loose)
-        self.num_classes = self.class_names = None
-        if folders:
-            self.class_names = [p.name for p in folders]
-            self.num_classes = len(folders)
-            for label, folder in enumerate(folders):
-                files = _find_images(folder)
-                if not files:
-                    raise DataError(f"{folder}: class folder without images; fix: add images or remove it")
-                names += files
-                labels += [label] * len(files)
+        names, labels = loose, [0] * len(loose)
+        self.class_names = [p.name for p in folders] or None
+        self.num_classes = len(folders) or None
+        for label, folder in enumerate(folders):
+            if not (files := _find_images(folder)):
+                raise DataError(f"{folder}: class folder without images; fix: add images or remove it")
+            names, labels = names + files, labels + [label] * len(files)
         if not names:
             raise DataError(f"{self.root}: no PNG/JPEG/WebP/BMP images; fix: pass a folder that holds images")
-        self._setup(str(self.root), names, labels, resolution, channels, skip_bad, scan, max_pixels)
-
-    def _source(self, name: str) -> str:
-        return name
-
-
-def _find_images(folder: Path) -> list[str]:
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [os.path.join(dirpath, f) for f in filenames
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
-    return sorted(found)
+        super().__init__(str(self.root), names, labels, resolution, channels, skip_bad, scan, max_pixels)
 
 
 class ZipDataset(_ImageFiles):
@@ -376,58 +340,45 @@ class ZipDataset(_ImageFiles):
 
     def __init__(self, path: str | os.PathLike, resolution: int, channels: int = 3, skip_bad: bool = False,
                  scan: str = "header", max_pixels: int = DEFAULT_MAX_PIXELS):
-        self.path = Path(path).expanduser()
-        self._zip, self._pid = None, None
+        self.path, self._zip, self._pid = Path(path).expanduser(), None, None
         try:
             with zipfile.ZipFile(self.path) as zf:
                 names = sorted(n for n in zf.namelist()
                                if not n.endswith("/") and os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS)
                 meta = json.loads(zf.read("dataset.json")) if "dataset.json" in zf.namelist() else {}
-        except (OSError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError) as e:
+            raw = meta.get("labels") if isinstance(meta, dict) else None
+            table = {str(k).replace("\\", "/"): v for k, v in raw or []}
+        except (OSError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as e:
             raise DataError(f"{self.path}: unreadable zip or dataset.json ({_first_line(e)}); "
                             f"fix: rebuild the archive (e.g. with EDM's dataset_tool.py)") from None
-        raw = meta.get("labels") if isinstance(meta, dict) else None
-        self.num_classes = self.class_names = None
-        labels = [0] * len(names)
+        if not names:
+            raise DataError(f"{self.path}: no PNG/JPEG/WebP/BMP images in the zip; fix: pass an EDM-style archive")
+        labels, self.num_classes, self.class_names = [0] * len(names), None, None
         if raw is not None:
-            table = {str(k).replace("\\", "/"): v for k, v in raw}
             missing = [n for n in names if n not in table]
-            if missing or not all(isinstance(table[n], int) and table[n] >= 0 for n in names):
+            if missing or not all(type(table[n]) is int and table[n] >= 0 for n in names):
                 what = f"no label for {missing[0]}" if missing else "labels must be non-negative ints"
                 raise DataError(f"{self.path}: dataset.json: {what}; fix: list every image with an int "
                                 f"class label, or set \"labels\": null")
             labels = [table[n] for n in names]
-            self.num_classes = max(labels) + 1 if labels else None
-            self.class_names = [str(k) for k in range(self.num_classes or 0)] or None
-        if not names:
-            raise DataError(f"{self.path}: no PNG/JPEG/WebP/BMP images in the zip; fix: pass an EDM-style archive")
-        self._setup(str(self.path), names, labels, resolution, channels, skip_bad, scan, max_pixels)
-        self._close()
-
-    def _zipfile(self) -> zipfile.ZipFile:
-        """Opened lazily, once per process (DataLoader workers reopen after fork or unpickling)."""
-        if self._zip is None or self._pid != os.getpid():
-            self._zip, self._pid = zipfile.ZipFile(self.path), os.getpid()
-        return self._zip
-
-    def _close(self) -> None:
-        if self._zip is not None and self._pid == os.getpid():
+            self.num_classes = max(labels) + 1
+            self.class_names = [str(k) for k in range(self.num_classes)]
+        super().__init__(str(self.path), names, labels, resolution, channels, skip_bad, scan, max_pixels)
+        if self._zip is not None:  # opened by the scan; each worker process opens its own
             self._zip.close()
-        self._zip, self._pid = None, None
+            self._zip = None
 
-    def _label_of(self, name: str) -> str:
-        return f"{self.path}:{name}"
-
-    def _source(self, name: str) -> io.BytesIO:
+    def _source(self, name: str) -> tuple[io.BytesIO, str]:
+        """The member's bytes, from a ZipFile opened lazily once per process (fork/pickle safe)."""
         try:
-            return io.BytesIO(self._zipfile().read(name))
+            if self._zip is None or self._pid != os.getpid():
+                self._zip, self._pid = zipfile.ZipFile(self.path), os.getpid()
+            return io.BytesIO(self._zip.read(name)), f"{self.path}:{name}"
         except (OSError, zipfile.BadZipFile, zlib.error, EOFError) as e:
-            raise ImageError(f"{self._label_of(name)}: corrupt zip member ({_first_line(e)}); {_BAD_FIX}") from None
+            raise ImageError(f"{self.path}:{name}: corrupt zip member ({_first_line(e)}); {_BAD_FIX}") from None
 
     def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_zip"], state["_pid"] = None, None
-        return state
+        return {**self.__dict__, "_zip": None, "_pid": None}
 
 
 class FashionMNIST(Dataset):
@@ -435,8 +386,8 @@ class FashionMNIST(Dataset):
 
     def __init__(self, split: str = "train", root: str | os.PathLike | None = None, resolution: int = 32):
         if not 1 <= resolution <= 32:
-            raise DataError(f"Fashion-MNIST is 32×32 (padded); resolution {resolution} not in 1..32; "
-                            f"fix: pass --resolution 32 or lower")
+            raise DataError(f"Fashion-MNIST is 32×32 (padded), resolution {resolution} is not in 1..32; "
+                            f"fix: pass a resolution of 32 or lower")
         images, self.labels = load_fashion_mnist(split, root)
         self.images = downsample(images, resolution) if resolution < 32 else images
         self.resolution, self.channels, self.split = resolution, 1, split
@@ -452,26 +403,23 @@ class FashionMNIST(Dataset):
 def make_dataset(spec: str | os.PathLike, resolution: int, channels: int | None = None,
                  split: str = "train", skip_bad: bool = False) -> Dataset:
     """'fashion-mnist' | 'fmnist' | a folder of idx files | an image folder | an EDM .zip -> a data set."""
-    if str(spec).lower() in ("fashion-mnist", "fmnist", "fashion_mnist", "fashionmnist"):
-        folder = None
-    elif Path(spec).is_dir() and _complete(Path(spec)):
-        folder = Path(spec)
-    else:
-        path = Path(spec).expanduser()
-        if split != "train":
-            raise DataError(f"{path}: only Fashion-MNIST has a {split!r} split; fix: use split='train'")
-        if path.is_dir():
-            return ImageFolderDataset(path, resolution, channels or 3, skip_bad=skip_bad)
-        if path.is_file() and path.suffix.lower() == ".zip":
-            return ZipDataset(path, resolution, channels or 3, skip_bad=skip_bad)
-        raise DataError(f"{path}: no such folder or .zip file; fix: pass 'fashion-mnist', a folder of images "
-                        f"(class sub-folders give labels), or an EDM-style .zip")
-    if channels not in (None, 1):
-        raise DataError(f"Fashion-MNIST has 1 channel, not {channels}; fix: pass channels=1 or leave it unset")
-    return FashionMNIST(split, folder, resolution)
+    path = Path(spec).expanduser()
+    idx_dir = path.is_dir() and _complete(path)  # `--data DIR` holding the Fashion-MNIST idx files
+    if idx_dir or str(spec).lower() in ("fashion-mnist", "fmnist", "fashion_mnist"):
+        if channels not in (None, 1):
+            raise DataError(f"Fashion-MNIST has 1 channel, not {channels}; fix: pass channels=1 or leave it unset")
+        return FashionMNIST(split, path if idx_dir else None, resolution)
+    if split != "train":
+        raise DataError(f"{path}: only Fashion-MNIST has a {split!r} split; fix: use split='train'")
+    if path.is_dir():
+        return ImageFolderDataset(path, resolution, channels or 3, skip_bad=skip_bad)
+    if path.is_file() and path.suffix.lower() == ".zip":
+        return ZipDataset(path, resolution, channels or 3, skip_bad=skip_bad)
+    raise DataError(f"{path}: no such folder or .zip file; fix: pass 'fashion-mnist', a folder of images "
+                    f"(class sub-folders give labels), or an EDM-style .zip")
 
 
-# Writing images
+# Writing images ----------------------------------------------------------------------------------
 
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     """One C×H×W (C = 1 or 3) or H×W tensor in [-1, 1] -> an 8-bit L or RGB image."""
@@ -485,7 +433,7 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
 
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
                     scale: int = 1) -> Path:
-    """Write N×C×H×W images in [-1, 1] as one PNG grid (nrow per row), nearest-upscaled by `scale`, atomically."""
+    """N×C×H×W in [-1, 1] -> one PNG grid, `nrow` images per row, nearest-upscaled ×scale, written atomically."""
     x = images.detach().float().cpu()
     x = x[None] if x.ndim == 3 else x
     if x.ndim != 4 or len(x) == 0:
@@ -494,8 +442,7 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
     x = torch.cat([x, x.new_full((rows * nrow - n, c, h, w), -1.0)])  # empty cells are black
-    grid = x.reshape(rows, nrow, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, nrow * w)
-    img = tensor_to_pil(grid)
+    img = tensor_to_pil(x.reshape(rows, nrow, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, nrow * w))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), resample=Image.NEAREST)
     return atomic_write_bytes(path, lambda f: img.save(f, format="PNG"))

@@ -77,7 +77,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"checkpoint {path} is not a plain-tensor checkpoint and was refused for safety "
             f"(weights_only load failed: {first}); re-save it as a state dict of tensors"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:  # any other failure to unpickle = a torn or foreign file
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"checkpoint {path} is corrupt or truncated ({msg}); use an intact copy or delete it and retrain"

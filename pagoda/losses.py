@@ -263,12 +263,13 @@ class _Head(nn.Module):
                  max_channels: int, spectral_norm: bool, downs: int | None = None):
         super().__init__()
         width = lambda k: min(max_channels, base_channels * 2 ** k)  # noqa: E731
-        layers: list[nn.Module] = [_sn(nn.Conv2d(in_channels, width(0), 3, padding=1), spectral_norm), nn.LeakyReLU(0.2)]
+        conv = lambda *a, **k: _sn(nn.Conv2d(*a, **k), spectral_norm)  # noqa: E731
+        layers: list[nn.Module] = [conv(in_channels, width(0), 3, padding=1), nn.LeakyReLU(0.2)]
         k, res = 0, resolution
         while (k < downs) if downs is not None else (res > 4):       # 4x4 stride-2 convs down to 4 px
-            layers += [_sn(nn.Conv2d(width(k), width(k + 1), 4, 2, 1), spectral_norm), nn.LeakyReLU(0.2)]
+            layers += [conv(width(k), width(k + 1), 4, 2, 1), nn.LeakyReLU(0.2)]
             k, res = k + 1, res // 2
-        layers += [_sn(nn.Conv2d(width(k), width(k), 3, padding=1), spectral_norm), nn.LeakyReLU(0.2)]
+        layers += [conv(width(k), width(k), 3, padding=1), nn.LeakyReLU(0.2)]
         self.trunk = nn.Sequential(*layers)
         self.psi = _sn(nn.Linear(width(k), 1), spectral_norm)
         self.embed = _sn(nn.Embedding(num_classes, width(k)), spectral_norm) if num_classes else None
@@ -318,11 +319,14 @@ class Discriminator(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1:] != (self.in_channels, self.resolution, self.resolution):
-            raise LossConfigError(f"discriminator expects (B, {self.in_channels}, {self.resolution}, {self.resolution}) "
-                                  f"images, got {tuple(x.shape)}: grow() or rebuild it for this resolution")
+            r = self.resolution
+            raise LossConfigError(f"discriminator expects (B, {self.in_channels}, {r}, {r}) images, got "
+                                  f"{tuple(x.shape)}: grow() or rebuild it for this resolution")
         _check_labels(labels, self.num_classes, x.shape[0])
         levels = pyramid(x, levels=len(self.resolutions))
-        return sum(self.gain[s] * self.heads[str(r)](xs, labels) for s, (r, xs) in enumerate(zip(self.resolutions, levels)))
+        # sum over scales s of gain_s * head_s(x downsampled to r_s)
+        return sum(self.gain[s] * self.heads[str(r)](xs, labels)
+                   for s, (r, xs) in enumerate(zip(self.resolutions, levels)))
 
     def grow(self) -> Discriminator:
         """A discriminator for 2x resolution: old heads copied for the downsampled scales, new head gated at 0."""
@@ -369,9 +373,9 @@ def make_discriminator(name: str = "multiscale", **kw) -> nn.Module:
         return Discriminator(**kw)
     if name == "projected":
         if kw.get("backbone") is None or kw.get("feature_channels") is None:
-            raise LossConfigError("the projected discriminator needs pretrained backbone weights (EfficientNet-lite0 / "
-                                  "DeiT) that cannot be downloaded here: pass backbone=<frozen module returning feature "
-                                  "maps> and feature_channels=[...] (or use --discriminator multiscale)")
+            raise LossConfigError("the projected discriminator needs pretrained backbone weights (EfficientNet-lite0 "
+                                  "/ DeiT) that cannot be downloaded here: pass backbone=<frozen module returning "
+                                  "feature maps> and feature_channels=[...] (or use --discriminator multiscale)")
         return ProjectedDiscriminator(**kw)
     raise LossConfigError(f"unknown discriminator {name!r}: choose multiscale or projected")
 
@@ -401,7 +405,8 @@ def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer_w
                     min: float = 0.01, max: float = 10.0, eps: float = 1e-4) -> torch.Tensor:  # noqa: A002
     """w = ||grad_W L_rec|| / (||grad_W L_adv|| + eps) clipped to [min, max] (VQGAN; PaGoDA "Losses"), detached."""
     if not last_layer_weight.requires_grad:
-        raise LossConfigError("adaptive_weight needs the generator's last conv weight to require grad: unfreeze the head")
+        raise LossConfigError("adaptive_weight needs the generator's last conv weight to require grad: "
+                              "unfreeze the output head")
     # a missing / zero adversarial gradient gives ||g_rec|| / eps, clipped to max (or min if g_rec is zero too)
     w = _grad_norm(rec_loss, last_layer_weight) / (_grad_norm(adv_loss, last_layer_weight) + eps)
     return w.clamp(min, max).detach()
@@ -437,7 +442,8 @@ class TeacherSampleCache:
     def __init__(self, sample_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], pool_size: int,
                  shape: tuple[int, int, int], num_classes: int | None = None, sigma_max: float = 80.0,
                  seed: int = 0, path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
-        self.sample_fn, self.path, self.device = sample_fn, Path(path) if path is not None else None, torch.device(device)
+        self.sample_fn, self.device = sample_fn, torch.device(device)
+        self.path = Path(path) if path is not None else None
         self.meta = {"pool_size": pool_size, "shape": list(shape), "num_classes": num_classes,
                      "sigma_max": float(sigma_max), "seed": seed}
         if self.path is not None and self.path.is_file():
@@ -450,7 +456,7 @@ class TeacherSampleCache:
         g = torch.Generator().manual_seed(seed)
         self.z = sigma_max * torch.randn(pool_size, *shape, generator=g)
         self.labels = torch.randint(0, num_classes, (pool_size,), generator=g) if num_classes else None
-        self.x0 = torch.zeros(pool_size, *shape)
+        self.x0: torch.Tensor | None = None                           # allocated at the first fill
         self.done = torch.zeros(pool_size, dtype=torch.bool)
 
     def __len__(self) -> int:
@@ -466,9 +472,12 @@ class TeacherSampleCache:
             labels = self.labels[todo].to(self.device) if self.labels is not None else None
             with torch.no_grad():
                 x0 = self.sample_fn(self.z[todo].to(self.device), labels)
+            if self.x0 is None:
+                self.x0 = torch.zeros(len(self), *x0.shape[1:])
             self.x0[todo], self.done[todo] = x0.detach().float().cpu(), True
             if self.path is not None:
                 save_checkpoint({"meta": self.meta, "z": self.z, "labels": self.labels, "x0": self.x0,
                                  "done": self.done}, self.path)
         labels = self.labels[indices].to(self.device) if self.labels is not None else None
-        return self.z[indices].to(self.device), labels, self.x0[indices].to(self.device)
+        x0 = self.x0[indices] if self.x0 is not None else torch.zeros(0, *self.z.shape[1:])
+        return self.z[indices].to(self.device), labels, x0.to(self.device)

@@ -71,8 +71,8 @@ def test_fashion_mnist_train_shapes_range_labels_padding():
     border = torch.ones(32, 32, dtype=torch.bool)
     border[2:30, 2:30] = False
     assert (x[:, 0, border] == -1.0).all()
-    raw = torch.from_numpy(_raw_idx("train-images-idx3-ubyte").reshape(60000, 28, 28).copy()).float()
-    assert torch.allclose(x[:, 0, 2:30, 2:30], raw / 127.5 - 1.0, atol=1e-6)
+    raw = torch.from_numpy(_raw_idx("train-images-idx3-ubyte").reshape(60000, 28, 28).copy())
+    assert torch.equal((x[:, 0, 2:30, 2:30] + 1).mul_(127.5).round_().to(torch.uint8), raw)
     assert torch.equal(y, torch.from_numpy(_raw_idx("train-labels-idx1-ubyte").astype(np.int64)))
     assert len(D.FASHION_MNIST_CLASSES) == 10
 
@@ -91,6 +91,8 @@ def test_fashion_mnist_test_split_and_dataset_downsample():
         D.make_dataset("fashion-mnist", 32, channels=3)
     with pytest.raises(D.DataError, match="split"):
         D.load_fashion_mnist("val")
+    with pytest.raises(D.DataError, match="32 or lower"):
+        D.FashionMNIST("test", resolution=64)
 
 
 def test_fashion_mnist_truncated_gzip_names_file(tmp_path):
@@ -130,11 +132,9 @@ def test_fashion_mnist_missing_and_offline_names_both_fixes(offline, tmp_path):
 
 def test_fashion_mnist_env_var_and_data_dir(offline, monkeypatch, tmp_path):
     root = _copy_fmnist(tmp_path / "fm")
-    with pytest.raises(D.DataError):
-        D.load_fashion_mnist("test")
     monkeypatch.setenv("PAGODA_FASHION_MNIST", str(root))
     x, y = D.load_fashion_mnist("test")
-    assert x.shape == (10000, 1, 32, 32) and not offline
+    assert x.shape == (10000, 1, 32, 32) and not offline, "no download when the env var names the files"
     monkeypatch.delenv("PAGODA_FASHION_MNIST")
     ds = D.make_dataset(str(root), 16, split="test")  # `--data DIR` pointing at the idx files
     assert isinstance(ds, D.FashionMNIST) and ds.images.shape == (10000, 1, 16, 16)
@@ -170,6 +170,10 @@ def center_crop_arr(pil_image, image_size):
     return arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size]
 
 
+def _noise(w=48, h=40, seed=0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
 PHOTOS = {"astronaut": skdata.astronaut(), "coffee": skdata.coffee(), "chelsea": skdata.chelsea()}
 
 
@@ -191,13 +195,12 @@ def test_adm_resize_coffee_is_box_halving_then_center_crop():
     assert np.abs(out - halved[:, 49:249]).max() > 10  # a one-pixel shift is detected
 
 
-@settings(max_examples=30, deadline=None)
-@given(w=st.integers(1, 300), h=st.integers(1, 300), r=st.integers(1, 64))
-def test_adm_resize_any_size_gives_square(w, h, r):
-    img = Image.new("RGB", (w, h), (10, 200, 30))
+@settings(max_examples=40, deadline=None)
+@given(w=st.integers(1, 300), h=st.integers(1, 300), r=st.integers(1, 64), seed=st.integers(0, 2**16))
+def test_adm_resize_any_size_matches_reference(w, h, r, seed):
+    img = _noise(w, h, seed)  # odd and even crop offsets, up- and down-scaling
     out = D.adm_resize(img, r)
-    assert out.size == (r, r)
-    assert np.abs(np.asarray(out).astype(int) - [10, 200, 30]).max() <= 1  # constants stay constant
+    assert out.size == (r, r) and np.array_equal(np.asarray(out), center_crop_arr(img, r))
 
 
 @pytest.mark.parametrize("size,res,block", [(32, 8, 4), (64, 16, 4), (32, 16, 2), (16, 1, 16)])
@@ -224,9 +227,9 @@ def test_downsample_general_ratio_differentiable_deterministic():
 
 def test_downsample_agrees_with_pil_adm_path():
     img = PHOTOS["astronaut"]  # 512×512 -> 64: three box halvings either way
-    ref = torch.from_numpy(np.asarray(D.adm_resize(Image.fromarray(img), 64))).permute(2, 0, 1).float()
+    ref = torch.from_numpy(np.array(D.adm_resize(Image.fromarray(img), 64))).permute(2, 0, 1).float()
     x = torch.from_numpy(img).permute(2, 0, 1).float()[None]
-    assert (D.downsample(x, 64)[0] - ref).abs().max() <= 1.5  # PIL rounds to uint8 after each halving
+    assert (D.downsample(x, 64)[0] - ref).abs().max() <= 3.0  # PIL rounds to uint8 after each of 3 halvings
 
 
 # ---- single images: modes and bad files ------------------------------------------------------
@@ -242,10 +245,6 @@ def _png_header(w: int, h: int) -> bytes:
 def _save(img: Image.Image, path: Path, **kw) -> Path:
     img.save(path, **kw)
     return path
-
-
-def _noise(w=48, h=40, seed=0) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
 
 
 @pytest.mark.parametrize("w,h,max_pixels", [(20000, 20000, D.DEFAULT_MAX_PIXELS),  # PIL's bomb guard
@@ -294,7 +293,7 @@ def test_16bit_png_scaled_not_clipped(tmp_path):
     v = np.array([[0, 257 * 100, 65535, 30000]], np.uint16).repeat(4, 0)
     img = Image.fromarray(v)
     assert img.mode == "I;16"
-    x = D.load_image(_save(img, tmp_path / "deep.png"), 4, 1, )
+    x = D.load_image(_save(img, tmp_path / "deep.png"), 4, 1)
     # resize to 4 is a bicubic no-op; columns map to 0, 100, 255, round(30000/257)=117
     expect = torch.tensor([0, 100, 255, 117]) / 127.5 - 1
     assert torch.allclose(x[0], expect.expand(4, 4), atol=1e-6)
@@ -332,6 +331,8 @@ def _folder(root: Path) -> Path:
     (root / "cat" / "sub").mkdir(parents=True)
     (root / "dog" / "deep" / "er").mkdir(parents=True)
     (root / ".cache").mkdir()
+    (root / "cat" / ".thumbs").mkdir()
+    _save(_noise(seed=6), root / "cat" / ".thumbs" / "t.png")
     _save(_noise(seed=1), root / "cat" / "a.png")
     _save(_noise(seed=2), root / "cat" / "sub" / "b.JPG", format="JPEG")
     _save(_noise(seed=3), root / "dog" / "c.webp")
@@ -366,6 +367,11 @@ def test_image_folder_bad_file_error_and_skip(tmp_path):
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable.*broken\.png"):
         ds = D.ImageFolderDataset(root, 8, skip_bad=True)
     assert len(ds) == 4 and str(bad) not in ds.files
+    buf = io.BytesIO()
+    _noise().save(buf, "PNG")
+    bad.write_bytes(buf.getvalue()[:-40])  # valid header, truncated data: found by the header scan
+    with pytest.raises(D.ImageError, match=r"broken\.png: corrupt or truncated"):
+        D.ImageFolderDataset(root, 8)
 
 
 def test_truncated_jpeg_found_at_load_or_full_scan(tmp_path):
@@ -438,7 +444,6 @@ def test_zip_dataset_labels_pickling_and_errors(tmp_path):
         D.ZipDataset(tmp_path / "junk.zip", 8)
     with zipfile.ZipFile(tmp_path / "bad.zip", "w") as zf:
         zf.writestr("a.png", b"\x89PNG garbage")
-        zf.writestr("b.png", _png_header(4, 4)[:-12] + b"\0" * 12)
     with pytest.raises(D.ImageError, match=r"bad\.zip:a\.png"):
         D.ZipDataset(tmp_path / "bad.zip", 8)
 

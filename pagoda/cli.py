@@ -1,0 +1,176 @@
+"""The `pagoda` command line: parses options into a config, calls one function, prints the result.
+
+    pagoda train                                  # the whole method on Fashion-MNIST (CPU, ~30 min)
+    pagoda sample --checkpoint runs/demo --n 64   # one network call per image
+    pagoda invert photo.png --checkpoint runs/demo
+    pagoda teacher train / pagoda teacher sample / pagoda encode / pagoda eval
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="PaGoDA: a one-step generator grown from a low-resolution diffusion teacher.")
+teacher_app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train or sample the diffusion teacher.")
+app.add_typer(teacher_app, name="teacher")
+console = Console()
+
+USER_ERRORS = (ValueError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, KeyError)
+
+
+def fail(msg: str) -> None:
+    """One-line error and exit code 2."""
+    console.print(f"[bold red]error:[/] {msg}", soft_wrap=True, highlight=False)
+    raise typer.Exit(2)
+
+
+def run(fn, *args, **kw):
+    """Call fn; turn the user errors it raises into one-line messages."""
+    try:
+        return fn(*args, **kw)
+    except typer.Exit:
+        raise
+    except USER_ERRORS as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, KeyError):
+            msg = f"unknown name {msg}"
+        fail(msg)
+    except OSError as e:
+        fail(f"{getattr(e, 'filename', '') or ''} {e.strerror or e}: check the path and its permissions".strip())
+    except RuntimeError as e:  # TrainingError and torch errors: still one line
+        fail(str(e).strip().splitlines()[0])
+
+
+@app.command(epilog="Examples:\n\n  pagoda train\n\n  pagoda train --res 16 --out runs/small\n\n"
+                    "  pagoda train --res 128 --data /data/imagenet --teacher edm_imagenet64_ema.pt --preset imagenet64 --gpus 8")
+def train(
+    res: int = typer.Option(32, help="Target resolution: teacher resolution x 2^k."),
+    data: str = typer.Option("fashion-mnist", help="'fashion-mnist', an image folder (class sub-folders) or an EDM .zip."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher checkpoint; default: train one into OUT/teacher."),
+    out: str = typer.Option("runs/demo", help="Run directory."),
+    preset: str = typer.Option("demo", help="Growth preset: demo | tiny | imagenet64."),
+    teacher_preset: str = typer.Option("demo", help="Teacher preset when training one: demo | tiny."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run (finished stages are never redone)."),
+    encode_images: Optional[int] = typer.Option(6000, help="Images to encode into the latent cache (each also flipped); 0 = all."),
+    encode_steps: int = typer.Option(40, help="Encoder Karras grid points (paper: 40, Heun)."),
+    distance: Optional[str] = typer.Option(None, help="Reconstruction distance: features | multiscale | pseudo_huber | l2 | lpips."),
+    distill: float = typer.Option(0.0, help="Weight of the distillation loss (paper's ablation; 0 = off)."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    gpus: Optional[int] = typer.Option(None, help="Start N local workers (torch.distributed elastic launch)."),
+    procs: Optional[int] = typer.Option(None, help="With --gpus 0: N CPU worker processes (gloo), for testing."),
+    accumulate: int = typer.Option(1, help="Gradient accumulation steps (global batch is kept)."),
+    max_stages: Optional[int] = typer.Option(None, help="Stop after this many stages."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Run the whole method: teacher (load or train), latent cache, one-step generator, growth to --res."""
+    from pagoda.train import TrainConfig, train as train_fn
+
+    out_dir = Path(out)
+    if out_dir.exists() and not resume and any(out_dir.iterdir()):
+        fail(f"{out_dir} already holds a run and --no-resume was given: pass another --out (nothing was deleted)")
+    cfg = TrainConfig(out=out, data=data, res=res, teacher=teacher, teacher_preset=teacher_preset, preset=preset,
+                      encode_images=encode_images or None, encode_steps=encode_steps, distance=distance,
+                      distill=distill, seed=seed, device=device, accumulate=accumulate, max_stages=max_stages)
+    if gpus is not None or procs is not None:
+        from pagoda.launch import launch_train
+        run(launch_train, cfg, gpus or 0, procs, progress)
+    else:
+        run(train_fn, cfg, progress)
+    console.print(f"run finished: {out_dir}")
+
+
+@app.command(epilog="Examples:\n\n  pagoda sample --checkpoint runs/demo\n\n  pagoda sample --checkpoint runs/demo/stage-16/generator.pt --class 3 --n 16")
+def sample(
+    checkpoint: str = typer.Option("runs/demo", help="Generator checkpoint or run directory (last finished stage)."),
+    n: int = typer.Option(64, min=1, help="Number of images."),
+    class_: Optional[int] = typer.Option(None, "--class", help="Class label (default: cycle through classes)."),
+    seed: int = typer.Option(0),
+    out: str = typer.Option("samples.png", help="Output PNG grid."),
+):
+    """Sample with one network call per image: z ~ N(0, σ_max² I) at the teacher resolution → G(z)."""
+    from pagoda.inference import sample_grid
+    path = run(sample_grid, checkpoint, n, class_, seed, out)
+    console.print(f"wrote {path}")
+
+
+@app.command(epilog="Examples:\n\n  pagoda invert photo.jpg\n\n  pagoda invert shirt.png --checkpoint runs/demo --out inverted/")
+def invert(
+    image: str = typer.Argument(..., help="Any image (any mode, size, aspect)."),
+    checkpoint: str = typer.Option("runs/demo", help="Run directory (or generator checkpoint with --teacher)."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher checkpoint (default: the run's)."),
+    class_: Optional[int] = typer.Option(None, "--class", help="Class label; default: the class that reconstructs best."),
+    out: str = typer.Option("inverted", help="Output directory."),
+):
+    """Encode an image with the teacher's PF-ODE, decode it with the generator at full resolution."""
+    from pagoda.inference import invert_image
+    r = run(invert_image, image, checkpoint, teacher, class_, out)
+    console.print(f"class {r['label']}  PSNR {r['psnr_teacher_res']:.2f} dB at {r['teacher_res']}px, "
+                  f"{r['psnr_full_res']:.2f} dB at {r['full_res']}px")
+    console.print(f"wrote {r['reconstruction']} and {r['side_by_side']}")
+
+
+@app.command(epilog="Example:\n\n  pagoda encode --teacher runs/demo/teacher/teacher.pt --out runs/demo/latents --n 6000")
+def encode(
+    teacher: str = typer.Option(..., help="Teacher checkpoint."),
+    data: str = typer.Option("fashion-mnist"),
+    out: str = typer.Option(..., help="Latent cache directory (resumable)."),
+    n: Optional[int] = typer.Option(None, help="Images to encode (default all)."),
+    steps: int = typer.Option(40), method: str = typer.Option("heun"),
+    batch: int = typer.Option(256), dtype: str = typer.Option("float16", help="float16 | float32"),
+    resolution: Optional[int] = typer.Option(None, help="Data resolution (default: the teacher's)."),
+):
+    """Encode a data set (image + flip) into a sharded on-disk latent cache."""
+    from pagoda.inference import encode_dataset
+    info = run(encode_dataset, teacher, data, out, n, steps, method, batch, dtype, resolution)
+    console.print(f"latent cache {out}: {info.num_images} images x 2 (flip), {info.num_shards} shards")
+
+
+@teacher_app.command("train", epilog="Examples:\n\n  pagoda teacher train\n\n  pagoda teacher train --steps 200 --out runs/t")
+def teacher_train(
+    out: str = typer.Option("runs/demo/teacher"),
+    preset: str = typer.Option("demo", help="demo | tiny"),
+    data: Optional[str] = typer.Option(None), resolution: Optional[int] = typer.Option(None),
+    steps: Optional[int] = typer.Option(None), batch: Optional[int] = typer.Option(None),
+    lr: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
+    device: str = typer.Option("auto"), progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Train the EDM diffusion teacher (default: Fashion-MNIST at 8x8)."""
+    from dataclasses import replace
+
+    from pagoda.train import TEACHER_PRESETS, train_teacher
+    if preset not in TEACHER_PRESETS:
+        fail(f"unknown teacher preset {preset!r}: use one of {', '.join(TEACHER_PRESETS)}")
+    over = {k: v for k, v in dict(data=data, resolution=resolution, steps=steps, batch=batch, lr=lr, seed=seed).items()
+            if v is not None}
+    cfg = replace(TEACHER_PRESETS[preset], **over)
+    path = run(train_teacher, cfg, out, progress, device)
+    console.print(f"teacher: {path}")
+
+
+@teacher_app.command("sample", epilog="Example:\n\n  pagoda teacher sample --checkpoint runs/demo/teacher/teacher.pt --method dpmpp_2m --steps 10")
+def teacher_sample_cmd(
+    checkpoint: str = typer.Option("runs/demo/teacher/teacher.pt"),
+    n: int = typer.Option(100, min=1), steps: int = typer.Option(18, min=2, help="Karras grid points (+ final 0)."),
+    method: str = typer.Option("heun", help="euler | heun | dpmpp_2m"),
+    class_: Optional[int] = typer.Option(None, "--class"), seed: int = typer.Option(0),
+    out: str = typer.Option("teacher_samples.png"),
+):
+    """Sample the teacher with any solver and NFE."""
+    from pagoda.inference import teacher_grid
+    path, nfe = run(teacher_grid, checkpoint, n, steps, method, class_, seed, out)
+    console.print(f"wrote {path} ({nfe} NFE per image)")
+
+
+def main():  # python -m pagoda.cli
+    app()
+
+
+if __name__ == "__main__":
+    main()

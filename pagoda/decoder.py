@@ -1,0 +1,306 @@
+"""The one-step generator G (PaGoDA stages 2-3): the teacher's UNet called once at σ_max, grown in resolution.
+
+    G(z, y) = F(z / √(σ_max² + σ_d²), c_noise(σ_max), y)      z ~ N(0, σ_max² I) at the teacher resolution R
+
+(paper §3.2: the raw network output is the image, no c_skip/c_out). `G.grow()` appends one doubling
+(1 up-sampling res block + `grow_res_blocks` res blocks, `pagoda.unet`) and copies every existing
+parameter by name, so `G.state_dict()` is always the official ADM/PaGoDA layout (no "unet." prefix).
+
+Ours (the official code is not function-preserving): growth fades in ProGAN-style,
+    G_2R(z) = (1 − α) · up(out(h_R)) + α · out(h_2R),   up = nearest 2x,
+with h_R / h_2R the features before / after the new doubling and `out` the shared head. At α = 0,
+G_2R(z) = up(G_R(z)) exactly. Nearest (not bilinear) because (i) it is what ADM's up-sampling does, so
+at init the new path is already close to the old one (fresh res blocks are identities, the up-sampling
+block replicates pixels) and ramping α causes no jump, and (ii) 2x2 box averaging, the ADM down-sampling
+used for the encoder's input, inverts it exactly: avgpool(G_2R(z)) = G_R(z) at α = 0.
+α is a non-persistent buffer: checkpoints carry it via `to_checkpoint()`, never in the state dict.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagoda.io import load_checkpoint as _load_file
+from pagoda.teacher import C_NOISE, Denoiser
+from pagoda.unet import GroupNorm32, UNet, UNetConfig
+
+FADE_MODE = "nearest"  # up-sampling of the fading-out low-res image (see module docstring)
+TRUNK_PREFIXES = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")  # frozen by set_trainable(k)
+CHECKPOINT_KIND = "pagoda.generator"
+
+
+class Generator(nn.Module):
+    """One-step generator G(z, y) = F(z/√(σ_max²+σ_d²), c_noise(σ_max), y) (PaGoDA stage 2, eq. for G)."""
+
+    def __init__(self, unet: UNet, sigma_max: float = 80.0, sigma_data: float = 0.5, c_noise: str = "adm"):
+        super().__init__()
+        if c_noise not in C_NOISE:
+            raise ValueError(f"unknown c_noise convention {c_noise!r}: use 'adm' (250·ln σ) or 'edm' (ln(σ)/4)")
+        if not sigma_max > 0 or not sigma_data > 0:
+            raise ValueError(f"sigma_max and sigma_data must be positive, got {sigma_max} and {sigma_data}")
+        self.unet, self.sigma_max, self.sigma_data, self.c_noise = unet, float(sigma_max), float(sigma_data), c_noise
+        self.fade = False  # True while this generator has a fade-in path (grown with fade=True)
+        self.register_buffer("alpha", torch.ones(()), persistent=False)  # fade-in weight α ∈ [0, 1]
+        # Frozen snapshot of the previous head, only when a doubling changed the width (the shared head
+        # cannot read the old features then). Hidden from state_dict()/parameters(); saved by to_checkpoint().
+        self._fade_head: nn.Module | None = None  # set via _set_fade_head (plain attribute, not a submodule)
+        # state_dict() / load_state_dict() use the official names: strip / restore the "unet." prefix.
+        self.register_state_dict_post_hook(_strip_unet_prefix)
+        self.register_load_state_dict_pre_hook(_add_unet_prefix)
+
+    # ---- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_teacher(cls, teacher: Denoiser | UNet, sigma_max: float = 80.0) -> Generator:
+        """G initialised as a full copy of the teacher network, all parameters trainable (paper stage 2)."""
+        if isinstance(teacher, Denoiser):
+            unet, sigma_data, conv = teacher.unet, teacher.sigma_data, teacher.c_noise
+        elif isinstance(teacher, UNet):
+            unet, sigma_data, conv = teacher, 0.5, "adm"
+        else:
+            raise ValueError(f"from_teacher needs a pagoda Denoiser or UNet, got {type(teacher).__name__}")
+        if unet.config.grow_channels:
+            raise ValueError(f"the teacher UNet is already grown (grow_channels {list(unet.config.grow_channels)}): pass the teacher, not a generator")
+        G = cls(copy.deepcopy(unet), sigma_max=sigma_max, sigma_data=sigma_data, c_noise=conv)
+        G.unet.requires_grad_(True)
+        return G
+
+    # ---- shape facts --------------------------------------------------------------------------------
+    @property
+    def config(self) -> UNetConfig:
+        return self.unet.config
+
+    @property
+    def resolution(self) -> int:
+        """Output image size (teacher resolution · 2^doublings)."""
+        return self.config.output_resolution
+
+    @property
+    def base_resolution(self) -> int:
+        """Latent z size = the teacher's resolution."""
+        return self.config.resolution
+
+    @property
+    def channels(self) -> int:
+        """Image channels (of z and of the output)."""
+        return self.config.out_channels
+
+    @property
+    def last_conv(self) -> nn.Conv2d:
+        """The head's final conv (`unet.out[2]`)."""
+        return self.unet.out[2]
+
+    @property
+    def last_layer_weight(self) -> nn.Parameter:
+        """W of the adaptive weight w = ‖∇_W L_rec‖ / ‖∇_W L_adv‖ (VQGAN trick): the head conv weight."""
+        return self.unet.out[2].weight
+
+    @property
+    def fading(self) -> bool:
+        """True when forward() blends in the up-sampled previous resolution (fade on, α < 1)."""
+        return self.fade and bool(self.unet.grow_slices) and float(self.alpha) < 1.0
+
+    def extra_repr(self) -> str:
+        return (f"resolution={self.resolution}, base_resolution={self.base_resolution}, "
+                f"sigma_max={self.sigma_max}, alpha={float(self.alpha):g}, fade={self.fade}")
+
+    # ---- the generator ------------------------------------------------------------------------------
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        R, C = self.base_resolution, self.config.in_channels
+        if z.ndim != 4 or z.shape[1] != C or z.shape[-2:] != (R, R):
+            raise ValueError(f"G expects latents z of shape (B, {C}, {R}, {R}) at the teacher resolution, got {tuple(z.shape)}")
+        # network input c_in(σ_max)·z and noise label c_noise(σ_max), one call at σ = σ_max
+        x = z / math.sqrt(self.sigma_max**2 + self.sigma_data**2)
+        t = C_NOISE[self.c_noise](torch.tensor(self.sigma_max, dtype=torch.float32, device=z.device))
+        if not self.fading:  # α = 1 (or no growth): the fade path is not computed at all
+            return self.unet(x, t, labels)
+        feats, _ = self.unet.features(x, t, labels)
+        # fade-in: (1 − α)·up(out(h_R)) + α·out(h_2R)
+        old_head = self._fade_head if self._fade_head is not None else self.unet.out
+        old = F.interpolate(old_head(feats[-2]), scale_factor=2, mode=FADE_MODE)
+        new = self.unet.out(feats[-1])
+        a = self.alpha.to(new.dtype)
+        return (1 - a) * old + a * new
+
+    def sample(self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """z ~ N(0, σ_max² I) at the base resolution, then G(z, labels); labels None = no class embedding.
+
+        Runs with autograd as the caller's context has it: wrap in torch.no_grad() for pure sampling.
+        """
+        p = self.last_layer_weight
+        z = torch.randn((n, self.config.in_channels, self.base_resolution, self.base_resolution),
+                        generator=generator, device=p.device) * self.sigma_max
+        return self(z, labels)
+
+    def set_alpha(self, alpha: float) -> None:
+        """Set the fade-in weight α (clamped to ≤ 1); α < 1 needs a generator grown with fade=True."""
+        alpha = float(alpha)
+        if not alpha >= 0:
+            raise ValueError(f"fade-in alpha must be >= 0, got {alpha}")
+        alpha = min(alpha, 1.0)
+        if alpha < 1 and not self.fade:
+            raise ValueError(f"set_alpha({alpha}): this generator has no fade-in path: grow it with grow(fade=True)")
+        self.alpha.fill_(alpha)
+
+    # ---- growth -------------------------------------------------------------------------------------
+    def grow(self, channels: int | None = None, fade: bool = True) -> Generator:
+        """A generator at twice the resolution: new doubling appended, every existing parameter copied.
+
+        With fade=True it starts at α = 0 and equals up(self(z)) exactly; fade=False is the official growth (α = 1).
+        Growth blocks get ADM's init (zero-init residual out conv). All parameters of the result are trainable.
+        """
+        if self.fading:
+            raise ValueError(f"grow() during a fade-in (alpha={float(self.alpha):g}) would drop the fade path: call set_alpha(1.0) first")
+        cfg = self.config.grown(channels)
+        p = self.last_layer_weight
+        unet = UNet(cfg).to(device=p.device, dtype=p.dtype)
+        old, new = self.unet.state_dict(), unet.state_dict()
+        width_changed = old["out.2.weight"].shape != new["out.2.weight"].shape
+        with torch.no_grad():
+            for name, value in old.items():  # trunk, earlier growth blocks, and the head (if same width)
+                if name.startswith("out.") and width_changed:
+                    continue
+                if name not in new or new[name].shape != value.shape:  # cannot happen with a consistent UNet
+                    raise RuntimeError(f"grow(): parameter {name} {tuple(value.shape)} has no match in the grown UNet")
+                new[name].copy_(value)
+        G = Generator(unet, self.sigma_max, self.sigma_data, self.c_noise).to(device=p.device)
+        G.train(self.training)
+        G.fade = bool(fade)
+        G.alpha.fill_(0.0 if fade else 1.0)
+        if fade and width_changed:  # the new head cannot read the old features: keep a frozen copy of the old one
+            G._set_fade_head(copy.deepcopy(self.unet.out))
+        return G
+
+    def _set_fade_head(self, head: nn.Module | None) -> None:
+        """Keep a frozen previous head as a plain attribute (nn.Module would register it as a submodule)."""
+        object.__setattr__(self, "_fade_head", None if head is None else head.requires_grad_(False))
+
+    def _apply(self, fn, *args, **kwargs):  # move the hidden fade head with .to()/.cuda()/.half()
+        super()._apply(fn, *args, **kwargs)
+        if self._fade_head is not None:
+            self._fade_head._apply(fn, *args, **kwargs)
+        return self
+
+    # ---- freezing policy ----------------------------------------------------------------------------
+    def set_trainable(self, activate_from: int | None) -> list[str]:
+        """Official per-stage freezing: trunk frozen up to output block `activate_from`; None = all train.
+
+        Frozen: time_embed, label_emb, input_blocks, middle_block, output_blocks[:activate_from]. Trained:
+        output_blocks[activate_from:] (rest of the trunk + all growth blocks) and the head. Returns the
+        trainable parameter names (state-dict names).
+        """
+        n_trunk = self.unet.num_trunk_output_blocks
+        if activate_from is not None and not 0 <= activate_from <= n_trunk:
+            raise ValueError(f"activate_from={activate_from} is outside [0, {n_trunk}]: this trunk has {n_trunk} output blocks")
+        frozen = () if activate_from is None else TRUNK_PREFIXES + tuple(f"output_blocks.{i}." for i in range(activate_from))
+        names = []
+        for name, p in self.unet.named_parameters():
+            p.requires_grad_(not name.startswith(frozen))
+            if p.requires_grad:
+                names.append(name)
+        return names
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def to_checkpoint(self) -> dict[str, Any]:
+        """Plain dict (tensors share storage with G): state_dict + config + σ's + fade state α / fade."""
+        return {
+            "kind": CHECKPOINT_KIND,
+            "state_dict": self.state_dict(),
+            "unet_config": self.config.to_dict(),
+            "sigma_max": self.sigma_max,
+            "sigma_data": self.sigma_data,
+            "c_noise": self.c_noise,
+            "alpha": float(self.alpha),
+            "fade": self.fade,
+            "fade_head": None if self._fade_head is None else self._fade_head.state_dict(),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict[str, Any] | str | os.PathLike, expected: UNetConfig | None = None,
+                        map_location: str | torch.device = "cpu") -> Generator:
+        """Rebuild a generator from `to_checkpoint()` (a dict or a file); `expected` checks the architecture."""
+        where = f" {ckpt}" if not isinstance(ckpt, dict) else ""
+        d = ckpt if isinstance(ckpt, dict) else _load_file(ckpt, map_location=map_location)
+        cfg = _checkpoint_config(d, where)
+        if expected is not None and cfg != expected:
+            raise ValueError(_mismatch(cfg, expected, where))
+        with torch.device("meta"):  # no wasted random init: parameters come from the checkpoint
+            unet = UNet(cfg)
+        G = cls(unet, d["sigma_max"], d["sigma_data"], d["c_noise"])
+        _load_strict(G, d["state_dict"], where, assign=True)
+        G.alpha = G.alpha.to(G.last_layer_weight.device)
+        G._restore_fade(d)
+        return G
+
+    def load_checkpoint(self, ckpt: dict[str, Any] | str | os.PathLike) -> Generator:
+        """Load `to_checkpoint()` (dict or file) into this generator in place (resume); the architecture must match."""
+        where = f" {ckpt}" if not isinstance(ckpt, dict) else ""
+        d = ckpt if isinstance(ckpt, dict) else _load_file(ckpt, map_location=self.last_layer_weight.device)
+        cfg = _checkpoint_config(d, where)
+        if cfg != self.config:
+            raise ValueError(_mismatch(cfg, self.config, where))
+        ours = (self.sigma_max, self.sigma_data, self.c_noise)
+        theirs = (float(d["sigma_max"]), float(d["sigma_data"]), d["c_noise"])
+        if ours != theirs:
+            raise ValueError(f"checkpoint{where} has (sigma_max, sigma_data, c_noise) = {theirs}, this generator {ours}: build it with Generator.from_checkpoint")
+        _load_strict(self, d["state_dict"], where, assign=False)
+        self._restore_fade(d)
+        return self
+
+    def _restore_fade(self, d: dict[str, Any]) -> None:
+        self.fade = bool(d["fade"])
+        self.alpha.fill_(float(d["alpha"]))
+        self._set_fade_head(None)
+        head = d.get("fade_head")
+        if head is not None:
+            c = head["0.weight"].shape[0]
+            ref = self.last_layer_weight
+            fh = nn.Sequential(GroupNorm32(c), nn.SiLU(), nn.Conv2d(c, self.config.out_channels, 3, padding=1))
+            fh.load_state_dict(head)
+            self._set_fade_head(fh.to(device=ref.device, dtype=ref.dtype))
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+def _strip_unet_prefix(module, state_dict, prefix, local_metadata) -> None:
+    """state_dict post-hook: "<prefix>unet.X" -> "<prefix>X", keeping the order (G's keys are the tail)."""
+    ours = [k for k in state_dict if k.startswith(prefix + "unet.")]
+    for k in ours:
+        state_dict[prefix + k[len(prefix) + 5:]] = state_dict.pop(k)
+
+
+def _add_unet_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
+    """load_state_dict pre-hook: accept official names "<prefix>X" by mapping them to "<prefix>unet.X"."""
+    for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "unet.")]:
+        state_dict[prefix + "unet." + k[len(prefix):]] = state_dict.pop(k)
+
+
+def _describe(cfg: UNetConfig) -> str:
+    r = cfg.output_resolution
+    return f"{r}×{r} generator (teacher {cfg.resolution}×{cfg.resolution}) with grow_channels {list(cfg.grow_channels)}"
+
+
+def _mismatch(got: UNetConfig, expected: UNetConfig, where: str) -> str:
+    a, b = got.to_dict(), expected.to_dict()
+    diff = "; ".join(f"{k} {a[k]} vs {b[k]}" for k in a if a[k] != b[k])
+    return f"checkpoint{where} is a {_describe(got)}, expected a {_describe(expected)} (differs in {diff}): load the matching stage's checkpoint"
+
+
+def _checkpoint_config(d: dict[str, Any], where: str) -> UNetConfig:
+    missing = [k for k in ("state_dict", "unet_config", "sigma_max", "sigma_data", "c_noise", "alpha", "fade") if k not in d]
+    if missing or d.get("kind", CHECKPOINT_KIND) != CHECKPOINT_KIND:
+        raise ValueError(f"checkpoint{where} is not a generator checkpoint (missing {missing or 'kind'}): pass one written by Generator.to_checkpoint()")
+    return UNetConfig.from_dict(d["unet_config"])
+
+
+def _load_strict(G: Generator, sd: dict[str, torch.Tensor], where: str, assign: bool) -> None:
+    try:
+        G.load_state_dict(sd, strict=True, assign=assign)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[1:3]) or first[0]
+        raise ValueError(f"checkpoint{where} state_dict does not match its unet_config ({detail[:300]}): the file is damaged or was edited") from None

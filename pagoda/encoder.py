@@ -1,0 +1,181 @@
+"""PaGoDA's frozen encoder: downsample to the teacher resolution, solve the teacher's PF-ODE forward.
+
+    z = ODE_solve(D_teacher, x_R, σ_min → σ_max)     (paper §3.1; z stays at scale σ_max)
+
+`Encoder.decode` integrates the same grid backward (σ_max → σ_min): the inversion check.
+`build_latent_cache` encodes a data set once, image *and* horizontal flip (as the paper), into
+sharded, atomically written files that a killed run resumes without recomputing finished shards.
+
+    pagoda encode --teacher RUN/teacher/teacher.pt --out RUN/latents     # the CLI wrapper
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils.data import Dataset
+
+from pagoda.data import downsample
+from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
+from pagoda.solvers import karras_sigmas, nfe, solve
+
+
+class Encoder:
+    """x → z by the teacher's PF-ODE, σ_min → σ_max on a Karras grid of `steps` points (paper: 40, Heun)."""
+
+    def __init__(self, denoiser, resolution: int, steps: int = 40, method: str = "heun", sigma_min: float = 0.002,
+                 sigma_max: float = 80.0, clamp: bool = True):
+        self.denoiser, self.resolution, self.steps, self.method = denoiser, resolution, steps, method
+        self.sigma_min, self.sigma_max, self.clamp = sigma_min, sigma_max, clamp
+        self.sigmas = karras_sigmas(steps, sigma_min, sigma_max, dtype=torch.float64).flip(0)  # increasing
+        self.nfe = nfe(method, self.sigmas)
+
+    def _D(self, x, sigma, labels):
+        """The teacher's denoiser, output clamped to the data range [−1, 1] (as the official encoder)."""
+        out = self.denoiser(x, sigma, labels)
+        return out.clamp(-1, 1) if self.clamp else out
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, H) in [−1, 1] → teacher resolution, the ADM way (2×2 means, then bicubic)."""
+        if images.ndim != 4 or images.shape[-1] != images.shape[-2]:
+            raise ValueError(f"encode expects square (B, C, H, H) images, got {tuple(images.shape)}")
+        if images.shape[-1] < self.resolution:
+            raise ValueError(f"images are {images.shape[-1]}px, smaller than the teacher's {self.resolution}px: "
+                             f"upsample them first or use a lower-resolution teacher")
+        return downsample(images, self.resolution) if images.shape[-1] > self.resolution else images
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Data → latent: solve dx/dσ = (x − D(x, σ, y))/σ from σ_min to σ_max (z at scale σ_max)."""
+        x = self.prepare(images).float()
+        return solve(self._D, x, self.sigmas, self.method, labels)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Latent → data along the same grid backward (σ_max → σ_min): encode's inverse up to solver error."""
+        return solve(self._D, z.float(), self.sigmas.flip(0), self.method, labels)
+
+
+@dataclass
+class CacheInfo:
+    """What a latent cache holds; written to `index.json` and checked on resume."""
+
+    num_images: int  # data-set images encoded (each also flipped)
+    shard_size: int  # images per shard
+    resolution: int  # latent (teacher) resolution
+    channels: int
+    steps: int
+    method: str
+    sigma_min: float
+    sigma_max: float
+    dtype: str  # "float16" | "float32"
+    teacher: str  # fingerprint of the teacher weights, so a cache of another teacher is never reused
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.num_images // self.shard_size)
+
+
+def teacher_fingerprint(module) -> str:
+    """A cheap, deterministic fingerprint of a denoiser's weights (sums of a few tensors; name if no weights)."""
+    if not isinstance(module, torch.nn.Module):
+        return getattr(module, "__qualname__", type(module).__name__)
+    tensors = list(module.state_dict().values())
+    vals = [float(t.double().sum()) for t in tensors[:: max(1, len(tensors) // 16)]]
+    return f"{len(tensors)}:" + ",".join(f"{v:.6e}" for v in vals)
+
+
+def _shard_path(root: Path, i: int) -> Path:
+    return root / f"shard-{i:05d}.pt"
+
+
+def build_latent_cache(encoder: Encoder, dataset: Dataset, root: str | Path, num_images: int | None = None,
+                       shard_size: int = 1024, batch_size: int = 256, dtype: str = "float16", rank: int = 0,
+                       world_size: int = 1, progress: Callable[[int, int, float], None] | None = None) -> CacheInfo:
+    """Encode dataset[:num_images] and its flips into `root/shard-*.pt`; shard i is done by rank i % world_size.
+
+    Each shard: {"z": (n, 2, C, R, R) [image, flip], "labels": (n,), "indices": (n,)}. Finished shards
+    (present and readable) are skipped, so a killed run resumes; each shard is written atomically.
+    `progress(done_images, total_images, images_per_s)` is called after every batch.
+    """
+    root = Path(root)
+    n = len(dataset) if num_images is None else min(num_images, len(dataset))
+    if n <= 0:
+        raise ValueError("the data set is empty: nothing to encode; check --data")
+    x0, _ = dataset[0]
+    info = CacheInfo(n, shard_size, encoder.resolution, int(x0.shape[0]), encoder.steps, encoder.method,
+                     encoder.sigma_min, encoder.sigma_max, dtype, teacher_fingerprint(encoder.denoiser))
+    index = root / "index.json"
+    if index.exists():
+        old = json.loads(index.read_text())
+        if old != asdict(info):
+            raise ValueError(f"{root} holds a latent cache of another teacher/config ({_diff(old, asdict(info))}); "
+                             f"delete that folder or pass another --out")
+    elif rank == 0:
+        save_json(asdict(info), index)
+    store = {"float16": torch.float16, "float32": torch.float32}[dtype]
+    mine = [i for i in range(info.num_shards) if i % world_size == rank]
+    todo = [i for i in mine if not _shard_ok(_shard_path(root, i))]
+    total = sum(min(shard_size, n - i * shard_size) for i in todo)
+    done, t0 = 0, time.perf_counter()
+    for s in todo:
+        ids = list(range(s * shard_size, min(n, (s + 1) * shard_size)))
+        zs, labels = [], []
+        for b in range(0, len(ids), batch_size):
+            items = [dataset[i] for i in ids[b:b + batch_size]]
+            x = torch.stack([it[0] for it in items])
+            y = torch.tensor([int(it[1]) for it in items])
+            y_in = y if getattr(getattr(encoder.denoiser, "unet", None), "config", None) is not None and \
+                encoder.denoiser.unet.config.num_classes is not None else None
+            xx = torch.cat([x, x.flip(-1)])  # image and its horizontal flip, one batch
+            z = encoder.encode(xx, None if y_in is None else torch.cat([y_in, y_in]))
+            zs.append(torch.stack(z.chunk(2), dim=1).to(store))
+            labels.append(y)
+            done += len(items)
+            if progress:
+                progress(done, total, done / max(time.perf_counter() - t0, 1e-9))
+        save_checkpoint({"z": torch.cat(zs), "labels": torch.cat(labels), "indices": torch.tensor(ids)},
+                        _shard_path(root, s))
+    return info
+
+
+def _shard_ok(path: Path) -> bool:
+    if not path.exists():
+        return False
+    try:
+        d = load_checkpoint(path)
+        return {"z", "labels", "indices"} <= set(d)
+    except CheckpointError:
+        return False  # torn or corrupt: recompute
+
+
+def _diff(a: dict, b: dict) -> str:
+    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys[:3])
+
+
+def load_latent_cache(root: str | Path) -> tuple[CacheInfo, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All shards of a finished cache: (info, z (N, 2, C, R, R) float32, labels (N,), indices (N,))."""
+    root = Path(root)
+    index = root / "index.json"
+    if not index.exists():
+        raise ValueError(f"{root} is not a latent cache (no index.json); build it with `pagoda encode`")
+    info = CacheInfo(**json.loads(index.read_text()))
+    parts = []
+    for i in range(info.num_shards):
+        p = _shard_path(root, i)
+        if not _shard_ok(p):
+            raise ValueError(f"latent cache {root} is incomplete ({p.name} missing); rerun `pagoda encode` to finish it")
+        parts.append(load_checkpoint(p))
+    z = torch.cat([p["z"] for p in parts]).float()
+    return info, z, torch.cat([p["labels"] for p in parts]), torch.cat([p["indices"] for p in parts])
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB for images in [−1, 1] (peak-to-peak 2)."""
+    mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+    return 10 * torch.log10(4.0 / mse)

@@ -1,0 +1,198 @@
+"""The growth schedule: which stages a run trains, from (teacher resolution, target resolution, preset).
+
+Stage 0 is PaGoDA's stage 2 (the one-step decoder at the teacher resolution R, every parameter trains);
+each further stage is one doubling of stage 3 (R → 2R → 4R ...), initialised from the previous one.
+
+    stages = plan_stages(8, 32, "demo")     # stage-08 (distill), stage-16, stage-32
+    json.dump(stages_to_dicts(stages), f)   # RUN/config.json; stages_from_dicts() reads it back
+
+Presets are named `GrowPreset` instances: `imagenet64` (official values, PAPER.md), `demo` (Fashion-MNIST
+on a 2-core CPU), `tiny` (tests). Per-stage lists are indexed by stage (0 = decoder at R, 1 = first
+doubling, ...); a stage beyond the end of a list takes its last entry.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+OPTIMIZERS = ("radam", "adam")
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage (one run-directory `stage-XX`)."""
+
+    name: str  # run-directory name, "stage-08"
+    resolution: int  # output resolution of G in this stage
+    grow: bool  # False: stage 2 (G starts as the teacher copy); True: G = previous stage's G grown once
+    steps: int  # generator steps
+    batch: int  # global batch (all ranks together)
+    lr_G: float  # generator learning rate
+    lr_D: float  # discriminator learning rate
+    lam: float  # λ of L_G = L_rec + λ·w·L_adv (paper: 0.2 in stage 2, 1.0 in stage 3)
+    activate_from: int | None  # trunk output block from which G trains (Generator.set_trainable); None = all
+    fade_steps: int  # steps over which the fade-in α ramps 0 → 1 (0 = no fade: official growth)
+    ema: float  # EMA decay of the generator weights
+    d_steps_per_g: int = 1  # discriminator steps per generator step
+    distance: str | None = None  # reconstruction distance (pagoda.losses name); None = the losses' default
+    grow_channels: int | None = None  # width of this stage's doubling; None = the previous width
+    optimizer: str = "radam"  # "radam" (official, weight decay 0) or "adam"
+    adv_start: int = 0  # generator steps with L_rec only before the adversarial term starts (0 = from step 0)
+    split_g_step: bool = False  # G takes the rec and the adv step separately (official at 256 and 512)
+    rec_disc_weight: float = 0.0  # weight of a 2nd discriminator on reconstructions (official 0.5 at 512); 0 = off
+
+    def __post_init__(self):
+        checks = [
+            (self.resolution > 0, f"resolution must be positive, got {self.resolution}"),
+            (self.steps >= 0 and self.batch > 0, f"steps must be >= 0 and batch > 0, got {self.steps} and {self.batch}"),
+            (self.lr_G >= 0 and self.lr_D >= 0, f"learning rates must be >= 0, got lr_G={self.lr_G} lr_D={self.lr_D}"),
+            (0 <= self.ema < 1, f"ema decay must lie in [0, 1), got {self.ema}"),
+            (self.fade_steps >= 0 and (self.grow or self.fade_steps == 0),
+             f"fade_steps={self.fade_steps}: must be >= 0, and 0 in a stage that does not grow"),
+            (self.d_steps_per_g >= 1, f"d_steps_per_g must be >= 1, got {self.d_steps_per_g}"),
+            (self.activate_from is None or self.activate_from >= 0, f"activate_from must be None or >= 0, got {self.activate_from}"),
+            (self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} unknown: use one of {', '.join(OPTIMIZERS)}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"stage {self.name}: {msg}")
+
+    @property
+    def fade(self) -> bool:
+        """Whether this stage grows with a fade-in (Generator.grow(fade=...))."""
+        return self.grow and self.fade_steps > 0
+
+    def alpha(self, step: int) -> float:
+        """Fade-in weight α at generator step `step` (linear ramp over fade_steps, then 1)."""
+        return min(1.0, step / self.fade_steps) if self.fade else 1.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StageConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown StageConfig fields {sorted(unknown)}: the config was written by another version")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class GrowPreset:
+    """Named hyper-parameters from which plan_stages builds the stages; lists are per stage (last repeats)."""
+
+    name: str  # preset name
+    steps: tuple[int, ...]  # generator steps per stage
+    batch: tuple[int, ...]  # global batch per stage
+    lr_G: float  # generator learning rate
+    lr_D: float  # discriminator learning rate
+    lam: tuple[float, float]  # λ in stage 2 (decoder at R), λ in the growth stages
+    activate_from: int | None  # growth stages' freezing (an output-block index of the teacher's trunk)
+    fade_steps: tuple[int, ...]  # fade-in steps per stage (entry 0 unused: stage 2 does not grow)
+    ema: float  # EMA decay
+    d_steps_per_g: int = 1  # discriminator steps per generator step
+    distance: str | None = None  # reconstruction distance; None = the losses' default
+    grow_channels: int | None = None  # width of each doubling; None = the trunk's top-level width
+    optimizer: str = "radam"  # optimizer for G and D
+    adv_start: int = 0  # L_rec-only warm-up steps per stage
+    split_g_from: int | None = None  # resolution from which G takes rec/adv steps separately; None = never
+    rec_disc_from: int | None = None  # resolution from which the reconstruction discriminator is on; None = never
+    rec_disc_weight: float = 0.5  # its weight there
+
+
+PRESETS: dict[str, GrowPreset] = {
+    # Official ImageNet-64 → 512 values (PAPER.md "Official hyperparameters"): RAdam, weight decay 0,
+    # lr_G 8e-6, lr_D 2e-3, EMA 0.999, global batch 96 (stage 2) / 256 (→128) / 360 (→256) / 512 (→512),
+    # "up to 600k steps" (an upper bound, not a measured count), λ 0.2 then 1.0, activate_from 9, width 192,
+    # G splits rec/adv steps at 256 and 512, a 2nd discriminator on reconstructions (0.5) at 512.
+    # Not official: fade_steps (ours; official growth has no fade-in, = 0) and the distance (official:
+    # projected DeiT + EfficientNet-lite features; LPIPS is the available pretrained alternative).
+    "imagenet64": GrowPreset(
+        name="imagenet64", steps=(600_000,), batch=(96, 256, 360, 512), lr_G=8e-6, lr_D=2e-3, lam=(0.2, 1.0),
+        activate_from=9, fade_steps=(0, 5_000), ema=0.999, distance="lpips", grow_channels=192,
+        split_g_from=256, rec_disc_from=512, rec_disc_weight=0.5,
+    ),
+    # Fashion-MNIST demo, teacher `unet.PRESETS["demo8"]` (6 trunk output blocks; activate_from 3 trains the
+    # 8-px level + growth): 8 (decoder) → 16 → 32, sized for ≈ 15-18 min on a 2-core CPU (to be tuned by timing).
+    "demo": GrowPreset(
+        name="demo", steps=(300, 250, 200), batch=(64, 64, 32), lr_G=2e-4, lr_D=2e-4, lam=(0.2, 1.0),
+        activate_from=3, fade_steps=(0, 60), ema=0.99,
+    ),
+    # Tests: teacher `unet.PRESETS["tiny"]` (4 trunk output blocks), a handful of steps.
+    "tiny": GrowPreset(
+        name="tiny", steps=(3,), batch=(4,), lr_G=1e-3, lr_D=1e-3, lam=(0.2, 1.0),
+        activate_from=2, fade_steps=(0, 2), ema=0.9,
+    ),
+}
+
+
+def get_preset(preset: str | GrowPreset) -> GrowPreset:
+    """A GrowPreset by name (or the preset itself)."""
+    if isinstance(preset, GrowPreset):
+        return preset
+    if preset not in PRESETS:
+        raise ValueError(f"unknown growth preset {preset!r}: use one of {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
+def stage_dir_name(res: int) -> str:
+    """Run-directory name of the stage at `res`: "stage-08", "stage-16", "stage-128"."""
+    return f"stage-{int(res):02d}"
+
+
+def doublings(teacher_res: int, target_res: int) -> int:
+    """k with target_res = teacher_res·2^k; one-line ValueError otherwise."""
+    if teacher_res <= 0:
+        raise ValueError(f"teacher resolution must be positive, got {teacher_res}")
+    k, r = 0, teacher_res
+    while r < target_res:
+        r, k = r * 2, k + 1
+    if r != target_res:
+        options = ", ".join(str(teacher_res * 2**i) for i in range(4))
+        raise ValueError(f"--res {target_res} is not {teacher_res}·2^k: use one of {options}, ...")
+    return k
+
+
+def _at(values: tuple, i: int):
+    return values[min(i, len(values) - 1)]
+
+
+def plan_stages(teacher_res: int, target_res: int, preset: str | GrowPreset) -> list[StageConfig]:
+    """Stage 2 at the teacher resolution, then one growth stage per doubling up to target_res."""
+    p = get_preset(preset)
+    stages = []
+    for i in range(doublings(teacher_res, target_res) + 1):
+        res, grows = teacher_res * 2**i, i > 0
+        stages.append(StageConfig(
+            name=stage_dir_name(res), resolution=res, grow=grows, steps=_at(p.steps, i), batch=_at(p.batch, i),
+            lr_G=p.lr_G, lr_D=p.lr_D, lam=p.lam[1] if grows else p.lam[0],
+            activate_from=p.activate_from if grows else None,  # stage 2: every parameter trains
+            fade_steps=_at(p.fade_steps, i) if grows else 0, ema=p.ema, d_steps_per_g=p.d_steps_per_g,
+            distance=p.distance, grow_channels=p.grow_channels if grows else None, optimizer=p.optimizer,
+            adv_start=p.adv_start,
+            split_g_step=p.split_g_from is not None and res >= p.split_g_from,
+            rec_disc_weight=p.rec_disc_weight if p.rec_disc_from is not None and res >= p.rec_disc_from else 0.0,
+        ))
+    return stages
+
+
+def stages_to_dicts(stages: list[StageConfig]) -> list[dict]:
+    """Plain dicts (JSON-ready) for RUN/config.json."""
+    return [s.to_dict() for s in stages]
+
+
+def stages_from_dicts(ds: list[dict]) -> list[StageConfig]:
+    """Inverse of stages_to_dicts."""
+    return [StageConfig.from_dict(d) for d in ds]
+
+
+GROWTH_ONLY = ("fade_steps", "activate_from", "grow_channels")  # fields that stage 2 does not use
+
+
+def with_overrides(stages: list[StageConfig], **changes) -> list[StageConfig]:
+    """The same stages with fields replaced (e.g. steps=10 from a CLI flag); growth-only fields skip stage 2."""
+    known = {f.name for f in fields(StageConfig)}
+    bad = set(changes) - known
+    if bad:
+        raise ValueError(f"unknown stage fields {sorted(bad)}: use some of {', '.join(sorted(known))}")
+    return [replace(s, **{k: v for k, v in changes.items() if s.grow or k not in GROWTH_ONLY}) for s in stages]

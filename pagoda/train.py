@@ -1,0 +1,480 @@
+"""The training loops: the diffusion teacher (stage 1) and PaGoDA's generator stages (2 and 3).
+
+    pagoda teacher train                     # Fashion-MNIST teacher at 8x8 (CPU, minutes)
+    pagoda train                             # the whole method on Fashion-MNIST: teacher 8 -> G 8 -> 16 -> 32
+    pagoda train --res 128 --data DIR --teacher edm_imagenet64_ema.pt --preset imagenet64 --gpus 8
+
+Every random draw of step k comes from a generator seeded by (seed, stage, k), so data order, noise
+and augmentation are a pure function of the step: `--resume` after a kill continues bit-identically,
+and a global batch is the same whether it is computed by one rank or split over several.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from pagoda import dist
+from pagoda.data import downsample, make_dataset, save_image_grid
+from pagoda.losses import DEFAULT_DISTANCE
+from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
+from pagoda.solvers import karras_sigmas, solve
+from pagoda.teacher import Denoiser, edm_loss
+from pagoda.unet import PRESETS as UNET_PRESETS, UNet, UNetConfig
+
+
+DISTILL_POOL = 4096  # size of the fixed z pool whose teacher samples the distillation loss uses
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN loss, bad state); the message names the step and what to do."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared pieces
+
+
+def step_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator seeded by (seed, *keys): counter-based randomness, so resume is exact."""
+    s = seed
+    for k in keys:
+        s = (s * 1_000_003 + int(k) + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(s)
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point state (θ_ema ← d θ_ema + (1−d) θ)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        for e, p in zip(self.module.state_dict().values(), module.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.lerp_(p, 1 - self.decay)
+            else:
+                e.copy_(p)
+
+
+def check_finite(step: int, **losses: float) -> None:
+    """Stop with a one-line error naming the step and the loss when a loss is NaN/inf."""
+    bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+    if bad:
+        name, val = next(iter(bad.items()))
+        raise TrainingError(f"loss {name} = {val} at step {step}: training diverged; the last good checkpoint is kept "
+                            f"(lower the learning rate, then rerun with --resume)")
+
+
+def batch_of(dataset, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels for data-set indices (tensor data sets are indexed directly)."""
+    if hasattr(dataset, "images") and hasattr(dataset, "labels"):
+        return dataset.images[idx], torch.as_tensor(dataset.labels)[idx]
+    items = [dataset[int(i)] for i in idx]
+    return torch.stack([x for x, _ in items]), torch.tensor([int(y) for _, y in items])
+
+
+def progress_bar(enabled: bool):
+    """A rich progress bar (or a silent stand-in)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not enabled, transient=False)
+
+
+def fixed_labels(n: int, num_classes: int | None) -> torch.Tensor | None:
+    """Grid labels: 0, 1, ..., C−1, 0, 1, ... (one class per column of a C-wide grid)."""
+    return None if not num_classes else torch.arange(n) % num_classes
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage 1: the teacher
+
+
+@dataclass
+class TeacherConfig:
+    """`pagoda teacher train`: EDM teacher on low-resolution data."""
+
+    data: str = "fashion-mnist"  # 'fashion-mnist', an image folder, or an EDM .zip
+    resolution: int = 8  # teacher resolution (data downsampled the ADM way)
+    unet: str = "demo8"  # UNet preset (pagoda.unet.PRESETS)
+    steps: int = 4000  # optimiser steps
+    batch: int = 128
+    lr: float = 2e-3  # Adam learning rate (with warm-up over the first 200 steps)
+    ema: float = 0.999  # EMA decay of the weights used for sampling
+    label_dropout: float = 0.1  # drop the class with this probability (classifier-free guidance later)
+    grid_every: int = 1000  # write a sample grid every N steps (and at the end)
+    ckpt_every: int = 500  # write a resumable checkpoint every N steps (and at the end)
+    sample_steps: int = 18  # Heun grid points for the grids (35 NFE)
+    seed: int = 0
+
+
+TEACHER_PRESETS = {
+    "demo": TeacherConfig(),
+    "tiny": TeacherConfig(unet="tiny", steps=60, batch=64, grid_every=60, ckpt_every=30, sample_steps=6),
+}
+
+
+@torch.no_grad()
+def teacher_sample(denoiser, z: torch.Tensor, labels=None, steps: int = 18, method: str = "heun") -> torch.Tensor:
+    """x0 = PF-ODE solve from z ~ N(0, σ_max²) on a Karras grid of `steps` points plus a final 0."""
+    sigmas = torch.cat([karras_sigmas(steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    return solve(denoiser, z, sigmas, method, labels).clamp(-1, 1)
+
+
+def teacher_checkpoint(denoiser: Denoiser, **extra) -> dict:
+    return {"kind": "teacher", "unet_config": denoiser.unet.config.to_dict(), "sigma_data": denoiser.sigma_data,
+            "c_noise": denoiser.c_noise, "ema": denoiser.state_dict(), **extra}
+
+
+def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> Denoiser:
+    """A teacher checkpoint of ours, or a raw ADM state dict (e.g. edm_imagenet64_ema.pt), as a Denoiser."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if ckpt.get("kind") == "teacher":
+        cfg = UNetConfig.from_dict(ckpt["unet_config"])
+        D = Denoiser(UNet(cfg), ckpt.get("sigma_data", 0.5), ckpt.get("c_noise", "adm"))
+        D.load_state_dict(ckpt["ema"])
+        return D.to(device).eval().requires_grad_(False)
+    sd = ckpt.get("state_dict", ckpt)
+    sd = {k.removeprefix("module.").removeprefix("model."): v for k, v in sd.items() if torch.is_tensor(v)}
+    for name, cfg in UNET_PRESETS.items():
+        with torch.device("meta"):
+            ref = UNet(cfg).state_dict()
+        if ref.keys() == sd.keys() and all(ref[k].shape == sd[k].shape for k in ref):
+            unet = UNet(cfg)
+            unet.load_state_dict(sd, strict=True)
+            return Denoiser(unet).to(device).eval().requires_grad_(False)
+    kind = ckpt.get("kind", "a raw state dict")
+    raise CheckpointError(f"{path} is {kind} that matches no teacher architecture (pagoda teacher checkpoint or an "
+                          f"ADM state dict of a known preset: {', '.join(UNET_PRESETS)}); pass a teacher checkpoint")
+
+
+def train_teacher(cfg: TeacherConfig, out: str | Path, progress: bool = True, device: str = "auto") -> Path:
+    """Train the EDM teacher; resumes from out/checkpoint.pt; returns out/teacher.pt (EMA weights)."""
+    out = Path(out)
+    final = out / "teacher.pt"
+    if final.exists():
+        return final
+    dev = dist.pick_device(device)
+    data = make_dataset(cfg.data, cfg.resolution)
+    unet_cfg = replace(UNET_PRESETS[cfg.unet], resolution=cfg.resolution, in_channels=data.channels,
+                       out_channels=data.channels, num_classes=getattr(data, "num_classes", None))
+    torch.manual_seed(cfg.seed)
+    D = Denoiser(UNet(unet_cfg)).to(dev)
+    opt = torch.optim.Adam(D.parameters(), lr=cfg.lr)
+    ema, step = EMA(D, cfg.ema), 0
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path, map_location=dev)
+        if ck.get("config") != asdict(cfg):
+            raise CheckpointError(f"{ckpt_path} was trained with another config; use another --out or delete it")
+        D.load_state_dict(ck["model"]), ema.module.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
+        step = ck["step"]
+    save_json({"teacher": asdict(cfg), "unet": unet_cfg.to_dict()}, out / "config.json")
+    n_grid = 10 * (data.num_classes or 10) if getattr(data, "num_classes", None) else 64
+    zg = 80.0 * torch.randn(n_grid, data.channels, cfg.resolution, cfg.resolution, generator=step_generator(cfg.seed, 7))
+    yg = fixed_labels(n_grid, getattr(data, "num_classes", None))
+
+    def save(step):
+        save_checkpoint({"config": asdict(cfg), "step": step, "model": D.state_dict(), "ema": ema.module.state_dict(),
+                         "opt": opt.state_dict()}, ckpt_path)
+
+    def grid(step):
+        x = teacher_sample(ema.module, zg.to(dev), None if yg is None else yg.to(dev), cfg.sample_steps)
+        save_image_grid(x, out / f"grid-{step:06d}.png", nrow=10 if yg is not None else None, scale=4)
+
+    log = (out / "metrics.jsonl").open("a")
+    t0, seen = time.perf_counter(), 0
+    with progress_bar(progress) as bar:
+        task = bar.add_task("teacher", total=cfg.steps, completed=step, info="")
+        while step < cfg.steps:
+            g = step_generator(cfg.seed, 1, step)
+            idx = torch.randint(0, len(data), (cfg.batch,), generator=g)
+            x, y = batch_of(data, idx)
+            x = torch.where(torch.rand(cfg.batch, 1, 1, 1, generator=g) < 0.5, x.flip(-1), x)  # flip augmentation
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr * min(1.0, (step + 1) / 200)
+            loss = edm_loss(D, x.to(dev), y.to(dev) if unet_cfg.num_classes else None,
+                            label_dropout=cfg.label_dropout, generator=g if dev.type == "cpu" else None).mean()
+            check_finite(step, loss=loss.item())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update(D)
+            step, seen = step + 1, seen + cfg.batch
+            ips = seen / (time.perf_counter() - t0)
+            bar.update(task, completed=step, info=f"loss {loss.item():.4f}  {ips:.0f} img/s")
+            log.write(json.dumps({"step": step, "loss": loss.item(), "img_per_s": ips}) + "\n")
+            if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                log.flush()
+                save(step)
+            if step % cfg.grid_every == 0 or step == cfg.steps:
+                grid(step)
+    log.close()
+    save_checkpoint(teacher_checkpoint(ema.module, data=cfg.data, steps=cfg.steps), final)
+    return final
+
+
+# --------------------------------------------------------------------------------------------------
+# Stages 2 and 3: the one-step generator, distilled at the teacher resolution, then grown
+
+
+@dataclass
+class TrainConfig:
+    """`pagoda train`: the whole method, teacher to grown generator, in one run directory."""
+
+    out: str = "runs/demo"  # run directory (see DESIGN.md: teacher/, latents/, stage-XX/, report)
+    data: str = "fashion-mnist"  # 'fashion-mnist', an image folder, or an EDM .zip
+    res: int = 32  # target resolution: teacher_res * 2^k
+    teacher: str | None = None  # teacher checkpoint; None = train one first (teacher_preset)
+    teacher_preset: str = "demo"  # TEACHER_PRESETS name, used when no teacher is given
+    preset: str = "demo"  # growth preset (pagoda.grow.PRESETS): steps, batches, lrs, λ, fade-in per stage
+    encode_images: int | None = 6000  # data-set images to encode (each also flipped); None = all
+    encode_steps: int = 40  # Karras grid points of the encoder (paper: 40 -> 78 NFE with Heun)
+    encode_method: str = "heun"
+    distance: str | None = None  # reconstruction distance (None = the preset's / losses.DEFAULT_DISTANCE)
+    discriminator: str = "multiscale"  # 'multiscale' (offline default) or 'projected' (needs weights)
+    augment: str = "color,translation,cutout"  # DiffAugment policy for D inputs ('' = none)
+    distill: float = 0.0  # weight of the distillation loss d(G(z), ODE_teacher(z)) (paper's ablation)
+    ckpt_every: int = 100  # resumable checkpoint every N steps
+    grid_every: int = 0  # extra grids every N steps (0 = only at the end of a stage)
+    seed: int = 0
+    device: str = "auto"  # 'auto' | 'cpu' | 'cuda'
+    accumulate: int = 1  # gradient accumulation: per-rank batch = global batch / (ranks * accumulate)
+    max_stages: int | None = None  # stop after this many stages (tests, smoke runs)
+
+
+def run_layout(out: Path) -> dict[str, Path]:
+    return {"teacher": out / "teacher", "latents": out / "latents", "config": out / "config.json"}
+
+
+def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = None) -> Path:
+    """Teacher (load or train) → latent cache (build if absent) → one stage per resolution; returns the run dir."""
+    from pagoda.encoder import Encoder, build_latent_cache, load_latent_cache
+    from pagoda.grow import plan_stages, stage_dir_name
+
+    info = info or dist.init(cfg.device)
+    out = Path(cfg.out)
+    lay = run_layout(out)
+    # 1. Teacher
+    teacher_path = Path(cfg.teacher) if cfg.teacher else lay["teacher"] / "teacher.pt"
+    if cfg.teacher is None and not teacher_path.exists():
+        if info.is_main:
+            tcfg = replace(TEACHER_PRESETS[cfg.teacher_preset], data=cfg.data)
+            train_teacher(tcfg, lay["teacher"], progress=progress, device=cfg.device)
+        dist.barrier(info)
+    teacher = load_teacher(teacher_path, info.device)
+    t_res = teacher.resolution
+    stages = plan_stages(t_res, cfg.res, cfg.preset)
+    data = make_dataset(cfg.data, cfg.res, channels=teacher.channels)
+    if data.channels != teacher.channels:
+        raise ValueError(f"the data has {data.channels} channels but the teacher {teacher.channels}: pass matching --data")
+    if info.is_main:
+        save_json({"train": asdict(cfg), "teacher": teacher.unet.config.to_dict(),
+                   "stages": [asdict(s) for s in stages]}, lay["config"])
+    # 2. Latent cache: image and flip, encoded once (split across ranks)
+    encoder = Encoder(teacher, t_res, steps=cfg.encode_steps, method=cfg.encode_method)
+    with progress_bar(progress and info.is_main) as bar:
+        task = bar.add_task("encode", total=None, info="")
+        build_latent_cache(encoder, data, lay["latents"], cfg.encode_images, rank=info.rank,
+                           world_size=info.world_size,
+                           progress=lambda d, t, ips: bar.update(task, completed=d, total=t, info=f"{ips:.0f} img/s"))
+    dist.barrier(info)
+    _, z, _, idx = load_latent_cache(lay["latents"])
+    # 3. Stages
+    G = None
+    for k, stage in enumerate(stages[: cfg.max_stages]):
+        sdir = out / stage_dir_name(stage.resolution)
+        G = train_stage(cfg, stage, k, teacher, G, data, z, idx, sdir, info, progress)
+    dist.barrier(info)
+    return out
+
+
+def _latest_generator(sdir: Path):
+    from pagoda.decoder import Generator
+    return Generator.from_checkpoint(load_checkpoint(sdir / "generator.pt"))
+
+
+def train_stage(cfg: TrainConfig, stage, k: int, teacher: Denoiser, G_prev, data, lat_z: torch.Tensor,
+                lat_idx: torch.Tensor, sdir: Path, info: dist.DistInfo, progress: bool = True):
+    """One PaGoDA stage: alternate G (rec + λ·w·adv [+ distill]) and D (hinge) steps; EMA; checkpoints."""
+    from pagoda.decoder import Generator
+    from pagoda.losses import (Discriminator, TeacherSampleCache, d_hinge_loss, diff_augment, g_hinge_loss,
+                               make_discriminator, make_distance)
+
+    dev = info.device
+    final = sdir / "generator.pt"
+    if final.exists():  # a finished stage is never redone
+        return _latest_generator(sdir).to(dev)
+    # Build G: stage 2 copies the teacher; stage 3 grows the previous stage's EMA generator.
+    if k == 0:
+        G = Generator.from_teacher(teacher)
+    else:
+        G_prev = G_prev if G_prev is not None else _latest_generator(sdir.parent / _prev_dir(sdir))
+        G = G_prev.grow(stage.grow_channels, fade=stage.fade_steps > 0)
+    G = G.to(dev).train()
+    trainable = G.set_trainable(stage.activate_from)
+    C, R = G.channels, stage.resolution
+    ncls = G.unet.config.num_classes
+    if cfg.discriminator == "multiscale":
+        D = Discriminator(R, C, ncls)
+    else:
+        D = make_discriminator(cfg.discriminator, resolution=R, in_channels=C, num_classes=ncls)
+    D = D.to(dev)
+    d_name = cfg.distance or stage.distance or DEFAULT_DISTANCE
+    d_rec = make_distance(d_name, **({"in_channels": C} if d_name == "features" else {})).to(dev)
+    opt_G = torch.optim.RAdam([p for p in G.parameters() if p.requires_grad], lr=stage.lr_G)
+    opt_D = torch.optim.RAdam(D.parameters(), lr=stage.lr_D, betas=(0.0, 0.99))
+    ema, step = EMA(G, stage.ema), 0
+    ckpt_path = sdir / "checkpoint.pt"
+    if ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path, map_location=dev)
+        G.load_state_dict(ck["G"]), ema.module.load_state_dict(ck["G_ema"]), D.load_state_dict(ck["D"])
+        opt_G.load_state_dict(ck["opt_G"]), opt_D.load_state_dict(ck["opt_D"])
+        step = ck["step"]
+    else:
+        dist.broadcast_(list(G.state_dict().values()) + list(D.state_dict().values()), info)
+    # Fixed grid latents and labels, the same for every stage, so growth can be watched.
+    n_grid = 100 if ncls == 10 else 64
+    zg = 80.0 * torch.randn(n_grid, C, G.base_resolution, G.base_resolution, generator=step_generator(cfg.seed, 99))
+    yg = fixed_labels(n_grid, ncls)
+    W, A = info.world_size, cfg.accumulate
+    if stage.batch % (W * A):
+        raise ValueError(f"global batch {stage.batch} is not divisible by ranks {W} x accumulation {A}: "
+                         f"change --accumulate or the number of processes")
+    B = stage.batch // (W * A)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    cache = None  # distillation: teacher ODE samples for a fixed pool of z, computed once and kept on disk
+    if cfg.distill > 0:
+        t_res = G.base_resolution
+        cache = TeacherSampleCache(lambda z, y: teacher_sample(teacher, z, y, 18), DISTILL_POOL, (C, t_res, t_res),
+                                   ncls, seed=cfg.seed, path=sdir / "teacher-samples.pt", device=dev)
+        pool_idx = lambda g: torch.randint(0, DISTILL_POOL, (stage.batch,), generator=g)  # noqa: E731
+
+    def save(step):
+        if info.is_main:
+            save_checkpoint({"step": step, "G": G.state_dict(), "G_ema": ema.module.state_dict(), "D": D.state_dict(),
+                             "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(), "stage": asdict(stage)}, ckpt_path)
+
+    def grids(tag):
+        if not info.is_main:
+            return
+        with torch.no_grad():
+            ema.module.set_alpha(G.alpha)
+            x = ema.module(zg.to(dev), None if yg is None else yg.to(dev))
+        save_image_grid(x, sdir / f"grid-{tag}.png", nrow=10 if ncls == 10 else None, scale=max(1, 128 // R))
+
+    sdir.mkdir(parents=True, exist_ok=True)
+    log = (sdir / "metrics.jsonl").open("a") if info.is_main else None
+    t0, seen, N = time.perf_counter(), 0, lat_z.shape[0]
+    with progress_bar(progress and info.is_main) as bar:
+        task = bar.add_task(f"{sdir.name} ({R}px)", total=stage.steps, completed=step, info="")
+        while step < stage.steps:
+            alpha = 1.0 if stage.fade_steps <= 0 else min(1.0, step / stage.fade_steps)
+            G.set_alpha(alpha)
+            g = step_generator(cfg.seed, 1000 + k, step)
+            # One global batch per step, drawn identically on every rank; this rank takes its slices.
+            gi = torch.randint(0, N, (stage.batch,), generator=g)
+            flip = torch.rand(stage.batch, generator=g) < 0.5
+            z_fresh = 80.0 * torch.randn(stage.batch, *lat_z.shape[2:], generator=g)
+            y_fresh = torch.randint(0, ncls, (stage.batch,), generator=g) if ncls else None
+            di = torch.randint(0, N, (stage.batch,), generator=g)
+            z_d = 80.0 * torch.randn(stage.batch, *lat_z.shape[2:], generator=g)
+            y_d = torch.randint(0, ncls, (stage.batch,), generator=g) if ncls else None
+            aug_seed = int(torch.randint(0, 2**62, (1,), generator=g))
+            stats = {"rec": 0.0, "adv": 0.0, "w": 0.0, "d": 0.0}
+            # ---- G step: L_G = L_rec + λ·w·L_adv (+ distill)
+            opt_G.zero_grad(set_to_none=True)
+            for a in range(A):
+                sl = slice((info.rank * A + a) * B, (info.rank * A + a + 1) * B)
+                x_hi, y = batch_of(data, lat_idx[gi[sl]])
+                f = flip[sl]
+                x_hi = downsample(torch.where(f[:, None, None, None], x_hi.flip(-1), x_hi), R).to(dev)
+                z = lat_z[gi[sl]].gather(1, f.long()[:, None, None, None, None].expand(-1, 1, *lat_z.shape[2:])).squeeze(1)
+                y = y.to(dev) if ncls else None
+                with amp:
+                    rec = d_rec(G(z.to(dev), y).float(), x_hi).mean()
+                    fake = G(z_fresh[sl].to(dev), None if y_fresh is None else y_fresh[sl].to(dev)).float()
+                    yf = None if y_fresh is None else y_fresh[sl].to(dev)
+                    adv = g_hinge_loss(D(diff_augment(fake, cfg.augment, _aug_gen(aug_seed, info.rank * A + a)), yf))
+                    if cache is not None:  # L_dstl = d(↓G(z), ODE_teacher(z)) at the teacher resolution
+                        zc, yc, x0 = cache.get(pool_idx(step_generator(cfg.seed, 5000 + k, step))[sl])
+                        yc = None if yc is None else yc.to(dev)
+                        rec = rec + cfg.distill * d_rec(downsample(G(zc.to(dev), yc).float(), t_res), x0.to(dev)).mean()
+                w = _global_adaptive_weight(rec, adv, G.last_layer_weight, info) if stage.lam > 0 else torch.zeros(())
+                loss = (rec + stage.lam * w * adv) / A
+                check_finite(step, rec=rec.item(), adv=adv.item())
+                loss.backward()
+                stats["rec"] += rec.item() / A
+                stats["adv"] += adv.item() / A
+                stats["w"] += w.item() / A
+            dist.average_gradients(trainable, info)
+            opt_G.step()
+            # ---- D step on a separate real batch: L_D = E relu(1 − D(x)) + E relu(1 + D(G(z')))
+            opt_D.zero_grad(set_to_none=True)
+            for a in range(A):
+                sl = slice((info.rank * A + a) * B, (info.rank * A + a + 1) * B)
+                x_r, y_r = batch_of(data, lat_idx[di[sl]])
+                x_r = downsample(x_r, R).to(dev)
+                y_r = y_r.to(dev) if ncls else None
+                with torch.no_grad(), amp:
+                    fake = G(z_d[sl].to(dev), None if y_d is None else y_d[sl].to(dev)).float()
+                with amp:
+                    gd = _aug_gen(aug_seed + 1, info.rank * A + a)
+                    d_loss = d_hinge_loss(D(diff_augment(x_r, cfg.augment, gd), y_r),
+                                          D(diff_augment(fake, cfg.augment, gd), None if y_d is None else y_d[sl].to(dev)))
+                check_finite(step, d=d_loss.item())
+                (d_loss / A).backward()
+                stats["d"] += d_loss.item() / A
+            dist.average_gradients(list(D.parameters()), info)
+            opt_D.step()
+            ema.update(G)
+            step, seen = step + 1, seen + stage.batch
+            ips = seen / (time.perf_counter() - t0)
+            bar.update(task, completed=step, info=f"rec {stats['rec']:.4f} adv {stats['adv']:+.3f} w {stats['w']:.2f} "
+                                                   f"D {stats['d']:.3f} α {alpha:.2f} {ips:.0f} img/s")
+            if log:
+                log.write(json.dumps({"step": step, **stats, "alpha": alpha, "img_per_s": ips}) + "\n")
+            if step % cfg.ckpt_every == 0 or step == stage.steps:
+                if log:
+                    log.flush()
+                save(step)
+            if cfg.grid_every and step % cfg.grid_every == 0:
+                grids(f"{step:06d}")
+    G.set_alpha(1.0)
+    ema.module.set_alpha(1.0)  # the fade-in has ended: the saved generator has the official layout only
+    grids("final")
+    if log:
+        log.close()
+    if info.is_main:
+        save_checkpoint(ema.module.to_checkpoint(), final)
+        save_json({"seconds": time.perf_counter() - t0, "steps": stage.steps, "img_per_s": seen / (time.perf_counter() - t0)},
+                  sdir / "timing.json")
+    dist.barrier(info)
+    return ema.module
+
+
+def _aug_gen(seed: int, part: int) -> torch.Generator:
+    return step_generator(seed % (2**62), part)
+
+
+def _prev_dir(sdir: Path) -> str:
+    from pagoda.grow import stage_dir_name
+    res = int(sdir.name.split("-")[-1])
+    return stage_dir_name(res // 2)
+
+
+def _global_adaptive_weight(rec, adv, weight, info: dist.DistInfo) -> torch.Tensor:
+    """w = ‖∇_W L_rec‖ / (‖∇_W L_adv‖ + 1e-4) clipped to [0.01, 10], with ∇_W averaged over ranks (VQGAN trick)."""
+    from pagoda.losses import adaptive_weight
+    if not info.enabled:
+        return adaptive_weight(rec, adv, weight)
+    g_rec, g_adv = torch.autograd.grad([rec], [weight], retain_graph=True)[0], torch.autograd.grad([adv], [weight], retain_graph=True)[0]
+    dist.all_reduce_mean_([g_rec, g_adv], info)
+    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.01, 10.0).detach()

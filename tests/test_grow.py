@@ -1,0 +1,77 @@
+"""Growth schedule: stage lists per preset, official ImageNet values, bad resolutions, dict round trip."""
+import json
+from dataclasses import replace
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pagoda.grow import (PRESETS, StageConfig, doublings, get_preset, plan_stages, stage_dir_name, stages_from_dicts,
+                         stages_to_dicts, with_overrides)
+from pagoda.unet import PRESETS as UNET_PRESETS
+from pagoda.unet import UNet
+
+
+def test_stage_dir_name():
+    assert [stage_dir_name(r) for r in (8, 16, 64, 128, 512)] == ["stage-08", "stage-16", "stage-64", "stage-128", "stage-512"]
+
+
+def test_demo_8_to_32():
+    stages = plan_stages(8, 32, "demo")
+    assert [s.name for s in stages] == ["stage-08", "stage-16", "stage-32"]
+    assert [s.resolution for s in stages] == [8, 16, 32]
+    assert [s.grow for s in stages] == [False, True, True]
+    s2, *s3 = stages
+    assert (s2.lam, s2.activate_from, s2.fade_steps, s2.fade) == (0.2, None, 0, False)
+    assert all(s.lam == 1.0 and s.fade and s.activate_from == PRESETS["demo"].activate_from for s in s3)
+    # activate_from fits the demo teacher's trunk
+    assert PRESETS["demo"].activate_from <= UNet(UNET_PRESETS["demo8"]).num_trunk_output_blocks
+    assert PRESETS["tiny"].activate_from <= UNet(UNET_PRESETS["tiny"]).num_trunk_output_blocks
+
+
+def test_imagenet64_official_values():
+    stages = plan_stages(64, 512, "imagenet64")
+    assert [s.name for s in stages] == ["stage-64", "stage-128", "stage-256", "stage-512"]
+    assert [s.batch for s in stages] == [96, 256, 360, 512]
+    assert [s.lam for s in stages] == [0.2, 1.0, 1.0, 1.0]
+    assert [s.activate_from for s in stages] == [None, 9, 9, 9]
+    assert [s.grow_channels for s in stages] == [None, 192, 192, 192]
+    assert [s.split_g_step for s in stages] == [False, False, True, True]
+    assert [s.rec_disc_weight for s in stages] == [0.0, 0.0, 0.0, 0.5]
+    for s in stages:
+        assert (s.lr_G, s.lr_D, s.ema, s.optimizer, s.d_steps_per_g, s.steps) == (8e-6, 2e-3, 0.999, "radam", 1, 600_000)
+
+
+def test_bad_resolution_and_preset():
+    with pytest.raises(ValueError, match=r"^--res 100 is not 8·2\^k: use one of 8, 16, 32, 64, \.\.\.$"):
+        plan_stages(8, 100, "demo")
+    with pytest.raises(ValueError, match="--res 4 is not 8"):
+        plan_stages(8, 4, "demo")
+    with pytest.raises(ValueError, match="unknown growth preset 'nope'"):
+        plan_stages(8, 16, "nope")
+    with pytest.raises(ValueError, match="fade_steps"):
+        replace(plan_stages(8, 8, "tiny")[0], fade_steps=3)
+
+
+@settings(max_examples=20, deadline=None)
+@given(teacher=st.sampled_from([8, 16, 32, 64]), k=st.integers(0, 4), preset=st.sampled_from(sorted(PRESETS)))
+def test_plan_and_dict_round_trip(teacher, k, preset):
+    stages = plan_stages(teacher, teacher * 2**k, preset)
+    assert len(stages) == k + 1 and doublings(teacher, teacher * 2**k) == k
+    assert [s.resolution for s in stages] == [teacher * 2**i for i in range(k + 1)]
+    p = get_preset(preset)
+    assert [s.steps for s in stages] == [p.steps[min(i, len(p.steps) - 1)] for i in range(k + 1)]
+    assert stages_from_dicts(json.loads(json.dumps(stages_to_dicts(stages)))) == stages
+    for s in stages:
+        assert s.alpha(0) == (0.0 if s.fade else 1.0) and s.alpha(10**9) == 1.0
+
+
+def test_overrides_and_unknown_fields():
+    stages = with_overrides(plan_stages(8, 16, "tiny"), steps=7, fade_steps=4)
+    assert [s.steps for s in stages] == [7, 7] and [s.fade_steps for s in stages] == [0, 4]
+    assert stages[1].alpha(2) == 0.5
+    with pytest.raises(ValueError, match="unknown stage fields"):
+        with_overrides(stages, bogus=1)
+    with pytest.raises(ValueError, match="unknown StageConfig fields"):
+        StageConfig.from_dict({**stages[0].to_dict(), "bogus": 1})
+    with pytest.raises(ValueError, match="ema decay"):
+        replace(stages[0], ema=1.5)

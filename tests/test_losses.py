@@ -1,0 +1,389 @@
+"""Tests for pagoda.losses: distances, DiffAugment, discriminators, hinge, adaptive weight, distillation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pagoda.losses import (
+    DEFAULT_DISTANCE, PSEUDO_HUBER_C, Discriminator, LossConfigError, TeacherSampleCache, adaptive_weight,
+    d_hinge_loss, diff_augment, distillation_loss, g_hinge_loss, generator_loss, make_discriminator, make_distance,
+    pseudo_huber, pyramid,
+)
+
+OFFLINE = ["l2", "pseudo_huber", "multiscale", "features"]
+
+
+# --- hinge -----------------------------------------------------------------------------------------
+
+def test_hinge_hand_values():
+    t = torch.tensor
+    assert d_hinge_loss(t([2.0, 3.0]), t([-2.0, -5.0])).item() == 0.0          # both beyond the margin
+    assert d_hinge_loss(t([0.0]), t([0.0])).item() == 2.0                      # 1 + 1
+    assert d_hinge_loss(t([-1.0]), t([-2.0])).item() == 2.0                    # real side only: 1 - (-1)
+    assert d_hinge_loss(t([2.0]), t([0.5])).item() == 1.5                      # fake side only: 1 + 0.5
+    assert d_hinge_loss(t([0.5, 2.0]), t([-3.0, 0.0])).item() == pytest.approx(0.25 + 0.5)
+    assert g_hinge_loss(t([1.0, 3.0])).item() == -2.0                          # G wants D(fake) large
+    assert g_hinge_loss(t([-4.0])).item() == 4.0
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-5, 5), min_size=1, max_size=8), st.lists(st.floats(-5, 5), min_size=1, max_size=8))
+def test_hinge_matches_formula(real, fake):
+    r, f = torch.tensor(real, dtype=torch.float64), torch.tensor(fake, dtype=torch.float64)
+    want = sum(max(0.0, 1 - v) for v in real) / len(real) + sum(max(0.0, 1 + v) for v in fake) / len(fake)
+    assert d_hinge_loss(r, f).item() == pytest.approx(want, abs=1e-9)
+    assert g_hinge_loss(f).item() == pytest.approx(-sum(fake) / len(fake), abs=1e-9)
+
+
+# --- adaptive weight -------------------------------------------------------------------------------
+
+def _linear_case(m: int, n: int, a: float, seed: int):
+    """y = W u; L_rec = 0.5||y - t||^2 -> grad = (y - t) u^T; L_adv = a * sum(y) -> grad = a 1 u^T."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(m, n, generator=g, dtype=torch.float64).requires_grad_()
+    u, t = torch.randn(n, generator=g, dtype=torch.float64), torch.randn(m, generator=g, dtype=torch.float64)
+    y = W @ u
+    rec, adv = 0.5 * (y - t).square().sum(), a * y.sum()
+    r = (W.detach() @ u - t)
+    g_rec = r.norm() * u.norm()                                  # ||r u^T||_F = ||r|| ||u||
+    g_adv = abs(a) * math.sqrt(m) * u.norm()                     # ||a 1 u^T||_F
+    return W, rec, adv, (g_rec / (g_adv + 1e-4)).item()
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 5), st.floats(0.3, 3.0), st.integers(0, 10_000))
+def test_adaptive_weight_matches_hand_computation(m, n, a, seed):
+    W, rec, adv, want = _linear_case(m, n, a, seed)
+    w = adaptive_weight(rec, adv, W)
+    assert w.item() == pytest.approx(min(max(want, 0.01), 10.0), rel=1e-6)
+    assert not w.requires_grad and w.grad_fn is None
+    rec.backward()                                               # retain_graph kept the graph alive
+
+
+def test_adaptive_weight_clips_both_ends():
+    W, rec, adv, want = _linear_case(3, 4, 1e-5, 0)               # tiny adversarial gradient -> huge ratio
+    assert want > 10 and adaptive_weight(rec, adv, W).item() == 10.0
+    W, rec, adv, want = _linear_case(3, 4, 1e5, 0)                # huge adversarial gradient -> tiny ratio
+    assert want < 0.01 and adaptive_weight(rec, adv, W).item() == pytest.approx(0.01)
+    W, rec, adv, want = _linear_case(3, 4, 1.0, 0)
+    assert adaptive_weight(rec, adv, W, min=0.5, max=0.6).item() == pytest.approx(min(max(want, 0.5), 0.6))
+
+
+def test_adaptive_weight_missing_or_zero_adv_grad():
+    W, rec, _, _ = _linear_case(2, 3, 1.0, 1)
+    other = torch.ones(2, requires_grad=True)
+    assert adaptive_weight(rec, other.sum(), W).item() == 10.0    # adv does not touch W: grad None
+    assert adaptive_weight(rec, 0 * (W.sum()), W).item() == 10.0  # zero grad: ||g_rec|| / eps, clipped
+    assert adaptive_weight(rec, torch.tensor(3.0), W).item() == 10.0  # adv with no graph at all
+    with pytest.raises(LossConfigError, match="require grad"):
+        adaptive_weight(rec, rec, torch.ones(2, 3))
+
+
+def test_generator_loss_combines_and_logs():
+    W, rec, adv, want = _linear_case(3, 2, 0.7, 3)
+    loss, logs = generator_loss(rec, adv, 0.2, W)
+    w = min(max(want, 0.01), 10.0)
+    assert loss.item() == pytest.approx(rec.item() + 0.2 * w * adv.item())
+    assert set(logs) == {"rec", "adv", "w"} and all(isinstance(v, float) for v in logs.values())
+    assert logs["w"] == pytest.approx(w)
+    (g_rec,) = torch.autograd.grad(rec, W, retain_graph=True)
+    (g_adv,) = torch.autograd.grad(adv, W, retain_graph=True)
+    (g,) = torch.autograd.grad(loss, W, retain_graph=True)       # w is a constant in the gradient
+    torch.testing.assert_close(g, g_rec + 0.2 * w * g_adv)
+    loss0, logs0 = generator_loss(rec, adv, 0.0, W)
+    assert loss0 is rec and logs0["w"] == 0.0
+
+
+# --- distances -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", OFFLINE)
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("res", [8, 16, 32])
+def test_distance_properties(name, channels, res):
+    d = make_distance(name)
+    a = torch.rand(4, channels, res, res) * 2 - 1
+    b = torch.rand(4, channels, res, res) * 2 - 1
+    assert torch.equal(d(a, a), torch.zeros(4))
+    v = d(a, b)
+    assert v.shape == (4,) and (v > 0).all()
+    torch.testing.assert_close(v, d(b, a))                        # symmetric
+    a.requires_grad_()
+    d(a, b).sum().backward()
+    assert torch.isfinite(a.grad).all() and a.grad.abs().sum() > 0
+
+
+def test_distances_at_4px_and_default_is_offline():
+    a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    for name in OFFLINE:
+        assert (make_distance(name)(a, b) > 0).all()
+    assert DEFAULT_DISTANCE in OFFLINE and isinstance(make_distance(), nn.Module)
+    with pytest.raises(LossConfigError, match="at least 4 px"):
+        make_distance("l2")(torch.randn(1, 1, 2, 2), torch.randn(1, 1, 2, 2))
+    with pytest.raises(LossConfigError, match="equal shape"):
+        make_distance("l2")(torch.randn(1, 1, 8, 8), torch.randn(1, 1, 16, 16))
+    with pytest.raises(LossConfigError, match="unknown distance"):
+        make_distance("ssim")
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(-1.0, 1.0), st.sampled_from([4, 8, 16, 32]), st.integers(1, 3))
+def test_distances_on_constant_offset(delta, res, channels):
+    a = torch.rand(2, channels, res, res, dtype=torch.float64)
+    b = a + delta
+    dim = channels * res * res
+    c = PSEUDO_HUBER_C * math.sqrt(dim)
+    torch.testing.assert_close(make_distance("l2")(a, b), torch.full((2,), delta ** 2, dtype=torch.float64))
+    torch.testing.assert_close(pseudo_huber(a, b), torch.full((2,), math.sqrt(dim * delta ** 2 + c * c) - c,
+                                                              dtype=torch.float64))
+    # every pyramid level sees the same RMS error |delta|, so the average is the one-level value
+    rms = math.sqrt(delta ** 2 + PSEUDO_HUBER_C ** 2) - PSEUDO_HUBER_C
+    ms = make_distance("multiscale")(a, b)
+    torch.testing.assert_close(ms, torch.full((2,), rms, dtype=torch.float64))
+
+
+def test_pyramid_levels():
+    assert [lv.shape[-1] for lv in pyramid(torch.zeros(1, 1, 32, 32))] == [32, 16, 8]
+    assert [lv.shape[-1] for lv in pyramid(torch.zeros(1, 1, 8, 8))] == [8]
+    assert [lv.shape[-1] for lv in pyramid(torch.zeros(1, 1, 4, 4))] == [4]
+
+
+def test_feature_term_sees_edges_not_flat_offsets():
+    d = make_distance("features", in_channels=1)
+    pixel = make_distance("multiscale")
+    a = torch.rand(3, 1, 16, 16) * 2 - 1
+    # zero-mean filters: a constant brightness offset is left to the pixel term alone
+    torch.testing.assert_close(d(a, a + 0.3), pixel(a, a + 0.3), atol=1e-5, rtol=1e-4)
+    # blurring removes edges: the feature term adds a clearly positive amount
+    blur = F.avg_pool2d(F.pad(a, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    assert ((d(a, blur) - pixel(a, blur)) > 0.05).all()
+    # fixed seed: a second instance gives identical values; another seed does not
+    torch.testing.assert_close(make_distance("features", in_channels=1)(a, blur), d(a, blur))
+    assert not torch.allclose(make_distance("features", in_channels=1, seed=1)(a, blur), d(a, blur))
+    with pytest.raises(LossConfigError, match="in_channels=2"):
+        d(torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8, 8))
+
+
+def test_lpips_without_weights_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))   # an empty hub cache
+    with pytest.raises(LossConfigError) as e:
+        make_distance("lpips")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("LPIPS needs pretrained weights that cannot be downloaded here")
+    assert "pip install lpips" in msg and "--distance multiscale" in msg
+
+
+def test_distillation_loss_is_distance_to_constant_teacher():
+    d = make_distance("multiscale")
+    fake = torch.randn(3, 1, 8, 8, requires_grad=True)
+    teacher = torch.randn(3, 1, 8, 8, requires_grad=True)
+    loss = distillation_loss(fake, teacher, d)
+    assert loss.item() == pytest.approx(d(fake, teacher).mean().item())
+    loss.backward()
+    assert fake.grad.abs().sum() > 0 and teacher.grad is None
+
+
+# --- DiffAugment -----------------------------------------------------------------------------------
+
+def test_diff_augment_shapes_grad_and_determinism():
+    x = (torch.rand(8, 3, 16, 16) * 2 - 1).requires_grad_()
+    y = diff_augment(x, generator=torch.Generator().manual_seed(3))
+    assert y.shape == x.shape
+    y.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    same = diff_augment(x, generator=torch.Generator().manual_seed(3))
+    other = diff_augment(x, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(y, same) and not torch.equal(y, other)
+    assert diff_augment(torch.zeros(2, 1, 8, 8)).shape == (2, 1, 8, 8)          # grey images work
+    with pytest.raises(LossConfigError, match="unknown DiffAugment op"):
+        diff_augment(x, "color,rotate")
+
+
+def test_translation_is_a_per_sample_zero_padded_shift():
+    x = torch.rand(16, 1, 16, 16) + 1                            # strictly positive: padding shows as 0
+    y = diff_augment(x, "translation", torch.Generator().manual_seed(0))
+    shifts = []
+    for xi, yi in zip(x, y):
+        found = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(yi, _shift(xi, dy, dx))]
+        assert found, "output is not a shift of its input within 1/8 of the size"
+        shifts.append(found[0])
+    assert len(set(shifts)) > 1 and any(s != (0, 0) for s in shifts)
+
+
+def _shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """out[i, j] = x[i + dy, j + dx], zero outside."""
+    H, W = x.shape[-2:]
+    p = F.pad(x, (2, 2, 2, 2))
+    return p[..., 2 + dy:2 + dy + H, 2 + dx:2 + dx + W]
+
+
+def test_cutout_zeroes_one_square_per_sample():
+    x = torch.rand(16, 3, 20, 20) + 1
+    y = diff_augment(x, "cutout", torch.Generator().manual_seed(0))
+    zeros = (y == 0).all(dim=1)                                   # (B, H, W) cut pixels
+    side = int(20 * 0.2 + 0.5)
+    counts = zeros.flatten(1).sum(1)
+    assert (counts > 0).all() and (counts <= side * side).all()
+    assert torch.equal(y[~zeros.unsqueeze(1).expand_as(y)], x[~zeros.unsqueeze(1).expand_as(x)])
+    assert len({tuple(z.nonzero()[0].tolist()) for z in zeros}) > 1  # independent draws per sample
+
+
+def test_color_draws_differ_per_sample():
+    x = torch.rand(1, 3, 8, 8).expand(6, -1, -1, -1) * 2 - 1
+    y = diff_augment(x, "color", torch.Generator().manual_seed(0))
+    assert len({round(v, 5) for v in y.mean(dim=(1, 2, 3)).tolist()}) == 6
+
+
+# --- discriminators --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels,res", [(1, 8), (3, 16), (1, 32)])
+def test_discriminator_shapes_and_projection(channels, res):
+    D = Discriminator(res, channels, num_classes=5, base_channels=8, max_channels=32).eval()
+    x = torch.randn(4, channels, res, res)
+    y = torch.tensor([0, 1, 2, 3])
+    out = D(x, y)
+    assert out.shape == (4,) and D.resolutions == [r for r in (32, 16, 8) if r <= res]
+    assert not torch.allclose(out, D(x, (y + 1) % 5))            # labels enter through the projection
+    assert D(x).shape == (4,)                                    # unconditional path: psi only
+    with pytest.raises(LossConfigError, match="labels must be"):
+        D(x, torch.tensor([0, 1, 2, 5]))
+    with pytest.raises(LossConfigError, match="grow"):
+        D(torch.randn(4, channels, 2 * res, 2 * res), y)
+
+
+def test_unconditional_discriminator_rejects_labels():
+    D = Discriminator(8, 1, base_channels=8)
+    with pytest.raises(LossConfigError, match="num_classes"):
+        D(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))
+
+
+def test_grow_reuses_heads_and_preserves_function():
+    """Property: D.grow()(x) == D(avg_pool2d(x, 2)) at initialisation, for any x and labels (eval mode)."""
+    D = Discriminator(8, 3, num_classes=4, base_channels=8, max_channels=32)
+    D(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])).sum().backward()   # a train step's power iteration
+    D.eval()
+    D2 = D.grow().eval()
+    assert D2.resolution == 16 and D2.resolutions == [16, 8] and D2.gain.tolist() == [0.0, 1.0]
+    x, y = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0])
+    torch.testing.assert_close(D2(x, y), D(F.avg_pool2d(x, 2), y))
+    D4 = D2.grow().eval()
+    x4 = torch.randn(5, 3, 32, 32)
+    torch.testing.assert_close(D4(x4, y), D(F.avg_pool2d(x4, 4), y))
+    # the grown head is trainable: its gain receives gradient, and old weights are copies, not shared
+    D2.train()
+    D2(x, y).sum().backward()
+    assert D2.gain.grad[0] != 0
+    assert D2.heads["8"].psi.parametrizations.weight.original is not D.heads["8"].psi.parametrizations.weight.original
+
+
+def _blobs(n: int, side: str, g: torch.Generator) -> torch.Tensor:
+    """Gaussian blobs on a 16 px canvas, centred in the left or right half."""
+    cy = torch.rand(n, 1, 1, generator=g) * 10 + 3
+    cx = torch.rand(n, 1, 1, generator=g) * 4 + (2 if side == "left" else 10)
+    ii, jj = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    img = torch.exp(-((ii - cy) ** 2 + (jj - cx) ** 2) / 4.0)
+    return (img * 2 - 1).unsqueeze(1)
+
+
+def test_hinge_training_separates_toy_distributions():
+    torch.manual_seed(0)
+    D = Discriminator(16, 1, base_channels=16, max_channels=32)
+    opt = torch.optim.Adam(D.parameters(), 2e-3, betas=(0.0, 0.99))
+    g = torch.Generator().manual_seed(0)
+    first = None
+    for _ in range(25):
+        real, fake = _blobs(32, "left", g), _blobs(32, "right", g)
+        loss = d_hinge_loss(D(diff_augment(real, "color", g)), D(diff_augment(fake, "color", g)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = loss.item() if first is None else first
+    D.eval()
+    with torch.no_grad():
+        real_logit, fake_logit = D(_blobs(64, "left", g)), D(_blobs(64, "right", g))
+    assert real_logit.mean() > fake_logit.mean() + 1.0
+    assert loss.item() < first
+
+
+def test_make_discriminator_factory():
+    D = make_discriminator("multiscale", resolution=8, in_channels=1, base_channels=8)
+    assert isinstance(D, Discriminator)
+    with pytest.raises(LossConfigError) as e:
+        make_discriminator("projected", resolution=8, in_channels=1)
+    assert "\n" not in str(e.value) and "cannot be downloaded" in str(e.value)
+    with pytest.raises(LossConfigError, match="unknown discriminator"):
+        make_discriminator("stylegan")
+
+
+def test_projected_structure_over_a_given_backbone():
+    class TwoLevel(nn.Module):                                   # stands in for a user's pretrained network
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 3, 2, 1), nn.Conv2d(6, 10, 3, 2, 1)
+
+        def forward(self, x):
+            f1 = self.a(x)
+            return [f1, self.b(f1)]
+
+    backbone = TwoLevel()
+    D = make_discriminator("projected", backbone=backbone, feature_channels=[6, 10], num_classes=3, proj_channels=8)
+    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+    out = D(x, y)
+    assert out.shape == (2,) and not torch.allclose(out, D(x, torch.tensor([1, 1])))
+    out.sum().backward()
+    assert all(p.grad is None for p in backbone.parameters())   # the backbone stays frozen
+    assert D.train().backbone.training is False
+
+
+# --- teacher-sample cache --------------------------------------------------------------------------
+
+class _CountingTeacher:
+    def __init__(self):
+        self.calls, self.seen = 0, 0
+
+    def __call__(self, z, labels):
+        self.calls += 1
+        self.seen += z.shape[0]
+        return torch.tanh(z / 80.0) + (0 if labels is None else labels.view(-1, 1, 1, 1).float())
+
+
+def test_teacher_cache_computes_each_z_once_and_reloads(tmp_path):
+    path = tmp_path / "teacher.pt"
+    teacher = _CountingTeacher()
+    cache = TeacherSampleCache(teacher, pool_size=10, shape=(1, 4, 4), num_classes=3, seed=7, path=path)
+    z, y, x0 = cache.get(torch.tensor([0, 1, 2, 1]))
+    assert (teacher.calls, teacher.seen) == (1, 3)               # duplicates computed once
+    torch.testing.assert_close(x0, teacher(z, y))
+    teacher.calls = teacher.seen = 0
+    cache.get(torch.tensor([2, 3]))
+    assert (teacher.calls, teacher.seen) == (1, 1)               # only the new index
+    cache.get(torch.tensor([0, 3]))
+    assert teacher.calls == 1                                    # nothing new
+    assert 40 < cache.z.std().item() < 120                       # z ~ N(0, sigma_max^2)
+
+    def refuse(z, labels):
+        raise AssertionError("sample_fn called for a cached z")
+
+    again = TeacherSampleCache(refuse, pool_size=10, shape=(1, 4, 4), num_classes=3, seed=7, path=path)
+    z2, y2, x2 = again.get(torch.tensor([0, 1, 2, 3]))
+    z1, y1, x1 = cache.get(torch.tensor([0, 1, 2, 3]))
+    assert torch.equal(z1, z2) and torch.equal(y1, y2) and torch.equal(x1, x2)
+    with pytest.raises(LossConfigError, match="delete it"):
+        TeacherSampleCache(refuse, pool_size=10, shape=(1, 4, 4), num_classes=3, seed=8, path=path)
+    with pytest.raises(LossConfigError, match="indices"):
+        cache.get(torch.tensor([10]))
+
+
+def test_teacher_cache_in_memory_unconditional():
+    teacher = _CountingTeacher()
+    cache = TeacherSampleCache(teacher, pool_size=4, shape=(3, 2, 2))
+    z, y, x0 = cache.get([3, 0])
+    assert y is None and z.shape == (2, 3, 2, 2) and teacher.calls == 1
+    torch.testing.assert_close(x0, torch.tanh(z / 80.0))
+    assert torch.equal(TeacherSampleCache(teacher, 4, (3, 2, 2)).z, cache.z)   # pool fixed by the seed
