@@ -22,14 +22,10 @@ import torch
 
 from pagoda import dist
 from pagoda.data import downsample, make_dataset, save_image_grid
-from pagoda.losses import DEFAULT_DISTANCE
 from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
 from pagoda.solvers import karras_sigmas, solve
 from pagoda.teacher import Denoiser, edm_loss
 from pagoda.unet import PRESETS as UNET_PRESETS, UNet, UNetConfig
-
-
-DISTILL_POOL = 4096  # size of the fixed z pool whose teacher samples the distillation loss uses
 
 
 class TrainingError(RuntimeError):
@@ -256,8 +252,10 @@ def run_layout(out: Path) -> dict[str, Path]:
 
 def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = None) -> Path:
     """Teacher (load or train) → latent cache (build if absent) → one stage per resolution; returns the run dir."""
+    from pagoda.decoder import Generator
     from pagoda.encoder import Encoder, build_latent_cache, load_latent_cache
     from pagoda.grow import plan_stages, stage_dir_name
+    from pagoda.stage import StageTrainer
 
     info = info or dist.init(cfg.device)
     out = Path(cfg.out)
@@ -291,190 +289,9 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
     G = None
     for k, stage in enumerate(stages[: cfg.max_stages]):
         sdir = out / stage_dir_name(stage.resolution)
-        G = train_stage(cfg, stage, k, teacher, G, data, z, idx, sdir, info, progress)
+        if (sdir / "generator.pt").exists():  # a finished stage is never redone
+            G = Generator.from_checkpoint(sdir / "generator.pt", map_location=info.device)
+            continue
+        G = StageTrainer(cfg, stage, k, teacher, G, data, z, idx, sdir, info).run(progress)
     dist.barrier(info)
     return out
-
-
-def _latest_generator(sdir: Path):
-    from pagoda.decoder import Generator
-    return Generator.from_checkpoint(load_checkpoint(sdir / "generator.pt"))
-
-
-def train_stage(cfg: TrainConfig, stage, k: int, teacher: Denoiser, G_prev, data, lat_z: torch.Tensor,
-                lat_idx: torch.Tensor, sdir: Path, info: dist.DistInfo, progress: bool = True):
-    """One PaGoDA stage: alternate G (rec + λ·w·adv [+ distill]) and D (hinge) steps; EMA; checkpoints."""
-    from pagoda.decoder import Generator
-    from pagoda.losses import (Discriminator, TeacherSampleCache, d_hinge_loss, diff_augment, g_hinge_loss,
-                               make_discriminator, make_distance)
-
-    dev = info.device
-    final = sdir / "generator.pt"
-    if final.exists():  # a finished stage is never redone
-        return _latest_generator(sdir).to(dev)
-    # Build G: stage 2 copies the teacher; stage 3 grows the previous stage's EMA generator.
-    if k == 0:
-        G = Generator.from_teacher(teacher)
-    else:
-        G_prev = G_prev if G_prev is not None else _latest_generator(sdir.parent / _prev_dir(sdir))
-        G = G_prev.grow(stage.grow_channels, fade=stage.fade_steps > 0)
-    G = G.to(dev).train()
-    trainable = G.set_trainable(stage.activate_from)
-    C, R = G.channels, stage.resolution
-    ncls = G.unet.config.num_classes
-    if cfg.discriminator == "multiscale":
-        D = Discriminator(R, C, ncls)
-    else:
-        D = make_discriminator(cfg.discriminator, resolution=R, in_channels=C, num_classes=ncls)
-    D = D.to(dev)
-    d_name = cfg.distance or stage.distance or DEFAULT_DISTANCE
-    d_rec = make_distance(d_name, **({"in_channels": C} if d_name == "features" else {})).to(dev)
-    opt_G = torch.optim.RAdam([p for p in G.parameters() if p.requires_grad], lr=stage.lr_G)
-    opt_D = torch.optim.RAdam(D.parameters(), lr=stage.lr_D, betas=(0.0, 0.99))
-    ema, step = EMA(G, stage.ema), 0
-    ckpt_path = sdir / "checkpoint.pt"
-    if ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path, map_location=dev)
-        G.load_state_dict(ck["G"]), ema.module.load_state_dict(ck["G_ema"]), D.load_state_dict(ck["D"])
-        opt_G.load_state_dict(ck["opt_G"]), opt_D.load_state_dict(ck["opt_D"])
-        step = ck["step"]
-    else:
-        dist.broadcast_(list(G.state_dict().values()) + list(D.state_dict().values()), info)
-    # Fixed grid latents and labels, the same for every stage, so growth can be watched.
-    n_grid = 100 if ncls == 10 else 64
-    zg = 80.0 * torch.randn(n_grid, C, G.base_resolution, G.base_resolution, generator=step_generator(cfg.seed, 99))
-    yg = fixed_labels(n_grid, ncls)
-    W, A = info.world_size, cfg.accumulate
-    if stage.batch % (W * A):
-        raise ValueError(f"global batch {stage.batch} is not divisible by ranks {W} x accumulation {A}: "
-                         f"change --accumulate or the number of processes")
-    B = stage.batch // (W * A)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
-    cache = None  # distillation: teacher ODE samples for a fixed pool of z, computed once and kept on disk
-    if cfg.distill > 0:
-        t_res = G.base_resolution
-        cache = TeacherSampleCache(lambda z, y: teacher_sample(teacher, z, y, 18), DISTILL_POOL, (C, t_res, t_res),
-                                   ncls, seed=cfg.seed, path=sdir / "teacher-samples.pt", device=dev)
-        pool_idx = lambda g: torch.randint(0, DISTILL_POOL, (stage.batch,), generator=g)  # noqa: E731
-
-    def save(step):
-        if info.is_main:
-            save_checkpoint({"step": step, "G": G.state_dict(), "G_ema": ema.module.state_dict(), "D": D.state_dict(),
-                             "opt_G": opt_G.state_dict(), "opt_D": opt_D.state_dict(), "stage": asdict(stage)}, ckpt_path)
-
-    def grids(tag):
-        if not info.is_main:
-            return
-        with torch.no_grad():
-            ema.module.set_alpha(G.alpha)
-            x = ema.module(zg.to(dev), None if yg is None else yg.to(dev))
-        save_image_grid(x, sdir / f"grid-{tag}.png", nrow=10 if ncls == 10 else None, scale=max(1, 128 // R))
-
-    sdir.mkdir(parents=True, exist_ok=True)
-    log = (sdir / "metrics.jsonl").open("a") if info.is_main else None
-    t0, seen, N = time.perf_counter(), 0, lat_z.shape[0]
-    with progress_bar(progress and info.is_main) as bar:
-        task = bar.add_task(f"{sdir.name} ({R}px)", total=stage.steps, completed=step, info="")
-        while step < stage.steps:
-            alpha = 1.0 if stage.fade_steps <= 0 else min(1.0, step / stage.fade_steps)
-            G.set_alpha(alpha)
-            g = step_generator(cfg.seed, 1000 + k, step)
-            # One global batch per step, drawn identically on every rank; this rank takes its slices.
-            gi = torch.randint(0, N, (stage.batch,), generator=g)
-            flip = torch.rand(stage.batch, generator=g) < 0.5
-            z_fresh = 80.0 * torch.randn(stage.batch, *lat_z.shape[2:], generator=g)
-            y_fresh = torch.randint(0, ncls, (stage.batch,), generator=g) if ncls else None
-            di = torch.randint(0, N, (stage.batch,), generator=g)
-            z_d = 80.0 * torch.randn(stage.batch, *lat_z.shape[2:], generator=g)
-            y_d = torch.randint(0, ncls, (stage.batch,), generator=g) if ncls else None
-            aug_seed = int(torch.randint(0, 2**62, (1,), generator=g))
-            stats = {"rec": 0.0, "adv": 0.0, "w": 0.0, "d": 0.0}
-            # ---- G step: L_G = L_rec + λ·w·L_adv (+ distill)
-            opt_G.zero_grad(set_to_none=True)
-            for a in range(A):
-                sl = slice((info.rank * A + a) * B, (info.rank * A + a + 1) * B)
-                x_hi, y = batch_of(data, lat_idx[gi[sl]])
-                f = flip[sl]
-                x_hi = downsample(torch.where(f[:, None, None, None], x_hi.flip(-1), x_hi), R).to(dev)
-                z = lat_z[gi[sl]].gather(1, f.long()[:, None, None, None, None].expand(-1, 1, *lat_z.shape[2:])).squeeze(1)
-                y = y.to(dev) if ncls else None
-                with amp:
-                    rec = d_rec(G(z.to(dev), y).float(), x_hi).mean()
-                    fake = G(z_fresh[sl].to(dev), None if y_fresh is None else y_fresh[sl].to(dev)).float()
-                    yf = None if y_fresh is None else y_fresh[sl].to(dev)
-                    adv = g_hinge_loss(D(diff_augment(fake, cfg.augment, _aug_gen(aug_seed, info.rank * A + a)), yf))
-                    if cache is not None:  # L_dstl = d(↓G(z), ODE_teacher(z)) at the teacher resolution
-                        zc, yc, x0 = cache.get(pool_idx(step_generator(cfg.seed, 5000 + k, step))[sl])
-                        yc = None if yc is None else yc.to(dev)
-                        rec = rec + cfg.distill * d_rec(downsample(G(zc.to(dev), yc).float(), t_res), x0.to(dev)).mean()
-                w = _global_adaptive_weight(rec, adv, G.last_layer_weight, info) if stage.lam > 0 else torch.zeros(())
-                loss = (rec + stage.lam * w * adv) / A
-                check_finite(step, rec=rec.item(), adv=adv.item())
-                loss.backward()
-                stats["rec"] += rec.item() / A
-                stats["adv"] += adv.item() / A
-                stats["w"] += w.item() / A
-            dist.average_gradients(trainable, info)
-            opt_G.step()
-            # ---- D step on a separate real batch: L_D = E relu(1 − D(x)) + E relu(1 + D(G(z')))
-            opt_D.zero_grad(set_to_none=True)
-            for a in range(A):
-                sl = slice((info.rank * A + a) * B, (info.rank * A + a + 1) * B)
-                x_r, y_r = batch_of(data, lat_idx[di[sl]])
-                x_r = downsample(x_r, R).to(dev)
-                y_r = y_r.to(dev) if ncls else None
-                with torch.no_grad(), amp:
-                    fake = G(z_d[sl].to(dev), None if y_d is None else y_d[sl].to(dev)).float()
-                with amp:
-                    gd = _aug_gen(aug_seed + 1, info.rank * A + a)
-                    d_loss = d_hinge_loss(D(diff_augment(x_r, cfg.augment, gd), y_r),
-                                          D(diff_augment(fake, cfg.augment, gd), None if y_d is None else y_d[sl].to(dev)))
-                check_finite(step, d=d_loss.item())
-                (d_loss / A).backward()
-                stats["d"] += d_loss.item() / A
-            dist.average_gradients(list(D.parameters()), info)
-            opt_D.step()
-            ema.update(G)
-            step, seen = step + 1, seen + stage.batch
-            ips = seen / (time.perf_counter() - t0)
-            bar.update(task, completed=step, info=f"rec {stats['rec']:.4f} adv {stats['adv']:+.3f} w {stats['w']:.2f} "
-                                                   f"D {stats['d']:.3f} α {alpha:.2f} {ips:.0f} img/s")
-            if log:
-                log.write(json.dumps({"step": step, **stats, "alpha": alpha, "img_per_s": ips}) + "\n")
-            if step % cfg.ckpt_every == 0 or step == stage.steps:
-                if log:
-                    log.flush()
-                save(step)
-            if cfg.grid_every and step % cfg.grid_every == 0:
-                grids(f"{step:06d}")
-    G.set_alpha(1.0)
-    ema.module.set_alpha(1.0)  # the fade-in has ended: the saved generator has the official layout only
-    grids("final")
-    if log:
-        log.close()
-    if info.is_main:
-        save_checkpoint(ema.module.to_checkpoint(), final)
-        save_json({"seconds": time.perf_counter() - t0, "steps": stage.steps, "img_per_s": seen / (time.perf_counter() - t0)},
-                  sdir / "timing.json")
-    dist.barrier(info)
-    return ema.module
-
-
-def _aug_gen(seed: int, part: int) -> torch.Generator:
-    return step_generator(seed % (2**62), part)
-
-
-def _prev_dir(sdir: Path) -> str:
-    from pagoda.grow import stage_dir_name
-    res = int(sdir.name.split("-")[-1])
-    return stage_dir_name(res // 2)
-
-
-def _global_adaptive_weight(rec, adv, weight, info: dist.DistInfo) -> torch.Tensor:
-    """w = ‖∇_W L_rec‖ / (‖∇_W L_adv‖ + 1e-4) clipped to [0.01, 10], with ∇_W averaged over ranks (VQGAN trick)."""
-    from pagoda.losses import adaptive_weight
-    if not info.enabled:
-        return adaptive_weight(rec, adv, weight)
-    g_rec, g_adv = torch.autograd.grad([rec], [weight], retain_graph=True)[0], torch.autograd.grad([adv], [weight], retain_graph=True)[0]
-    dist.all_reduce_mean_([g_rec, g_adv], info)
-    return (g_rec.norm() / (g_adv.norm() + 1e-4)).clamp(0.01, 10.0).detach()
