@@ -57,8 +57,8 @@ def train(
     preset: str = typer.Option("demo", help="Growth preset: demo | tiny | imagenet64."),
     teacher_preset: str = typer.Option("demo", help="Teacher preset when training one: demo | tiny."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run (finished stages are never redone)."),
-    encode_images: Optional[int] = typer.Option(6000, help="Images to encode into the latent cache (each also flipped); 0 = all."),
-    encode_steps: int = typer.Option(40, help="Encoder Karras grid points (paper: 40, Heun)."),
+    encode_images: Optional[int] = typer.Option(None, help="Images to encode into the latent cache (each also flipped); 0 = all; default: the preset's."),
+    encode_steps: Optional[int] = typer.Option(None, help="Encoder Karras grid points (paper: 40, Heun); default: the preset's."),
     distance: Optional[str] = typer.Option(None, help="Reconstruction distance: features | multiscale | pseudo_huber | l2 | lpips."),
     distill: float = typer.Option(0.0, help="Weight of the distillation loss (paper's ablation; 0 = off)."),
     seed: int = typer.Option(0),
@@ -76,7 +76,7 @@ def train(
     if out_dir.exists() and not resume and any(out_dir.iterdir()):
         fail(f"{out_dir} already holds a run and --no-resume was given: pass another --out (nothing was deleted)")
     cfg = TrainConfig(out=out, data=data, res=res, teacher=teacher, teacher_preset=teacher_preset, preset=preset,
-                      encode_images=encode_images or None, encode_steps=encode_steps, distance=distance,
+                      encode_images=encode_images, encode_steps=encode_steps, distance=distance,
                       distill=distill, seed=seed, device=device, accumulate=accumulate, max_stages=max_stages)
     if gpus is not None or procs is not None:
         from pagoda.launch import launch_train

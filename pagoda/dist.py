@@ -1,29 +1,42 @@
 """torch.distributed plumbing: process group from torchrun's environment, gradient averaging, clean exit.
 
 Single process (no RANK/WORLD_SIZE in the environment) is world size 1 and every call is a no-op.
-Under torchrun (or `pagoda train --gpus N`, which starts the same elastic launcher):
+Under torchrun (or `pagoda train --gpus N`, which starts the same elastic launcher, see pagoda/launch.py):
 
-    torchrun --nproc-per-node 8 -m pagoda.cli train --res 128 ...                       # one node
+    torchrun --standalone --nproc-per-node 8 -m pagoda.cli train --res 128 ...          # one node
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
-             -m pagoda.cli train --res 128 ...                                          # two nodes
+             --rdzv-id pagoda-run -m pagoda.cli train --res 128 ...                      # two nodes
+
+Timeouts: per-step collectives use the process-group timeout (PAGODA_DIST_TIMEOUT seconds, default
+1800); phase barriers (rank 0 trains the teacher, ranks finish encoding) use a separate gloo group with
+PAGODA_DIST_LONG_TIMEOUT (default 4 h). A rank that dies is noticed by the elastic agent, which stops the
+others; a hung collective raises after the timeout. Either way the job exits non-zero.
 """
 from __future__ import annotations
 
+import gc
 import os
+import signal
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+TIMEOUT_S = 1800.0  # default process-group timeout (PAGODA_DIST_TIMEOUT overrides)
+LONG_TIMEOUT_S = 4 * 3600.0  # default timeout of phase barriers (PAGODA_DIST_LONG_TIMEOUT overrides)
+FAULT_ENV = "PAGODA_TEST_FAULT"  # test hook, see fault_hook()
+
 
 @dataclass
 class DistInfo:
-    """Where this process stands: rank, world size, its device."""
+    """Where this process stands: rank, world size, its device (and the gloo group for long barriers)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    long_group: object = None  # gloo group with a long timeout, for barriers between phases
 
     @property
     def is_main(self) -> bool:
@@ -43,16 +56,32 @@ def pick_device(pref: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
 
+def _seconds(env: str, default: float) -> float:
+    raw = os.environ.get(env, "")
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise ValueError(f"{env}={raw!r} is not a number of seconds: set e.g. {env}={int(default)}") from None
+    if value <= 0:
+        raise ValueError(f"{env}={raw} must be positive: set e.g. {env}={int(default)}")
+    return value
+
+
 def init(device: str = "auto") -> DistInfo:
     """Join the process group torchrun describes in the environment (NCCL on CUDA, gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local)
-    if world > 1 and not dist.is_initialized():
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return DistInfo(rank, world, local, dev)
+    long_group = None
+    if world > 1:
+        timeout = _seconds("PAGODA_DIST_TIMEOUT", TIMEOUT_S)
+        long_timeout = max(timeout, _seconds("PAGODA_DIST_LONG_TIMEOUT", LONG_TIMEOUT_S))
+        if not dist.is_initialized():
+            if dev.type == "cuda":
+                torch.cuda.set_device(dev)
+            dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+        long_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=long_timeout))
+    return DistInfo(rank, world, local, dev, long_group)
 
 
 def all_reduce_mean_(tensors: list[torch.Tensor], info: DistInfo) -> None:
@@ -86,13 +115,52 @@ def broadcast_(tensors: list[torch.Tensor], info: DistInfo, src: int = 0) -> Non
             dist.broadcast(t, src)
 
 
+def split(n: int, info: DistInfo) -> range:
+    """This rank's contiguous share of range(n) (sizes differ by at most one): evaluation work split."""
+    per, extra = divmod(n, info.world_size)
+    start = info.rank * per + min(info.rank, extra)
+    return range(start, start + per + (info.rank < extra))
+
+
+def gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Concatenate every rank's `t` along dim 0, in rank order (lengths may differ), on every rank."""
+    if not info.enabled:
+        return t
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(info.world_size)]
+    dist.all_gather(sizes, n)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.cat([t, t.new_zeros(longest - t.shape[0], *t.shape[1:])])
+    parts = [torch.empty_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(parts, padded.contiguous())
+    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
 def barrier(info: DistInfo) -> None:
+    """Wait for every rank between phases (long timeout: rank 0 may train a teacher meanwhile)."""
     if info.enabled:
-        dist.barrier()
+        dist.barrier(group=info.long_group)
 
 
 def shutdown(info: DistInfo) -> None:
-    """Barrier then destroy the group: gloo can abort at exit otherwise. Call after freeing models."""
+    """Free what is collectable, barrier, destroy the group: gloo can abort at exit otherwise. Call after
+    dropping the models (only on success: after a failure the other ranks are gone, a barrier would wait)."""
+    gc.collect()
     if info.enabled and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=info.long_group)
+        if info.long_group is not None:
+            dist.destroy_process_group(info.long_group)
         dist.destroy_process_group()
+
+
+def fault_hook(info: DistInfo, where: str, step: int) -> None:
+    """Test hook: PAGODA_TEST_FAULT='RANK:WHERE:STEP:raise|kill' makes that rank raise, or SIGKILL itself,
+    when `where` (a stage directory name like 'stage-08', or 'teacher') reaches `step`. Unset = no-op."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    rank, at, k, action = spec.split(":")
+    if int(rank) == info.rank and at == where and int(k) == step:
+        if action == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"{FAULT_ENV}: rank {info.rank} raised at {where} step {step} (test fault)")

@@ -98,6 +98,8 @@ class GrowPreset:
     split_g_from: int | None = None  # resolution from which G takes rec/adv steps separately; None = never
     rec_disc_from: int | None = None  # resolution from which the reconstruction discriminator is on; None = never
     rec_disc_weight: float = 0.5  # its weight there
+    encode_images: int = 0  # data-set images in the latent cache (each also flipped); 0 = all (paper)
+    encode_steps: int = 40  # encoder Karras grid points (paper: 40 with Heun = 78 NFE)
 
 
 PRESETS: dict[str, GrowPreset] = {
@@ -116,12 +118,12 @@ PRESETS: dict[str, GrowPreset] = {
     # 8-px level + growth): 8 (decoder) → 16 → 32, sized for ≈ 15-18 min on a 2-core CPU (to be tuned by timing).
     "demo": GrowPreset(
         name="demo", steps=(300, 250, 200), batch=(64, 64, 32), lr_G=2e-4, lr_D=2e-4, lam=(0.2, 1.0),
-        activate_from=3, fade_steps=(0, 60), ema=0.99,
+        activate_from=3, fade_steps=(0, 60), ema=0.99, encode_images=2000, encode_steps=20,
     ),
     # Tests: teacher `unet.PRESETS["tiny"]` (4 trunk output blocks), a handful of steps.
     "tiny": GrowPreset(
         name="tiny", steps=(3,), batch=(4,), lr_G=1e-3, lr_D=1e-3, lam=(0.2, 1.0),
-        activate_from=2, fade_steps=(0, 2), ema=0.9,
+        activate_from=2, fade_steps=(0, 2), ema=0.9, encode_images=64, encode_steps=8,
     ),
 }
 

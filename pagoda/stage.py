@@ -262,7 +262,7 @@ class StageTrainer:
         self.sdir.mkdir(parents=True, exist_ok=True)
         self.load()
         log = (self.sdir / "metrics.jsonl").open("a") if info.is_main else None
-        t0, seen, start = time.perf_counter(), 0, self.step
+        t0, c0, seen, start = time.perf_counter(), time.process_time(), 0, self.step
         with progress_bar(progress and info.is_main) as bar:
             task = bar.add_task(f"{self.sdir.name} ({self.R}px)", total=st.steps, completed=self.step, info="")
             while self.step < st.steps:
@@ -286,7 +286,8 @@ class StageTrainer:
         self.grid("final")
         if info.is_main:
             dt = time.perf_counter() - t0
-            save_json({"seconds": dt, "steps": st.steps - start, "img_per_s": seen / max(dt, 1e-9)}, self.sdir / "timing.json")
+            save_json({"seconds": dt, "cpu_seconds": time.process_time() - c0, "steps": st.steps - start,
+                       "img_per_s": seen / max(dt, 1e-9)}, self.sdir / "timing.json")
             save_checkpoint(self.ema.module.to_checkpoint(), self.sdir / "generator.pt")  # marks the stage done
         dist.barrier(info)
         return self.ema.module

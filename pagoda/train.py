@@ -100,19 +100,19 @@ class TeacherConfig:
     data: str = "fashion-mnist"  # 'fashion-mnist', an image folder, or an EDM .zip
     resolution: int = 8  # teacher resolution (data downsampled the ADM way)
     unet: str = "demo8"  # UNet preset (pagoda.unet.PRESETS)
-    steps: int = 4000  # optimiser steps
+    steps: int = 1500  # optimiser steps
     batch: int = 128
     lr: float = 2e-3  # Adam learning rate (with warm-up over the first 200 steps)
     ema: float = 0.999  # EMA decay of the weights used for sampling
     label_dropout: float = 0.1  # drop the class with this probability (classifier-free guidance later)
-    grid_every: int = 1000  # write a sample grid every N steps (and at the end)
+    grid_every: int = 500  # write a sample grid every N steps (and at the end)
     ckpt_every: int = 500  # write a resumable checkpoint every N steps (and at the end)
     sample_steps: int = 18  # Heun grid points for the grids (35 NFE)
     seed: int = 0
 
 
 TEACHER_PRESETS = {
-    "demo": TeacherConfig(),
+    "demo": TeacherConfig(),  # ~10 min on 2 CPU cores
     "tiny": TeacherConfig(unet="tiny", steps=60, batch=64, grid_every=60, ckpt_every=30, sample_steps=6),
 }
 
@@ -186,7 +186,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, progress: bool = True, de
         save_image_grid(x, out / f"grid-{step:06d}.png", nrow=10 if yg is not None else None, scale=4)
 
     log = (out / "metrics.jsonl").open("a")
-    t0, seen = time.perf_counter(), 0
+    t0, c0, seen, start = time.perf_counter(), time.process_time(), 0, step
     with progress_bar(progress) as bar:
         task = bar.add_task("teacher", total=cfg.steps, completed=step, info="")
         while step < cfg.steps:
@@ -213,6 +213,9 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, progress: bool = True, de
             if step % cfg.grid_every == 0 or step == cfg.steps:
                 grid(step)
     log.close()
+    dt = time.perf_counter() - t0
+    save_json({"seconds": dt, "cpu_seconds": time.process_time() - c0, "steps": cfg.steps - start,
+               "img_per_s": seen / max(dt, 1e-9)}, out / "timing.json")
     save_checkpoint(teacher_checkpoint(ema.module, data=cfg.data, steps=cfg.steps), final)
     return final
 
@@ -231,8 +234,8 @@ class TrainConfig:
     teacher: str | None = None  # teacher checkpoint; None = train one first (teacher_preset)
     teacher_preset: str = "demo"  # TEACHER_PRESETS name, used when no teacher is given
     preset: str = "demo"  # growth preset (pagoda.grow.PRESETS): steps, batches, lrs, λ, fade-in per stage
-    encode_images: int | None = 6000  # data-set images to encode (each also flipped); None = all
-    encode_steps: int = 40  # Karras grid points of the encoder (paper: 40 -> 78 NFE with Heun)
+    encode_images: int | None = None  # data-set images to encode (each also flipped); None = preset's, 0 = all
+    encode_steps: int | None = None  # encoder Karras grid points; None = preset's (paper: 40 -> 78 NFE, Heun)
     encode_method: str = "heun"
     distance: str | None = None  # reconstruction distance (None = the preset's / losses.DEFAULT_DISTANCE)
     discriminator: str = "multiscale"  # 'multiscale' (offline default) or 'projected' (needs weights)
@@ -254,7 +257,7 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
     """Teacher (load or train) → latent cache (build if absent) → one stage per resolution; returns the run dir."""
     from pagoda.decoder import Generator
     from pagoda.encoder import Encoder, build_latent_cache, load_latent_cache
-    from pagoda.grow import plan_stages, stage_dir_name
+    from pagoda.grow import get_preset, plan_stages, stage_dir_name
     from pagoda.stage import StageTrainer
 
     info = info or dist.init(cfg.device)
@@ -277,10 +280,12 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
         save_json({"train": asdict(cfg), "teacher": teacher.unet.config.to_dict(),
                    "stages": [asdict(s) for s in stages]}, lay["config"])
     # 2. Latent cache: image and flip, encoded once (split across ranks)
-    encoder = Encoder(teacher, t_res, steps=cfg.encode_steps, method=cfg.encode_method)
+    grow = get_preset(cfg.preset)
+    n_enc = grow.encode_images if cfg.encode_images is None else cfg.encode_images
+    encoder = Encoder(teacher, t_res, steps=cfg.encode_steps or grow.encode_steps, method=cfg.encode_method)
     with progress_bar(progress and info.is_main) as bar:
         task = bar.add_task("encode", total=None, info="")
-        build_latent_cache(encoder, data, lay["latents"], cfg.encode_images, rank=info.rank,
+        build_latent_cache(encoder, data, lay["latents"], n_enc or None, rank=info.rank,
                            world_size=info.world_size,
                            progress=lambda d, t, ips: bar.update(task, completed=d, total=t, info=f"{ips:.0f} img/s"))
     dist.barrier(info)
