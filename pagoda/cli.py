@@ -3,7 +3,7 @@
     pagoda train                                  # the whole method on Fashion-MNIST (CPU, ~30 min)
     pagoda sample --checkpoint runs/demo --n 64   # one network call per image
     pagoda invert photo.png --checkpoint runs/demo
-    pagoda teacher train / pagoda teacher sample / pagoda encode / pagoda eval
+    pagoda teacher train / pagoda teacher sample / pagoda encode / pagoda eval / pagoda report
 """
 from __future__ import annotations
 
@@ -67,23 +67,67 @@ def train(
     procs: Optional[int] = typer.Option(None, help="With --gpus 0: N CPU worker processes (gloo), for testing."),
     accumulate: int = typer.Option(1, help="Gradient accumulation steps (global batch is kept)."),
     max_stages: Optional[int] = typer.Option(None, help="Stop after this many stages."),
+    ckpt_every: int = typer.Option(100, min=1, help="Resumable checkpoint every N steps (resume restarts there)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (stages, batches, params, memory, disk) "
+                                 "for --gpus N ranks, run 2 steps per stage on random data; train nothing."),
+    dry_run_width: Optional[int] = typer.Option(None, help="Channel width of the dry run's steps (default 32 on CPU, true size on CUDA)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Run the whole method: teacher (load or train), latent cache, one-step generator, growth to --res."""
-    from pagoda.train import TrainConfig, train as train_fn
+    from pagoda.train import TrainConfig
 
     out_dir = Path(out)
     if out_dir.exists() and not resume and any(out_dir.iterdir()):
         fail(f"{out_dir} already holds a run and --no-resume was given: pass another --out (nothing was deleted)")
     cfg = TrainConfig(out=out, data=data, res=res, teacher=teacher, teacher_preset=teacher_preset, preset=preset,
                       encode_images=encode_images, encode_steps=encode_steps, distance=distance,
-                      distill=distill, seed=seed, device=device, accumulate=accumulate, max_stages=max_stages)
+                      distill=distill, seed=seed, device=device, accumulate=accumulate, max_stages=max_stages,
+                      ckpt_every=ckpt_every)
+    if dry_run:  # plans for --gpus N ranks on any machine; launches nothing, writes nothing
+        from pagoda.plan import dry_run as plan_run
+        print_plan(run(plan_run, cfg, gpus or procs or 1, dry_run_width,
+                       report=lambda name, row: console.print(f"  {name}: {'ran' if 'batch' in row else 'built'}")))
+        return
+    from pagoda.launch import launch_train, run_worker
     if gpus is not None or procs is not None:
-        from pagoda.launch import launch_train
         run(launch_train, cfg, gpus or 0, procs, progress)
     else:
-        run(train_fn, cfg, progress)
+        run(run_worker, cfg, progress)  # one process, or one rank under torchrun
     console.print(f"run finished: {out_dir}")
+
+
+def print_plan(plan: dict) -> None:
+    """The dry-run plan as plain, unwrapped lines (pagoda.plan's docstring says how each number is measured)."""
+    def say(line: str) -> None:
+        console.print(line, soft_wrap=True, highlight=False, markup=False)
+
+    def gib(b: float) -> str:
+        return f"{b / 2**30:.1f} GiB"
+    t, d = plan["teacher"], plan["data"]
+    say(f"plan for {plan['ranks']} rank(s), accumulate {plan['accumulate']}: teacher {t['source']}, "
+        f"{t['resolution']}px, {t['params'] / 1e6:.1f}M params; data {d['source']}, {d['images']:,} images")
+    say(f"latent cache (fp16, image + flip): {d['encode_images']:,} images -> {gib(plan['latent_cache_bytes'])}"
+        f" (whole data set: {gib(plan['latent_cache_bytes_all'])})")
+    head = ("stage", "steps", "batch global/rank/micro", "G params (trainable)", "D params", "activations/GPU",
+            "states+teacher/GPU", f"fits {plan['gpu_memory_gib']:.0f} GiB", "min accumulate")
+    rows = [head] + [(r["name"], f"{r['steps']:,}", f"{r['global_batch']}/{r['per_rank_batch']}/{r['micro_batch']}",
+                      f"{r['G_params'] / 1e6:.1f}M ({r['G_trainable'] / 1e6:.1f}M)", f"{r['D_params'] / 1e6:.1f}M",
+                      gib(r["activation_bytes"]), gib(r["total_bytes"] - r["activation_bytes"]),
+                      "yes" if r["fits"] else "no", str(r["min_accumulate"] or "-") + (f"  ({r['note']})" if "note" in r else ""))
+                     for r in plan["stages"]]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    for row in rows:
+        say("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    red = plan["reduced"]
+    how = f"width {red['width']}, batch {red['batch']}" if red["width"] else "true size, per-rank micro-batch"
+    sub = f", distance {red['distance_substitute']} instead of LPIPS (no weights here)" if red["distance_substitute"] else ""
+    say(f"{red['steps']} steps per stage on random data ({how}, {red['device']}{sub}):")
+    for row, r in zip(plan["stages"], red["stages"]):
+        peak = f", peak {gib(r['peak_bytes'])}" if "peak_bytes" in r else ""
+        say(f"  {row['name']}: " + (r["error"] if "error" in r else
+            f"{r['seconds_per_step']:.2f} s/step, rec {r['rec']:.4f}, D {r['d']:.3f}, finite {r['finite']}{peak}"))
+    say("activations/GPU = tensors autograd saves in one G step at the micro-batch, true size on the meta device, fp32 "
+        "(an upper bound under bf16 autocast); states = G + EMA + grads + RAdam moments, D likewise, resident teacher")
 
 
 @app.command(epilog="Examples:\n\n  pagoda sample --checkpoint runs/demo\n\n  pagoda sample --checkpoint runs/demo/stage-16/generator.pt --class 3 --n 16")
@@ -166,6 +210,50 @@ def teacher_sample_cmd(
     from pagoda.inference import teacher_grid
     path, nfe = run(teacher_grid, checkpoint, n, steps, method, class_, seed, out)
     console.print(f"wrote {path} ({nfe} NFE per image)")
+
+
+@app.command("eval", epilog="Examples:\n\n  pagoda eval --checkpoint runs/demo --n 10000\n\n"
+                            "  pagoda eval --checkpoint runs/demo --all-stages --n 500 --ref-n 500\n\n"
+                            "  pagoda eval --checkpoint runs/demo/teacher/teacher.pt --solver dpmpp_2m --nfe 10")
+def eval_cmd(
+    checkpoint: str = typer.Option("runs/demo", help="Generator checkpoint, run directory (last finished stage) or teacher checkpoint."),
+    n: int = typer.Option(10_000, min=2, help="Samples scored (FID is biased at small n: compare only at equal n)."),
+    ref: str = typer.Option("fashion-mnist", help="Reference: fashion-mnist, an image folder / EDM .zip, or an .npz with mu/sigma."),
+    split: str = typer.Option("train", help="Fashion-MNIST split of the reference: train | test."),
+    ref_n: Optional[int] = typer.Option(None, min=2, help="Reference images (seeded subset, cached); default all. On CPU pass e.g. --ref-n 2000."),
+    solver: str = typer.Option("heun", help="Teacher only: euler | heun | dpmpp_2m."),
+    nfe: int = typer.Option(35, help="Teacher only: denoiser calls per image (heun: odd)."),
+    resize: Optional[int] = typer.Option(None, help="Resize samples to this resolution before scoring (bicubic up, ADM down)."),
+    all_stages: bool = typer.Option(False, "--all-stages", help="CHECKPOINT is a run: score its teacher and every finished stage."),
+    batch: int = typer.Option(64, min=1), seed: int = typer.Option(0), device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    out: Optional[str] = typer.Option(None, help="JSON file the rows are merged into; default RUN/eval.json, else ./eval.json."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """FID / KID of a generator or a teacher against a reference at the samples' resolution (clean-fid)."""
+    from pagoda.report import eval_progress, evaluate_checkpoint, evaluate_run, record_results, results_table, run_dir_of
+    kw = dict(n=n, ref=ref, split=split, ref_n=ref_n, solver=solver, nfe=nfe, resize=resize, batch=batch, seed=seed, device=device)
+    with eval_progress(progress) as bar:
+        results = run(evaluate_run, checkpoint, progress=bar, **kw) if all_stages else \
+            [run(evaluate_checkpoint, checkpoint, progress=bar, **kw)]
+    path = run(record_results, results, Path(out) if out else (run_dir_of(checkpoint) or Path(".")) / "eval.json")
+    console.print(results_table(results))
+    console.print(f"wrote {path}")
+
+
+@app.command("report", epilog="Examples:\n\n  pagoda report runs/demo\n\n  pagoda report runs/demo --fid 500")
+def report_cmd(
+    run_dir: str = typer.Argument(..., help="Run directory (what `pagoda train --out` wrote)."),
+    fid: Optional[int] = typer.Option(None, min=2, help="First score the teacher and every stage at N samples (slow on CPU)."),
+    ref: str = typer.Option("fashion-mnist", help="FID reference (with --fid)."),
+    ref_n: Optional[int] = typer.Option(None, min=2, help="Reference images with --fid (default: N)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+):
+    """Write RUN/report.html (self-contained) and RUN/report.md: samples, FID, losses, w and α, timings, config."""
+    from pagoda.report import eval_progress, write_report
+    with eval_progress(progress and bool(fid)) as bar:
+        html_path, md_path = run(write_report, run_dir, fid, ref, ref_n, device, bar)
+    console.print(f"wrote {html_path} and {md_path}")
 
 
 def main():  # python -m pagoda.cli

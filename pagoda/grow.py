@@ -39,6 +39,7 @@ class StageConfig:
     adv_start: int = 0  # generator steps with L_rec only before the adversarial term starts (0 = from step 0)
     split_g_step: bool = False  # G takes the rec and the adv step separately (official at 256 and 512)
     rec_disc_weight: float = 0.0  # weight of a 2nd discriminator on reconstructions (official 0.5 at 512); 0 = off
+    d_channels: int = 64  # width of the from-scratch discriminator's first layer (doubles per level, capped at 4x)
 
     def __post_init__(self):
         checks = [
@@ -98,6 +99,7 @@ class GrowPreset:
     split_g_from: int | None = None  # resolution from which G takes rec/adv steps separately; None = never
     rec_disc_from: int | None = None  # resolution from which the reconstruction discriminator is on; None = never
     rec_disc_weight: float = 0.5  # its weight there
+    d_channels: int = 64  # discriminator base width (losses.Discriminator base_channels; max = 4x)
     encode_images: int = 0  # data-set images in the latent cache (each also flipped); 0 = all (paper)
     encode_steps: int = 40  # encoder Karras grid points (paper: 40 with Heun = 78 NFE)
 
@@ -118,12 +120,12 @@ PRESETS: dict[str, GrowPreset] = {
     # 8-px level + growth): 8 (decoder) → 16 → 32, sized for ≈ 15-18 min on a 2-core CPU (to be tuned by timing).
     "demo": GrowPreset(
         name="demo", steps=(300, 250, 200), batch=(64, 64, 32), lr_G=2e-4, lr_D=2e-4, lam=(0.2, 1.0),
-        activate_from=3, fade_steps=(0, 60), ema=0.99, encode_images=2000, encode_steps=20,
+        activate_from=3, fade_steps=(0, 60), ema=0.99, d_channels=32, encode_images=2000, encode_steps=20,
     ),
     # Tests: teacher `unet.PRESETS["tiny"]` (4 trunk output blocks), a handful of steps.
     "tiny": GrowPreset(
         name="tiny", steps=(3,), batch=(4,), lr_G=1e-3, lr_D=1e-3, lam=(0.2, 1.0),
-        activate_from=2, fade_steps=(0, 2), ema=0.9, encode_images=64, encode_steps=8,
+        activate_from=2, fade_steps=(0, 2), ema=0.9, d_channels=32, encode_images=64, encode_steps=8,
     ),
 }
 
@@ -174,6 +176,7 @@ def plan_stages(teacher_res: int, target_res: int, preset: str | GrowPreset) -> 
             adv_start=p.adv_start,
             split_g_step=p.split_g_from is not None and res >= p.split_g_from,
             rec_disc_weight=p.rec_disc_weight if p.rec_disc_from is not None and res >= p.rec_disc_from else 0.0,
+            d_channels=p.d_channels,
         ))
     return stages
 

@@ -22,6 +22,7 @@ Resume after any failure with the same command (`--resume` is the default).
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -54,8 +55,22 @@ def resolve_workers(gpus: int, procs: int | None = None) -> tuple[int, str]:
     return gpus, "cuda"
 
 
+def check_out_dir(out: str | os.PathLike) -> None:
+    """Create the run directory and write a probe file in it; a one-line error if that is impossible."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".pagoda-write-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"--out {out} cannot be written ({e.strerror or e}: {e.filename or out}): pass a directory "
+                         f"you can create and write to") from None
+
+
 def run_worker(cfg: TrainConfig, progress: bool = True) -> Path:
     """One process of a run (alone, or a rank under torchrun/launch_train): join, train, shut down cleanly."""
+    check_out_dir(cfg.out)
     info = dist.init(cfg.device)
     out = train(cfg, progress, info)  # the models are dropped when train() returns
     dist.shutdown(info)  # gc, barrier, destroy_process_group: never at exit with live gloo state
@@ -78,6 +93,7 @@ def _first_line(failure) -> str:
 def launch_train(cfg: TrainConfig, gpus: int, procs: int | None = None, progress: bool = True) -> Path:
     """`pagoda train --gpus N` (or `--gpus 0 --procs P`): N local workers via elastic_launch, then return."""
     nproc, device = resolve_workers(gpus, procs)
+    check_out_dir(cfg.out)  # fail here, before any worker starts
     cfg = replace(cfg, device=device)
     if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # as torchrun: don't oversubscribe the cores
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))

@@ -131,7 +131,9 @@ def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
         raise MetricsError(f"images must be N×C×H×W with C in (1, 3), got {tuple(x.shape)}; fix: permute "
                            f"channels-last arrays with .permute(0, 3, 1, 2)")
     if x.dtype != torch.uint8:
-        if x.is_floating_point() and not torch.isfinite(x).all():
+        if not x.is_floating_point():
+            raise MetricsError(f"integer images must be uint8, got {x.dtype}; fix: pass uint8 or floats in [-1, 1]")
+        if not torch.isfinite(x).all():
             raise MetricsError("images contain NaN or inf; fix: check the generator (diverged?) before evaluating")
         x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()
@@ -188,7 +190,7 @@ class FeatureExtractor:
         """Features of every image file under `path` (recursive), read and resized by clean-fid's ResizeDataset."""
         files = sorted(str(p) for p in Path(path).rglob("*") if p.suffix[1:] in EXTENSIONS and p.is_file())
         if not files:
-            raise MetricsError(f"{path}: no image files ({', '.join(sorted(EXTENSIONS))}); fix: pass a folder of images")
+            raise MetricsError(f"{path}: no image files ({', '.join(sorted(EXTENSIONS))}); fix: pass an image folder")
         loader = torch.utils.data.DataLoader(ResizeDataset(files, mode=self.mode), batch_size=self.batch_size,
                                              num_workers=num_workers)
         out = []
@@ -207,7 +209,7 @@ def fid_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2:
                            f"the same Inception pool layer ({FEATURE_DIM}-d)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # scipy ≥ 1.16 deprecates sqrtm(disp=False)
-        warnings.filterwarnings("ignore", "Matrix is singular")  # the rule when n < 2048: S1·S2 has rank < n
+        warnings.filterwarnings("ignore", "Matrix is (singular|ill-conditioned)")  # the rule when n < 2048
         return float(frechet_distance(np.float64(mu1), np.float64(sigma1), np.float64(mu2), np.float64(sigma2)))
 
 
@@ -233,7 +235,7 @@ def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
 
 def kid_from_features(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,
                       seed: int = 0) -> tuple[float, float]:
-    """KID (mean, std over subsets) by cleanfid.fid.kernel_distance: unbiased MMD², cubic kernel."""
+    """KID (mean, std over subsets) by cleanfid.fid.kernel_distance; std = 0 when each subset is a whole set."""
     if min(len(f1), len(f2)) < 2:
         raise MetricsError(f"KID needs at least 2 images per set, got {len(f1)} and {len(f2)}")
     f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
@@ -284,8 +286,9 @@ class ReferenceStats:
 
     def save(self, path: Path) -> None:
         """Atomically write an npz (mu, sigma float64; features float16; n, name, mode)."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(path).with_name(f".{path.name}.{os.getpid()}.tmp.npz")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
         extra = {} if self.features is None else {"features": self.features.astype(np.float16)}
         np.savez(tmp, mu=self.mu, sigma=self.sigma, n=self.n, name=self.name, mode=self.mode, **extra)
         os.replace(tmp, path)
@@ -297,14 +300,15 @@ class ReferenceStats:
             with np.load(path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files if k != "arr_0"}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise MetricsError(f"{path}: not a readable .npz ({e}); fix: pass an ADM/clean-fid reference .npz") from None
+            raise MetricsError(f"{path}: not a readable .npz ({e}); fix: pass an ADM or clean-fid .npz") from None
         if "mu" not in data or "sigma" not in data:
             raise MetricsError(f"{path} has no 'mu'/'sigma' arrays (keys: {sorted(data)}); fix: pass a reference "
                                f"batch with statistics, e.g. VIRTUAL_imagenet64_labeled.npz")
         mu, sigma = np.float64(data["mu"]), np.float64(data["sigma"])
         if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
             raise MetricsError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together; fix: re-create it")
-        mode = _npz_mode(data)
+        # Ours say; ADM batches (mu_s present) come from TF Inception's own bilinear resize; else clean-fid's
+        mode = str(data["mode"]) if "mode" in data else ("legacy_tensorflow" if "mu_s" in data else "clean")
         feats = np.float32(data["features"]) if "features" in data else None
         return cls(mu, sigma, feats, int(data.get("n", 0)), str(data.get("name", Path(path).name)), mode)
 
@@ -350,30 +354,17 @@ def load_reference(ref: str, resolution: int, extractor: FeatureExtractor, split
                    progress: Progress | None = None) -> ReferenceStats:
     """A reference spec -> stats: an .npz file (ADM / clean-fid / ours), else a data set (fashion-mnist, DIR, zip)."""
     npz = _npz_path(ref)
-    return ReferenceStats.load(npz) if npz else dataset_reference(ref, resolution, extractor, split, max_images, cache_dir, progress)
+    return ReferenceStats.load(npz) if npz else dataset_reference(ref, resolution, extractor, split, max_images,
+                                                                  cache_dir, progress)
 
 
-def _npz_mode(z: Mapping[str, np.ndarray]) -> str:
-    """Our files say; ADM batches (mu_s present) come from TF Inception's own bilinear resize; else clean-fid."""
-    return str(z["mode"]) if "mode" in z else ("legacy_tensorflow" if "mu_s" in z else "clean")
-
-
-def _npz_path(ref: str) -> Path | None:
+def _npz_path(ref: str | os.PathLike) -> Path | None:
     """The reference file if `ref` names an .npz (which must exist), else None (a data set spec)."""
     if not str(ref).lower().endswith(".npz"):
         return None
     if not Path(ref).is_file():
         raise MetricsError(f"reference {ref} does not exist; fix: pass the path of an existing .npz")
     return Path(ref)
-
-
-def reference_mode(ref: str) -> str:
-    """The feature mode a reference was made with: "legacy_tensorflow" for ADM batches, else mostly "clean"."""
-    npz = _npz_path(ref)
-    if npz is None:
-        return "clean"
-    with np.load(npz, allow_pickle=False) as z:
-        return _npz_mode({k: z[k] for k in z.files if k in ("mode", "mu_s")})
 
 
 # Evaluation --------------------------------------------------------------------------------------
@@ -386,8 +377,10 @@ def evaluate(generate: Callable[[int], torch.Tensor], ref: str = "fashion-mnist"
     """FID (and KID, precision/recall when the reference keeps features) of n images from generate(batch)."""
     start = time.perf_counter()
     if n < 2:
-        raise MetricsError(f"n={n}: FID needs at least 2 images; fix: pass --n 2 or more (≥ 10000 for paper-like numbers)")
-    mode = reference_mode(ref)
+        raise MetricsError(f"n={n}: FID needs at least 2 images; fix: pass n ≥ 2 (≥ 10000 for paper-like numbers)")
+    npz = _npz_path(ref)
+    stats = ReferenceStats.load(npz) if npz else None  # a file fixes the feature mode; data sets use "clean"
+    mode = stats.mode if stats else "clean"
     extractor = extractor or FeatureExtractor(device, batch, mode)
     if extractor.mode != mode:
         raise MetricsError(f"reference {ref} was made in mode {mode!r} but the extractor uses {extractor.mode!r}; "
@@ -402,7 +395,8 @@ def evaluate(generate: Callable[[int], torch.Tensor], ref: str = "fashion-mnist"
     resolution = pending[0].shape[-1]
     fake = extractor.features_from_generator(lambda b: pending.pop() if pending else generate(b), n, batch,
                                              report("samples"))
-    stats = load_reference(ref, resolution, extractor, split, max_ref_images, cache_dir, report("reference"))
+    stats = stats or dataset_reference(ref, resolution, extractor, split, max_ref_images, cache_dir,
+                                       report("reference"))
 
     # FID against mu/sigma; KID and precision/recall against the stored reference features
     result = {"fid": fid_from_stats(*mean_cov(fake), stats.mu, stats.sigma), "kid": None, "kid_std": None,

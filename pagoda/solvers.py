@@ -77,7 +77,7 @@ def _grid(sigmas: Tensor | Sequence[float]) -> list[float]:
     decreasing = diffs[0] < 0
     positive = grid[:-1] if decreasing else grid  # sampling may end exactly at σ = 0, nothing else may
     if min(positive) <= 0.0 or grid[-1] < 0.0:
-        where = "before the last point" if decreasing else "at the start of an increasing grid (encode from sigma_min > 0)"
+        where = "before the last point" if decreasing else "at the start of an increasing grid (encode from sigma_min)"
         raise SolverError(f"sigmas must be > 0 {where}; got min {min(grid)}")
     return grid
 

@@ -43,6 +43,7 @@ class StageTrainer:
         from pagoda.train import EMA, step_generator
         self.cfg, self.stage, self.k, self.teacher, self.data = cfg, stage, k, teacher, data
         self.lat_z, self.lat_idx, self.sdir, self.info, self.dev = lat_z, lat_idx, Path(sdir), info, info.device
+        torch.manual_seed(step_generator(cfg.seed, 1000 + k).initial_seed())  # fresh blocks and D: f(seed, stage)
         # G: stage 2 copies the teacher network; stage 3 grows the previous stage's EMA generator.
         if not stage.grow:
             G = Generator.from_teacher(teacher)
@@ -55,7 +56,8 @@ class StageTrainer:
         self.params_G = [p for p in self.G.parameters() if p.requires_grad]
         C, R, ncls = self.G.channels, stage.resolution, self.G.unet.config.num_classes
         self.C, self.R, self.ncls = C, R, ncls
-        make_D = (lambda: Discriminator(R, C, ncls)) if cfg.discriminator == "multiscale" else \
+        make_D = (lambda: Discriminator(R, C, ncls, base_channels=stage.d_channels, max_channels=4 * stage.d_channels)) \
+            if cfg.discriminator == "multiscale" else \
             (lambda: make_discriminator(cfg.discriminator, resolution=R, in_channels=C, num_classes=ncls))
         self.D = make_D().to(self.dev)
         self.D_rec = make_D().to(self.dev) if stage.rec_disc_weight > 0 else None  # 2nd D on reconstructions
@@ -126,22 +128,27 @@ class StageTrainer:
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         return downsample(x, self.R).to(self.dev), (y.to(self.dev) if self.ncls else None)
 
-    def _aug(self, x: torch.Tensor, seed: int, part: int) -> torch.Tensor:
+    def _aug(self, x: torch.Tensor, seed: int, first: int) -> torch.Tensor:
+        """DiffAugment, sample i drawn from (seed, first + i), its index in the global batch: the same
+        augmentation however the batch is split over ranks and accumulation steps."""
         from pagoda.train import step_generator
-        return diff_augment(x, self.cfg.augment, step_generator(seed, part)) if self.cfg.augment else x
+        if not self.cfg.augment:
+            return x
+        return torch.cat([diff_augment(x[i:i + 1], self.cfg.augment, step_generator(seed, first + i))
+                          for i in range(len(x))])
 
     def _fresh(self, g: torch.Generator, n: int):
         z = self.G.sigma_max * torch.randn(n, *self.lat_z.shape[2:], generator=g)
         y = torch.randint(0, self.ncls, (n,), generator=g) if self.ncls else None
         return z, y
 
-    def _adv(self, z_f, y_f, sl, x_rec, y, aug_seed: int, a: int) -> torch.Tensor:
+    def _adv(self, z_f, y_f, sl, x_rec, y, aug_seed: int, first: int) -> torch.Tensor:
         """L_adv = −E D(G(z', y')) on fresh z' (not the reconstruction) [+ the reconstruction D's term]."""
         yf = None if y_f is None else y_f[sl].to(self.dev)
         with self.amp:
-            adv = g_hinge_loss(self.D(self._aug(self.G(z_f.to(self.dev), yf).float(), aug_seed, a), yf))
+            adv = g_hinge_loss(self.D(self._aug(self.G(z_f.to(self.dev), yf).float(), aug_seed, first), yf))
             if self.D_rec is not None:  # official 512 px: a 2nd discriminator judges reconstructions
-                adv = adv + self.stage.rec_disc_weight * g_hinge_loss(self.D_rec(self._aug(x_rec, aug_seed + 7, a), y))
+                adv = adv + self.stage.rec_disc_weight * g_hinge_loss(self.D_rec(self._aug(x_rec, aug_seed + 7, first), y))
         return adv
 
     def _weight(self, rec, adv) -> torch.Tensor:
@@ -157,6 +164,7 @@ class StageTrainer:
         """One G step and d_steps_per_g D steps on the global batch of this step."""
         from pagoda.train import check_finite
         st, step, N, dev = self.stage, self.step, self.lat_z.shape[0], self.dev
+        dist.fault_hook(self.info, self.sdir.name, step)  # no-op unless PAGODA_TEST_FAULT is set
         alpha = st.alpha(step)
         self.G.set_alpha(alpha)
         g = self.rng(step)
@@ -168,7 +176,7 @@ class StageTrainer:
         stats = dict(rec=0.0, adv=0.0, w=0.0, d=0.0, alpha=alpha)
         # ---- G step
         self.opt_G.zero_grad(set_to_none=True)
-        for a, sl in enumerate(self._slices()):
+        for sl in self._slices():
             x_hi, y = self._real(gi[sl], flip[sl])
             # the cached latent of the image or of its flip, matching x_hi
             z = self.lat_z[gi[sl], flip[sl].long()].to(dev)
@@ -182,7 +190,7 @@ class StageTrainer:
             if not adv_on:
                 loss, adv, w = rec, torch.zeros(()), torch.zeros(())
             else:
-                adv = self._adv(z_f[sl], y_f, sl, x_rec, y, aug_seed, a)
+                adv = self._adv(z_f[sl], y_f, sl, x_rec, y, aug_seed, sl.start)
                 w = self._weight(rec, adv)
                 loss = rec + st.lam * w * adv
             check_finite(step, rec=rec.item(), adv=adv.item())
@@ -191,7 +199,7 @@ class StageTrainer:
                 self._step_G()
                 with self.amp:  # the adversarial term again, through the updated weights
                     x_rec = self.G(z, y).float() if self.D_rec is not None else None
-                    (st.lam * w * self._adv(z_f[sl], y_f, sl, x_rec, y, aug_seed, a) / self.A).backward()
+                    (st.lam * w * self._adv(z_f[sl], y_f, sl, x_rec, y, aug_seed, sl.start) / self.A).backward()
             else:
                 (loss / self.A).backward()
             stats["rec"] += rec.item() / self.A
@@ -220,19 +228,19 @@ class StageTrainer:
         z_d, y_d = self._fresh(g, st.batch)
         self.opt_D.zero_grad(set_to_none=True)
         total = 0.0
-        for a, sl in enumerate(self._slices()):
+        for sl in self._slices():
             x_r, y_r = self._real(di[sl])
             yd = None if y_d is None else y_d[sl].to(dev)
             with torch.no_grad(), self.amp:
                 fake = self.G(z_d[sl].to(dev), yd).float()
             with self.amp:
-                loss = d_hinge_loss(self.D(self._aug(x_r, aug_seed, a), y_r), self.D(self._aug(fake, aug_seed + 1, a), yd))
+                loss = d_hinge_loss(self.D(self._aug(x_r, aug_seed, sl.start), y_r), self.D(self._aug(fake, aug_seed + 1, sl.start), yd))
                 if self.D_rec is not None:  # reconstructions of another real batch vs that batch
                     x_hi, y = self._real(ri[sl])
                     with torch.no_grad():
                         rec = self.G(self.lat_z[ri[sl], 0].to(dev), y).float()
-                    loss = loss + d_hinge_loss(self.D_rec(self._aug(x_hi, aug_seed + 2, a), y),
-                                               self.D_rec(self._aug(rec, aug_seed + 3, a), y))
+                    loss = loss + d_hinge_loss(self.D_rec(self._aug(x_hi, aug_seed + 2, sl.start), y),
+                                               self.D_rec(self._aug(rec, aug_seed + 3, sl.start), y))
             check_finite(self.step, d=loss.item())
             (loss / self.A).backward()
             total += loss.item() / self.A

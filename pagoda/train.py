@@ -52,10 +52,12 @@ class EMA:
         self.module = copy.deepcopy(module).eval().requires_grad_(False)
 
     @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
+    def update(self, module: torch.nn.Module, step: int | None = None) -> None:
+        """One EMA step; with `step`, the decay warms up as min(d, (1+step)/(10+step)) (short runs)."""
+        d = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
         for e, p in zip(self.module.state_dict().values(), module.state_dict().values()):
             if e.dtype.is_floating_point:
-                e.lerp_(p, 1 - self.decay)
+                e.lerp_(p, 1 - d)
             else:
                 e.copy_(p)
 
@@ -100,7 +102,7 @@ class TeacherConfig:
     data: str = "fashion-mnist"  # 'fashion-mnist', an image folder, or an EDM .zip
     resolution: int = 8  # teacher resolution (data downsampled the ADM way)
     unet: str = "demo8"  # UNet preset (pagoda.unet.PRESETS)
-    steps: int = 1500  # optimiser steps
+    steps: int = 1200  # optimiser steps
     batch: int = 128
     lr: float = 2e-3  # Adam learning rate (with warm-up over the first 200 steps)
     ema: float = 0.999  # EMA decay of the weights used for sampling
@@ -190,6 +192,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, progress: bool = True, de
     with progress_bar(progress) as bar:
         task = bar.add_task("teacher", total=cfg.steps, completed=step, info="")
         while step < cfg.steps:
+            dist.fault_hook(dist.DistInfo(), "teacher", step)  # no-op unless PAGODA_TEST_FAULT is set
             g = step_generator(cfg.seed, 1, step)
             idx = torch.randint(0, len(data), (cfg.batch,), generator=g)
             x, y = batch_of(data, idx)
@@ -197,12 +200,13 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, progress: bool = True, de
             for group in opt.param_groups:
                 group["lr"] = cfg.lr * min(1.0, (step + 1) / 200)
             loss = edm_loss(D, x.to(dev), y.to(dev) if unet_cfg.num_classes else None,
-                            label_dropout=cfg.label_dropout, generator=g if dev.type == "cpu" else None).mean()
+                            label_dropout=cfg.label_dropout, generator=g if dev.type == "cpu" else  # noise: f(seed, step)
+                            torch.Generator(dev).manual_seed(step_generator(cfg.seed, 2, step).initial_seed())).mean()
             check_finite(step, loss=loss.item())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            ema.update(D)
+            ema.update(D, step)
             step, seen = step + 1, seen + cfg.batch
             ips = seen / (time.perf_counter() - t0)
             bar.update(task, completed=step, info=f"loss {loss.item():.4f}  {ips:.0f} img/s")
@@ -299,4 +303,11 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
             continue
         G = StageTrainer(cfg, stage, k, teacher, G, data, z, idx, sdir, info).run(progress)
     dist.barrier(info)
+    if info.is_main:  # 4. The run report (RUN/report.html, report.md): a failure there only warns
+        try:
+            from pagoda.report import write_report
+            write_report(out)
+        except Exception as e:  # noqa: BLE001 - training is done and saved; never fail it over the report
+            import warnings
+            warnings.warn(f"run report not written ({type(e).__name__}: {e}); retry with `pagoda report {out}`", stacklevel=2)
     return out

@@ -1,6 +1,6 @@
 """pagoda.metrics: clean-fid conventions, weight lookup, FID/KID sanity on Fashion-MNIST, references, caching.
 
-The real Inception runs on 3×16 images only (a few images/s on 2 cores); the n = 250 version is `slow`.
+The real Inception runs on 3×16 images only (≈ 1-3 images/s on 2 cores); the n = 100 version is `slow`.
 Pipeline tests use a cheap stand-in feature model with clean-fid's interface.
 """
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from cleanfid.fid import get_folder_features, kernel_distance
+from cleanfid.fid import fid_from_feats, get_folder_features, kernel_distance
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -114,6 +114,7 @@ def test_weights_clean_fid_file_then_wheel_then_error(tmp_path):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_clean_fid_named_file_loads_through_cleanfid_wrapper(tmp_path):
     """A file named inception-2015-12-05.pt goes through cleanfid's InceptionV3W; ours computes the same."""
 
@@ -144,6 +145,16 @@ def test_fid_of_shifted_features_is_squared_shift(seed, shift):
     assert M.fid_from_features(f, f + c) == pytest.approx(float(c @ c), abs=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::scipy.linalg.LinAlgWarning")
+@settings(max_examples=5, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(2, 40))
+def test_fid_small_n_projection_is_exact(seed, n):
+    """Fewer samples than dimensions: the rotation onto their span gives clean-fid's fid_from_feats value."""
+    rng = np.random.default_rng(seed)
+    f1, f2 = rng.gamma(1.0, size=(n, 96)), rng.gamma(1.5, size=(n + 3, 96))
+    assert M.fid_from_features(f1, f2) == pytest.approx(fid_from_feats(f1, f2), rel=1e-6, abs=1e-6)
+
+
 @settings(max_examples=10, deadline=None)
 @given(st.integers(0, 2**31 - 1))
 def test_kid_mean_is_clean_fids_and_rng_is_restored(seed):
@@ -166,29 +177,30 @@ def test_precision_recall_extremes():
 
 # Real Inception on Fashion-MNIST -----------------------------------------------------------------
 
-def _check_fid_kid_ordering(a, b, noise):
-    assert a.shape[1] == M.FEATURE_DIM and np.isfinite(a).all()
+def _check_fid_kid_ordering(a, b, noise, noise_over_halves):
+    """Self ≈ 0; halves small and positive; noise far above. FID's small-n bias shrinks the noise/halves ratio."""
+    assert a.shape[1] == M.FEATURE_DIM and np.isfinite(a).all() and (a >= 0).all()  # post-ReLU pool features
     self_fid, halves, vs_noise = M.fid_from_features(a, a), M.fid_from_features(a, b), M.fid_from_features(a, noise)
-    assert abs(self_fid) < 1e-2  # sqrtm of a rank-deficient product: zero up to round-off
-    assert 0 < halves < vs_noise / 3
-    kid_halves, kid_std = M.kid_from_features(a, b)
+    assert abs(self_fid) < 1e-3
+    assert 0 < halves and vs_noise > noise_over_halves * halves
+    kid_halves, _ = M.kid_from_features(a, b)  # unbiased: no small-n offset
     kid_noise, _ = M.kid_from_features(a, noise)
-    assert abs(kid_halves) < 3 * kid_std + 0.02 and kid_noise > 10 * abs(kid_halves) and kid_noise > 0.1
+    assert abs(kid_halves) < 0.02 and kid_noise > 0.2
     return self_fid, halves, vs_noise, kid_halves, kid_noise
 
 
 def test_fid_kid_on_fashion_mnist_halves_and_noise(inception_features):
     f = inception_features
-    _check_fid_kid_ordering(f["a"], f["b"], f["noise"])
+    _check_fid_kid_ordering(f["a"], f["b"], f["noise"], noise_over_halves=1.5)  # measured: 204 vs 409
 
 
 @pytest.mark.slow
-def test_fid_kid_on_fashion_mnist_halves_and_noise_n250(fmnist_test):
+def test_fid_kid_on_fashion_mnist_halves_and_noise_n100(fmnist_test):
+    """≈ 10 min on 2 busy cores. Measured: FID self ≈ 0, halves 104, noise 400; KID halves −0.001, noise 0.47."""
     extractor = M.FeatureExtractor(batch_size=50)
-    noise = (0.5 * torch.randn(250, 1, 32, 32, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
-    numbers = _check_fid_kid_ordering(extractor.features(fmnist_test[:250]), extractor.features(fmnist_test[250:500]),
-                                      extractor.features(noise))
-    print("self, halves, noise FID; halves, noise KID:", numbers)
+    noise = (0.5 * torch.randn(100, 1, 32, 32, generator=torch.Generator().manual_seed(0))).clamp(-1, 1)
+    _check_fid_kid_ordering(extractor.features(fmnist_test[:100]), extractor.features(fmnist_test[100:200]),
+                            extractor.features(noise), noise_over_halves=3)
 
 
 # References --------------------------------------------------------------------------------------
@@ -219,7 +231,8 @@ def test_adm_npz_reference_is_read_and_used(tmp_path, fmnist_test):
         paths[name] = tmp_path / f"VIRTUAL_{name}.npz"
         np.savez(paths[name], arr_0=np.zeros((2, 32, 32, 3), np.uint8), mu=mu + offset, sigma=sigma,
                  mu_s=np.zeros(3), sigma_s=np.eye(3))
-    assert M.reference_mode(str(paths["close"])) == "legacy_tensorflow"
+    assert M.ReferenceStats.load(paths["close"]).mode == "legacy_tensorflow"
+    assert M.load_reference(str(paths["close"]), 32, extractor).features is None
 
     def feed():  # the 20 images in order, so the generated features are exactly `fake`
         batches = iter(data.split(8))

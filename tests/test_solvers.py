@@ -62,10 +62,10 @@ def make_grid(n_steps: int, sigma_min: float, sigma_max: float, kind, increasing
 # on grid points shared by the n- and 2n-step grids) is used instead of the end-point error because
 # the end-point error of DPM-Solver++(2M) when sampling changes sign as n grows for some (s, grid)
 # (its large-σ steps are nearly exact, so small opposite-sign contributions near σ ≈ s can cancel) and
-# a ratio of two such errors says nothing about the order. Measured over 400 random configurations in
-# the ranges below with 64 → 128 steps, the observed orders were: Euler 0.979–0.997, Heun 1.965–2.032,
-# DPM-Solver++(2M) 1.888–2.090 (both directions). The bands [0.9, 1.1] and [1.8, 2.2] leave ~0.1 of
-# margin and still exclude the neighbouring integer orders.
+# a ratio of two such errors says nothing about the order. Measured with 64 → 128 steps over 400 random
+# configurations in the ranges below plus the 162 corners of the ranges, the observed orders were:
+# Euler 0.973–0.997, Heun 1.946–2.051, DPM-Solver++(2M) 1.886–2.121 (both directions). The bands
+# [0.9, 1.1] and [1.8, 2.2] leave ≥ 0.07 of margin and still exclude the neighbouring integer orders.
 # ---------------------------------------------------------------------------------------------
 gaussian_cases = st.fixed_dictionaries({
     "mu": st.floats(-2.0, 2.0),
@@ -126,39 +126,43 @@ def test_sampling_into_zero_reaches_the_gaussian_data_point():
 
 # ---------------------------------------------------------------------------------------------
 # Invertibility through a Gaussian-mixture posterior mean: encode σ_min → σ_max, decode back on the
-# same grid reversed. Measured over 60 random mixtures in the ranges below (Karras ρ=7, 32 → 64 steps):
-# the round-trip error shrinks by ≥ 3.76× per halving for Heun (typically 8×: the leading forward and
-# backward errors cancel), ≥ 6.2× for DPM-Solver++(2M), ≥ 1.39× for Euler (pre-asymptotic for sharp
-# mixtures); worst error at 64 steps 0.33 (Euler), 0.0010 (Heun), 0.0025 (DPM). Asserted: ≥ 3× / ≥ 1.25×
-# per halving and < 5e-3 / < 0.5 at 64 steps.
+# same grid reversed; the round-trip error must sit under a tolerance C·(n0/n)^p that shrinks with the
+# step count n. Measured over 35 mixtures in the ranges below (incl. equal-weight, well-separated modes
+# at the minimum sd; Karras ρ=7), the worst max-abs error × (n/32)^2 was 0.032 (DPM-Solver++(2M)) and
+# 0.008 (Heun) for n = 32, 64, 128 (typical decay is ~8× per halving: the leading forward and backward
+# errors cancel), and for Euler the worst error × (n/64) was 0.31 for n = 64, 128 (Euler is still
+# pre-asymptotic at 32 steps for sharp mixtures: up to 0.88). 32 → 128 always shrank ≥ 2.8× (Euler) and
+# ≥ 28× (2nd order). Asserted with ~1.5× margin: C = 0.05 (2nd order), 0.5 (Euler, from 64 steps), and
+# shrink ≥ 12× / ≥ 2×. Sharper mixtures (sd 0.1) need more steps before these bounds hold.
 # ---------------------------------------------------------------------------------------------
 mixtures = st.integers(2, 4).flatmap(lambda k: st.fixed_dictionaries({
     "w": st.lists(st.floats(0.2, 1.0), min_size=k, max_size=k),
     "m": st.lists(st.floats(-1.0, 1.0), min_size=k, max_size=k),
-    "sd": st.lists(st.floats(0.1, 0.4), min_size=k, max_size=k),
+    "sd": st.lists(st.floats(0.15, 0.4), min_size=k, max_size=k),
     "seed": st.integers(0, 2**16),
 }))
 
 
-@settings(max_examples=6, deadline=None, derandomize=True)
+@settings(max_examples=5, deadline=None, derandomize=True)
 @given(mix=mixtures)
 def test_mixture_round_trip_error_shrinks_with_steps(mix):
     w = torch.tensor(mix["w"], dtype=F64) / sum(mix["w"])
     gen = torch.Generator().manual_seed(mix["seed"])
     k = torch.multinomial(w, 24, replacement=True, generator=gen)
-    x = torch.tensor(mix["m"], dtype=F64)[k] + torch.tensor(mix["sd"], dtype=F64)[k] * torch.randn(24, dtype=F64, generator=gen)
-    x = x.view(2, 3, 4)  # data point (σ_min = 0.002 noise is negligible next to sd ≥ 0.1)
+    m, sd = torch.tensor(mix["m"], dtype=F64), torch.tensor(mix["sd"], dtype=F64)
+    x = (m[k] + sd[k] * torch.randn(24, dtype=F64, generator=gen)).view(2, 3, 4)  # data (σ_min noise negligible)
     D = mixture_denoiser(w, mix["m"], mix["sd"])
     for method in METHODS:
-        errs = []
-        for n in (32, 64):
+        errs = {}
+        for n in (32, 64, 128):
             up = karras_sigmas(n + 1, dtype=F64).flip(0)
             z = solve(D, x, up, method)
             assert z.abs().max() > 10 * x.abs().max()  # really reached the noise scale
-            errs.append(float((solve(D, z, up.flip(0), method) - x).abs().max()))
-        shrink = 1.25 if method == "euler" else 3.0
-        assert errs[1] * shrink <= errs[0], (method, errs)
-        assert errs[1] < (0.5 if method == "euler" else 5e-3), (method, errs)
+            errs[n] = float((solve(D, z, up.flip(0), method) - x).abs().max())
+        if method == "euler":
+            assert all(errs[n] <= 0.5 * 64 / n for n in (64, 128)) and errs[128] * 2 <= errs[32], errs
+        else:
+            assert all(errs[n] <= 0.05 * (32 / n) ** 2 for n in errs) and errs[128] * 12 <= errs[32], (method, errs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,7 +171,8 @@ def test_mixture_round_trip_error_shrinks_with_steps(mix):
 # ---------------------------------------------------------------------------------------------
 def edm_sampler_ref(net, latents, num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
     step_indices = torch.arange(num_steps, dtype=F64)
-    t_steps = (sigma_max ** (1 / rho) + step_indices / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    t_steps = (sigma_max ** (1 / rho)
+               + step_indices / (num_steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
     x_next = latents.to(F64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):

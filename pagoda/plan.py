@@ -1,0 +1,259 @@
+"""`pagoda train --dry-run`: the plan of a run (stages, batches, parameters, memory, disk) without data or GPUs.
+
+    pagoda train --preset imagenet64 --res 512 --gpus 8 --dry-run       # plans for 8 ranks on any machine
+    pagoda train --res 32 --dry-run --dry-run-width 32                  # the Fashion-MNIST demo
+
+How each number is obtained:
+- parameters: every stage's G, D (and the reconstruction D) built at true size on the meta device;
+- activation memory per GPU: bytes of the tensors autograd saves for backward in one G step (the
+  reconstruction and the adversarial forward, DiffAugment, D, the distance) at the per-rank micro-batch,
+  run at true size on the meta device (fp32, each storage once, parameters excluded; LPIPS as its VGG-16
+  trunk). bf16 autocast on CUDA keeps many of them in half precision, so this is an upper bound;
+- state memory per GPU: G weights + EMA + the trainable part's grads and two RAdam moments, D likewise
+  (16 bytes/param), plus the teacher (kept resident for the encoder and distillation);
+- latent cache on disk: images × 2 flips × C×R×R × 2 bytes (fp16) at the teacher resolution R;
+- two real steps of every stage on random data at reduced width (all channel widths → `width`, batch 1;
+  on a CUDA machine without a width: true size at the per-rank micro-batch, peak memory measured).
+Nothing is written to the run directory.
+"""
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from pagoda import dist
+from pagoda.decoder import Generator
+from pagoda.grow import get_preset, plan_stages
+from pagoda.losses import DEFAULT_DISTANCE, Discriminator, LossConfigError, diff_augment, g_hinge_loss, make_distance
+from pagoda.teacher import Denoiser
+from pagoda.train import TEACHER_PRESETS, TrainConfig, load_teacher
+from pagoda.unet import PRESETS as UNET_PRESETS, UNet, UNetConfig
+
+DATASET_SIZES = {"imagenet64": 1_281_167, "fashion-mnist": 60_000}  # train images when no --data is given
+GPU_MEMORY_GIB = 80.0  # budget for the "fits" column (H100 80 GB)
+
+
+def teacher_config(cfg: TrainConfig) -> tuple[UNetConfig, str]:
+    """The teacher architecture: from --teacher if given, else the preset's (imagenet64 ADM / demo teacher)."""
+    if cfg.teacher:
+        return load_teacher(cfg.teacher).unet.config, str(cfg.teacher)
+    name = cfg.preset if isinstance(cfg.preset, str) else cfg.preset.name
+    if name in UNET_PRESETS:
+        return UNET_PRESETS[name], f"random {name} teacher (no --teacher)"
+    tp = TEACHER_PRESETS[cfg.teacher_preset]
+    ucfg = replace(UNET_PRESETS[tp.unet], resolution=tp.resolution)
+    return ucfg, f"teacher preset {cfg.teacher_preset!r} (trained by the run)"
+
+
+def data_facts(cfg: TrainConfig, t_cfg: UNetConfig) -> dict:
+    """Source and size of the data: the real --data folder/zip if given, else random data of the preset's shape."""
+    name = cfg.preset if isinstance(cfg.preset, str) else cfg.preset.name
+    if cfg.data == "fashion-mnist" and t_cfg.in_channels == 3:  # no --data for an RGB preset: ImageNet-shaped
+        n = DATASET_SIZES.get(name, DATASET_SIZES["imagenet64"])
+        return {"source": f"random data, {name} shape (no --data)", "images": n}
+    if cfg.data == "fashion-mnist":
+        return {"source": "fashion-mnist", "images": DATASET_SIZES["fashion-mnist"]}
+    from pagoda.data import make_dataset
+    return {"source": cfg.data, "images": len(make_dataset(cfg.data, cfg.res, channels=t_cfg.in_channels))}
+
+
+def _storage(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata
+
+
+def saved_bytes(fn, modules) -> int:
+    """Bytes of the tensors autograd saves for backward while fn() runs (each storage once, no parameters)."""
+    skip = {_storage(t) for m in modules for t in [*m.parameters(), *m.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        key = _storage(t)
+        if key not in skip:
+            seen[key] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def _distance_module(name: str, channels: int) -> torch.nn.Module:
+    """The distance on the meta device; LPIPS as its VGG-16 trunk (no weights needed to count activations)."""
+    if name == "lpips":
+        import torchvision
+        with torch.device("meta"):
+            trunk = torchvision.models.vgg16(weights=None).features[:30]
+
+        class _Trunk(torch.nn.Module):  # LPIPS compares VGG activations of fake and real
+            def __init__(self):
+                super().__init__()
+                self.trunk = trunk
+
+            def forward(self, fake, real):
+                x = torch.cat([fake, real]).expand(-1, 3, -1, -1)
+                return self.trunk(x).mean()
+        return _Trunk()
+    kw = {"in_channels": channels} if name == "features" else {}
+    return make_distance(name, **kw).to("meta")
+
+
+def _meta_stage(stage, g_cfg: UNetConfig, micro: int, distance: str, augment: str) -> dict:
+    """Parameter counts and the saved-activation bytes of one G step, at true size on the meta device."""
+    C, R0, R, ncls = g_cfg.in_channels, g_cfg.resolution, stage.resolution, g_cfg.num_classes
+    with torch.device("meta"):
+        G = Generator(UNet(g_cfg))
+        Ds = [Discriminator(R, C, ncls) for _ in range(2 if stage.rec_disc_weight > 0 else 1)]
+    G.set_trainable(stage.activate_from)
+    d = _distance_module(distance, C)
+    out = {"G_params": sum(p.numel() for p in G.parameters()),
+           "G_trainable": sum(p.numel() for p in G.parameters() if p.requires_grad),
+           "D_params": sum(p.numel() for D in Ds for p in D.parameters())}
+
+    def g_step():  # L_rec on the reconstruction + L_adv on fresh z (and the reconstruction D at 512)
+        y = torch.zeros(micro, ncls, device="meta") if ncls else None  # soft labels: no .item() on meta
+        aug = (lambda x: diff_augment(x, augment, torch.Generator().manual_seed(0))) if augment else (lambda x: x)
+        x_rec = G(torch.randn(micro, C, R0, R0, device="meta"), y)
+        loss = d(x_rec, torch.randn_like(x_rec)).mean()
+        loss = loss + g_hinge_loss(Ds[0](aug(G(torch.randn(micro, C, R0, R0, device="meta"), y)), None))
+        if len(Ds) > 1:
+            loss = loss + g_hinge_loss(Ds[1](aug(x_rec), None))
+        return loss
+
+    out["activation_bytes"] = saved_bytes(g_step, [G, d, *Ds]) if micro > 0 else 0
+    g_state = 4 * out["G_params"] * 2 + 12 * out["G_trainable"]  # weights + EMA, grads + 2 RAdam moments
+    out["state_bytes"] = g_state + 16 * out["D_params"]
+    return out
+
+
+class _RandomData:
+    """Random images in [−1, 1] with labels: what batch_of() reads (the dry run needs no download)."""
+
+    def __init__(self, n: int, channels: int, res: int, num_classes: int | None, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, channels, res, res, generator=g) * 2 - 1
+        self.labels = torch.randint(0, num_classes or 1, (n,), generator=g)
+        self.channels, self.num_classes = channels, num_classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def _reduced_steps(cfg: TrainConfig, stages, t_cfg: UNetConfig, width: int | None, steps: int, batch: int,
+                   micro: list[int], device: torch.device, distance: str | None, report=None) -> list[dict]:
+    """Run `steps` real steps of every stage on random data (reduced width, or true size on CUDA)."""
+    from pagoda.stage import StageTrainer
+    if width is not None:
+        t_cfg = replace(t_cfg, model_channels=width, num_head_channels=min(t_cfg.num_head_channels, width))
+    torch.manual_seed(cfg.seed)
+    teacher = Denoiser(UNet(t_cfg)).to(device).eval().requires_grad_(False)
+    C, R0, ncls = t_cfg.in_channels, t_cfg.resolution, t_cfg.num_classes
+    data = _RandomData(16, C, cfg.res, ncls, cfg.seed)
+    z = 80.0 * torch.randn(16, 2, C, R0, R0, generator=torch.Generator().manual_seed(1))  # the 'latent cache'
+    rcfg = replace(cfg, distance=distance, accumulate=1)
+    info, results, G = dist.DistInfo(device=device), [], None
+    with tempfile.TemporaryDirectory(prefix="pagoda-dry-run-") as tmp:
+        for k, stage in enumerate(stages):
+            b = batch if width is not None else micro[k]
+            rstage = replace(stage, batch=max(1, b), adv_start=0,
+                             grow_channels=width if (width is not None and stage.grow) else stage.grow_channels)
+            res = {"batch": rstage.batch}
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            try:
+                tr = StageTrainer(rcfg, rstage, k, teacher, G, data, z, torch.arange(16), Path(tmp) / stage.name, info)
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    s = tr.train_step()
+                res.update(seconds_per_step=(time.perf_counter() - t0) / max(steps, 1), rec=s["rec"], d=s["d"],
+                           finite=all(math.isfinite(v) for v in s.values()))
+                if device.type == "cuda":
+                    res["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+                tr.G.set_alpha(1.0)
+                tr.ema.module.set_alpha(1.0)
+                G = tr.ema.module
+                del tr
+            except torch.cuda.OutOfMemoryError:
+                res["error"] = f"out of GPU memory at micro-batch {rstage.batch}: raise --accumulate"
+                break
+            finally:
+                results.append(res)
+            if report:
+                report(stage.name, res)
+    return results
+
+
+def dry_run(cfg: TrainConfig, ranks: int, width: int | None = None, steps: int = 2, batch: int = 1,
+            gpu_memory_gib: float = GPU_MEMORY_GIB, report=None) -> dict:
+    """The plan of `pagoda train` for `ranks` processes; runs `steps` steps per stage (see module docstring)."""
+    if ranks < 1:
+        raise ValueError(f"--dry-run plans for at least 1 rank, got {ranks}: pass --gpus N (N >= 1)")
+    t_cfg, t_source = teacher_config(cfg)
+    stages = plan_stages(t_cfg.resolution, cfg.res, cfg.preset)
+    data = data_facts(cfg, t_cfg)
+    n_enc = get_preset(cfg.preset).encode_images if cfg.encode_images is None else cfg.encode_images
+    n_enc = min(n_enc or data["images"], data["images"])  # 0 = all
+    per_image = 2 * t_cfg.in_channels * t_cfg.resolution ** 2 * 2  # 2 flips, fp16
+    A = cfg.accumulate
+    try:  # LPIPS needs local weights; the reduced steps then use the default distance (said in the plan)
+        for s in stages:
+            if (cfg.distance or s.distance) == "lpips":
+                make_distance("lpips")
+        substitute = None
+    except LossConfigError:
+        substitute = DEFAULT_DISTANCE
+    plan = {"ranks": ranks, "accumulate": A, "teacher": {"source": t_source, "resolution": t_cfg.resolution,
+            "params": sum(p.numel() for p in _meta_unet(t_cfg).parameters())},
+            "data": {**data, "encode_images": n_enc}, "latent_cache_bytes": n_enc * per_image,
+            "latent_cache_bytes_all": data["images"] * per_image, "gpu_memory_gib": gpu_memory_gib, "stages": []}
+    teacher_bytes = 4 * plan["teacher"]["params"]
+    g_cfg, micro = t_cfg, []
+    for stage in stages:
+        if stage.grow:
+            g_cfg = g_cfg.grown(stage.grow_channels)
+        divisible = stage.batch % (ranks * A) == 0
+        m = stage.batch // (ranks * A) if divisible else 0
+        micro.append(m)
+        row = {"name": stage.name, "resolution": stage.resolution, "steps": stage.steps, "global_batch": stage.batch,
+               "per_rank_batch": stage.batch // ranks if stage.batch % ranks == 0 else None, "micro_batch": m or None,
+               "accumulate": A, "lr_G": stage.lr_G, "lr_D": stage.lr_D, "lam": stage.lam,
+               "distance": cfg.distance or stage.distance or DEFAULT_DISTANCE}
+        row.update(_meta_stage(stage, g_cfg, m, row["distance"], cfg.augment))
+        row["total_bytes"] = row["activation_bytes"] + row["state_bytes"] + teacher_bytes
+        row["fits"] = row["total_bytes"] <= gpu_memory_gib * 2**30
+        row["min_accumulate"] = _min_accumulate(stage.batch, ranks, row, teacher_bytes, gpu_memory_gib)
+        if not divisible:
+            row["note"] = f"global batch {stage.batch} is not divisible by ranks {ranks} x accumulate {A}"
+        plan["stages"].append(row)
+        if report:
+            report(stage.name, row)
+    device = torch.device("cuda") if width is None and torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu" and width is None:
+        width = 32  # true size does not run on a CPU in reasonable time
+    if any(m == 0 for m in micro) and width is None:
+        raise ValueError("the global batch of some stage is not divisible by ranks x accumulate: fix --accumulate first")
+    plan["reduced"] = {"width": width, "steps": steps, "batch": batch if width is not None else None,
+                       "device": str(device), "distance_substitute": substitute}
+    plan["reduced"]["stages"] = _reduced_steps(cfg, stages, t_cfg, width, steps, batch, micro, device, substitute,
+                                               report) if steps > 0 else []
+    return plan
+
+
+def _meta_unet(cfg: UNetConfig) -> UNet:
+    with torch.device("meta"):
+        return UNet(cfg)
+
+
+def _min_accumulate(batch: int, ranks: int, row: dict, fixed: int, budget_gib: float) -> int | None:
+    """Smallest accumulation (dividing the per-rank batch) whose activations fit the GPU budget; None = none does."""
+    if batch % ranks or not row["activation_bytes"] or not row["micro_batch"]:
+        return None
+    per_rank, act_per_sample = batch // ranks, row["activation_bytes"] / row["micro_batch"]
+    for a in range(1, per_rank + 1):
+        if per_rank % a == 0 and act_per_sample * per_rank / a + row["state_bytes"] + fixed <= budget_gib * 2**30:
+            return a
+    return None

@@ -1,0 +1,210 @@
+"""Distributed training on CPU (gloo) through torch's elastic launcher: collectives, the exact equivalence
+2 ranks x batch B == 1 rank x batch 2B, rank-0-only outputs, (slow) 20 clean launches in a row and torchrun;
+the dry run's plan for N ranks."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+from typer.testing import CliRunner
+
+from pagoda import dist
+from pagoda.cli import app
+from pagoda.io import load_checkpoint, save_checkpoint
+from pagoda.launch import launch_train, resolve_workers
+from pagoda.teacher import Denoiser
+from pagoda.train import TrainConfig, teacher_checkpoint, train
+from pagoda.unet import PRESETS, UNet
+
+
+def tiny_assets(root: Path) -> tuple[Path, Path]:
+    """A random `tiny` teacher checkpoint (8 px, 1 channel) and a 16-image, 2-class grey image folder."""
+    torch.manual_seed(0)
+    teacher = save_checkpoint(teacher_checkpoint(Denoiser(UNet(PRESETS["tiny"]))), root / "teacher.pt")
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / "data" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8), "L").save(root / "data" / f"c{c}" / f"{i}.png")
+    return teacher, root / "data"
+
+
+def tensors(obj, prefix: str = ""):
+    """(path, tensor) for every tensor inside nested dicts / lists."""
+    if torch.is_tensor(obj):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from tensors(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from tensors(v, f"{prefix}/{i}")
+
+
+def test_resolve_workers_and_split():
+    assert resolve_workers(0, 3) == (3, "cpu") and resolve_workers(0) == (1, "cpu")
+    with pytest.raises(ValueError, match="--procs 2 is for CPU processes"):
+        resolve_workers(1, 2)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"--gpus 8 but this machine has 0 CUDA device\(s\)"):
+            resolve_workers(8)
+    for n in range(0, 23):
+        for w in (1, 2, 3, 8):
+            parts = [dist.split(n, dist.DistInfo(rank=r, world_size=w)) for r in range(w)]
+            assert [i for p in parts for i in p] == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+COLLECTIVES = r"""
+import json, os, sys, torch
+from pagoda import dist
+info = dist.init("cpu")
+r, w = info.rank, info.world_size
+assert w == 2 and info.long_group is not None
+t = torch.full((r + 1, 3), float(r))                          # rank 0: 1 row of 0, rank 1: 2 rows of 1
+g = dist.gather_cat(t, info)
+assert g.tolist() == [[0.0] * 3, [1.0] * 3, [1.0] * 3], g
+x = torch.tensor([float(r), 10.0 * r])
+dist.all_reduce_mean_([x], info)
+assert x.tolist() == [0.5, 5.0], x
+b = torch.tensor([r + 7.0])
+dist.broadcast_([b], info)
+assert b.item() == 7.0
+mine = list(dist.split(5, info))
+share = dist.gather_cat(torch.tensor(mine), info)
+assert share.tolist() == [0, 1, 2, 3, 4], share
+dist.barrier(info)
+open(os.path.join(sys.argv[1], f"rank{r}.json"), "w").write(json.dumps({"rank": r, "mine": mine}))
+dist.shutdown(info)
+"""
+
+
+def test_collectives_under_two_gloo_processes(tmp_path):
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=f"t-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    elastic_launch(config, sys.executable)("-c", COLLECTIVES, str(tmp_path))
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert got == [{"rank": 0, "mine": [0, 1, 2]}, {"rank": 1, "mine": [3, 4]}]
+
+
+def test_two_ranks_equal_one_rank(tmp_path):
+    """k steps with 2 ranks x batch 2 end with the weights of 1 rank x batch 4 (DiffAugment on, per-sample draws)."""
+    teacher, data = tiny_assets(tmp_path)
+    base = TrainConfig(data=str(data), res=16, teacher=str(teacher), preset="tiny", encode_images=0, encode_steps=4,
+                       ckpt_every=2, device="cpu")
+    assert base.augment  # the equivalence covers DiffAugment
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(TrainConfig(**{**base.__dict__, "out": str(one)}), progress=False)
+    assert launch_train(TrainConfig(**{**base.__dict__, "out": str(two)}), gpus=0, procs=2, progress=False) == two
+    for f in ["latents/shard-00000.pt", "stage-08/generator.pt", "stage-16/generator.pt", "stage-08/checkpoint.pt",
+              "stage-16/checkpoint.pt"]:
+        a, b = dict(tensors(load_checkpoint(one / f))), dict(tensors(load_checkpoint(two / f)))
+        assert a.keys() == b.keys() and len(a) > 0, f
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{f}{k}: {m}")
+    # rank 0 alone wrote the logs and grids: one line per step, not one per rank
+    for s in ("stage-08", "stage-16"):
+        lines = (two / s / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+        assert (two / s / "grid-final.png").is_file()
+    assert not list(two.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_twenty_launches_shut_down_cleanly(tmp_path):
+    """Every launch exits 0 (a gloo rank that aborts at exit would make launch_train raise)."""
+    teacher, data = tiny_assets(tmp_path)
+    for i in range(20):
+        cfg = TrainConfig(out=str(tmp_path / f"run{i}"), data=str(data), res=8, teacher=str(teacher), preset="tiny",
+                          encode_images=0, encode_steps=2, device="cpu")
+        launch_train(cfg, gpus=0, procs=2, progress=False)
+        assert (tmp_path / f"run{i}" / "stage-08" / "generator.pt").is_file(), i
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_same_entry_point(tmp_path):
+    """`torchrun --standalone --nproc-per-node 2 -m pagoda.cli train ...` equals one process (and launch_train)."""
+    import subprocess
+    teacher, data = tiny_assets(tmp_path)
+    args = ["train", "--res", "8", "--preset", "tiny", "--data", str(data), "--teacher", str(teacher),
+            "--encode-images", "0", "--encode-steps", "2", "--device", "cpu", "--no-progress"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pagoda.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.run(torchrun + args + ["--out", str(tmp_path / "tr")], env=env, cwd=root, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr[-3000:]
+    train(TrainConfig(out=str(tmp_path / "one"), data=str(data), res=8, teacher=str(teacher), preset="tiny",
+                      encode_images=0, encode_steps=2, device="cpu"), progress=False)
+    a = dict(tensors(load_checkpoint(tmp_path / "one" / "stage-08" / "checkpoint.pt")))
+    b = dict(tensors(load_checkpoint(tmp_path / "tr" / "stage-08" / "checkpoint.pt")))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+# ---- the dry run: a plan for N ranks without launching them ----------------------------------------
+
+def test_saved_bytes_counts_autograd_saved_tensors_once_without_parameters():
+    from pagoda.plan import saved_bytes
+    lin, x = torch.nn.Linear(5, 3), torch.randn(4, 5)
+    # addmm saves x (for ∇W; W itself is a parameter, excluded), relu saves its 4x3 output
+    assert saved_bytes(lambda: lin(x).relu().sum(), [lin]) == 4 * (4 * 5 + 4 * 3)
+    a, b = torch.randn(4, 5, requires_grad=True), torch.randn(4, 5)
+    assert saved_bytes(lambda: (a * b).sum(), []) == 4 * 20  # only b is needed for ∇a
+    y = a * b
+    assert saved_bytes(lambda: y.exp() + y.exp(), []) == 4 * 20 * 2  # two exps, two outputs
+
+
+def test_dry_run_plans_for_ranks_it_does_not_have(tmp_path):
+    from pagoda.decoder import Generator
+    from pagoda.grow import plan_stages
+    from pagoda.plan import _meta_stage, dry_run
+    cfg = TrainConfig(out=str(tmp_path / "never"), res=16, preset="tiny", teacher_preset="tiny")
+    plan = dry_run(cfg, ranks=2, width=32, steps=2)
+    one = dry_run(cfg, ranks=1, width=32, steps=0)
+    assert [s["name"] for s in plan["stages"]] == ["stage-08", "stage-16"]
+    assert [(s["global_batch"], s["per_rank_batch"], s["micro_batch"]) for s in plan["stages"]] == [(4, 2, 2)] * 2
+    # parameter counts: the real modules
+    G8 = Generator(UNet(PRESETS["tiny"]))
+    G16 = G8.grow(fade=False)
+    G16.set_trainable(2)
+    assert plan["stages"][0]["G_params"] == plan["stages"][0]["G_trainable"] == sum(p.numel() for p in G8.parameters())
+    assert plan["stages"][1]["G_params"] == sum(p.numel() for p in G16.parameters())
+    assert plan["stages"][1]["G_trainable"] == sum(p.numel() for p in G16.parameters() if p.requires_grad)
+    # activations grow by a fixed amount per sample of the micro-batch (B >= 2; B = 1 saves a little less)
+    assert [s["micro_batch"] for s in one["stages"]] == [4, 4]
+    for k, stage in enumerate(plan_stages(8, 16, "tiny")):
+        cfg_k = PRESETS["tiny"] if k == 0 else PRESETS["tiny"].grown()
+        f2, f3, f4 = (_meta_stage(stage, cfg_k, m, "features", cfg.augment)["activation_bytes"] for m in (2, 3, 4))
+        assert f2 == plan["stages"][k]["activation_bytes"] and f4 == one["stages"][k]["activation_bytes"]
+        assert 0 < f2 < f3 < f4 and f4 - f3 == f3 - f2
+    # latent cache: the tiny preset encodes 64 images, x2 flips, 1x8x8, fp16
+    assert plan["latent_cache_bytes"] == 64 * 2 * 1 * 8 * 8 * 2
+    assert [r["finite"] for r in plan["reduced"]["stages"]] == [True, True]
+    assert not (tmp_path / "never").exists()  # a plan writes nothing
+    res = CliRunner().invoke(app, ["train", "--preset", "tiny", "--teacher-preset", "tiny", "--res", "16", "--gpus", "8",
+                                   "--dry-run", "--out", str(tmp_path / "never")])
+    assert res.exit_code == 0, res.output
+    assert "plan for 8 rank(s)" in res.output and "not divisible by ranks 8" in res.output
+    assert not (tmp_path / "never").exists()
+
+
+@pytest.mark.slow
+def test_dry_run_imagenet64_counts_at_true_size():
+    from pagoda.plan import dry_run
+    plan = dry_run(TrainConfig(preset="imagenet64", res=512), ranks=8, steps=0)
+    with torch.device("meta"):
+        adm = sum(p.numel() for p in UNet(PRESETS["imagenet64"]).parameters())
+    assert plan["stages"][0]["G_params"] == plan["teacher"]["params"] == adm
+    assert [(s["global_batch"], s["micro_batch"]) for s in plan["stages"]] == [(96, 12), (256, 32), (360, 45), (512, 64)]
+    assert plan["latent_cache_bytes_all"] == 1_281_167 * 2 * 3 * 64 * 64 * 2

@@ -1,0 +1,198 @@
+"""`pagoda eval` (pagoda.report's evaluation half) on a tiny real run, through Typer's runner.
+
+FID needs Inception (≈ 1-3 images/s and a 2048² sqrtm of a minute on 2 cores), so the default tests swap
+`pagoda.metrics.load_inception` for a cheap 16-d stand-in with clean-fid's interface; everything else (the
+sampler, the clean-fid resize to 299², the reference at the model's resolution, eval.json) is the real thing.
+The real-Inception version at n = 100 is marked `slow`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from typer.testing import CliRunner
+
+from pagoda import metrics as M
+from pagoda.cli import app
+from pagoda.data import downsample, load_fashion_mnist
+from pagoda.report import load_model, make_sampler, resample, solver_steps
+from pagoda.solvers import METHODS, karras_sigmas, nfe as count_nfe
+
+runner = CliRunner()
+
+
+def build_tiny_run(root: Path) -> Path:
+    """A real 8 → 16 px run in seconds (10-step teacher, 16 encoded images, 3 steps per stage), built once per session."""
+    from pagoda.train import TEACHER_PRESETS, TrainConfig, train, train_teacher
+    run = root / "pagoda-tiny-run"
+    if not (run / "report.html").is_file():
+        train_teacher(replace(TEACHER_PRESETS["tiny"], steps=10, batch=16, grid_every=10, ckpt_every=10, sample_steps=4),
+                      run / "teacher", progress=False)
+        train(TrainConfig(out=str(run), res=16, teacher_preset="tiny", preset="tiny", encode_images=16, encode_steps=4,
+                          ckpt_every=100), progress=False)
+    return run
+
+
+class StandInInception(torch.nn.Module):
+    """clean-fid feat_model interface ((B, 3, 299, 299) in [0, 255] -> features), 16-d: 4×4 means, fixed projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.randn(48, 16, generator=torch.Generator().manual_seed(1))
+        self.shapes = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape[1:]))
+        return F.adaptive_avg_pool2d(x / 255, 4).flatten(1) @ self.w
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    return build_tiny_run(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture
+def inception(tmp_path, monkeypatch) -> StandInInception:
+    """The stand-in Inception and a private FID-statistics cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = StandInInception()
+    monkeypatch.setattr(M, "load_inception", lambda *a, **k: model)
+    return model
+
+
+@pytest.fixture
+def run(tiny_run, tmp_path, inception) -> Path:
+    """A private copy of the tiny run (tests write eval.json into it)."""
+    run = shutil.copytree(tiny_run, tmp_path / "run")
+    (run / "eval.json").unlink(missing_ok=True)
+    return run
+
+
+def rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["results"]
+
+
+def test_eval_generator_run_dir(run, inception):
+    args = ["eval", "--checkpoint", str(run), "--n", "100", "--ref-n", "100", "--batch", "32", "--no-progress", "--device", "cpu"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    [row] = rows(run / "eval.json")
+    assert row["kind"] == "generator" and row["resolution"] == 16 and row["nfe"] == 1 and row["n"] == 100
+    assert row["ref"] == "fashion-mnist:train@16" and row["ref_n"] == 100 and row["mode"] == "clean"
+    assert math.isfinite(row["fid"]) and row["fid"] > 0 and row["kid"] is not None
+    assert row["checkpoint"] == str((run / "stage-16" / "generator.pt").resolve())
+    assert set(inception.shapes) == {(3, 299, 299)}  # every image went through clean-fid's resize to 299²
+    assert "FID" in res.output and "eval.json" in res.output
+    again = runner.invoke(app, args)  # same seed: same samples, same number; the row is replaced, not added
+    assert again.exit_code == 0 and [r["fid"] for r in rows(run / "eval.json")] == [row["fid"]]
+    other = runner.invoke(app, args + ["--seed", "1", "--out", str(run / "seed1.json")])
+    assert other.exit_code == 0 and rows(run / "seed1.json")[0]["fid"] != row["fid"]
+
+
+def test_eval_teacher_and_resize_share_the_code(run):
+    base = ["--n", "40", "--ref-n", "40", "--no-progress", "--device", "cpu"]
+    teacher = str(run / "teacher" / "teacher.pt")
+    assert runner.invoke(app, ["eval", "--checkpoint", teacher, "--solver", "dpmpp_2m", "--nfe", "4", *base]).exit_code == 0
+    res = runner.invoke(app, ["eval", "--checkpoint", teacher, "--solver", "heun", "--nfe", "5", "--resize", "32", *base])
+    assert res.exit_code == 0, res.output
+    t4, t5 = rows(run / "eval.json")  # a checkpoint inside a run writes the run's eval.json
+    assert (t4["kind"], t4["resolution"], t4["solver"], t4["nfe"], t4["ref"]) == ("teacher", 8, "dpmpp_2m", 4, "fashion-mnist:train@8")
+    assert (t5["resolution"], t5["nfe"], t5["ref"]) == (32, 5, "fashion-mnist:train@32") and "bicubic 32px" in t5["model"]
+
+
+def test_eval_all_stages(run):
+    res = runner.invoke(app, ["eval", "--checkpoint", str(run), "--all-stages", "--nfe", "3", "--n", "20", "--ref-n", "20",
+                              "--no-progress", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    got = [(r["kind"], r["resolution"]) for r in rows(run / "eval.json")]
+    assert got == [("teacher", 8), ("generator", 8), ("generator", 16)]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--solver", "heun", "--nfe", "10"], "heun cannot take 10 NFE"),
+    (["--solver", "rk4"], "unknown method"),
+])
+def test_eval_bad_teacher_options_one_line(tiny_run, args, message):
+    res = runner.invoke(app, ["eval", "--checkpoint", str(tiny_run / "teacher" / "teacher.pt"), "--n", "4", "--no-progress", *args])
+    assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1, res.output
+
+
+def test_eval_missing_checkpoint_one_line(tmp_path):
+    res = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "nope.pt"), "--n", "4", "--no-progress"])
+    assert res.exit_code == 2 and "does not exist" in res.output, res.output
+    res = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path), "--n", "4", "--no-progress"])
+    assert res.exit_code == 2 and "no finished stage" in res.output, res.output
+
+
+# The pieces under the command ---------------------------------------------------------------------
+
+@settings(max_examples=30, deadline=None)
+@given(method=st.sampled_from(METHODS), nfe=st.integers(1, 100))
+def test_solver_steps_gives_exactly_the_nfe_or_refuses(method, nfe):
+    if method == "heun" and nfe % 2 == 0 or nfe < (3 if method == "heun" else 2):
+        with pytest.raises(ValueError, match="NFE"):
+            solver_steps(method, nfe)
+    else:
+        steps = solver_steps(method, nfe)
+        assert count_nfe(method, torch.cat([karras_sigmas(steps), torch.zeros(1)])) == nfe
+
+
+def test_sampler_is_seeded_cycles_labels_and_calls_the_teacher_nfe_times(tiny_run):
+    kind, D, _ = load_model(tiny_run / "teacher" / "teacher.pt")
+    assert kind == "teacher"
+    calls, labels = [], []
+
+    class Counting(torch.nn.Module):
+        unet = D.unet
+
+        def forward(self, x, sigma, y):
+            calls.append(len(x))
+            labels.append(y)
+            return D(x, sigma, y)
+
+    gen = make_sampler("teacher", Counting(), "dpmpp_2m", 3, seed=7)
+    a = torch.cat([gen(6), gen(7)])
+    assert calls == [6, 6, 6, 7, 7, 7]  # 3 NFE per batch
+    assert torch.equal(torch.cat([labels[0], labels[3]]), torch.arange(13) % 10)  # classes cycle across batches
+    again = make_sampler("teacher", D, "dpmpp_2m", 3, seed=7)
+    assert torch.equal(torch.cat([again(6), again(7)]), a) and a.abs().max() <= 1
+    assert not torch.equal(make_sampler("teacher", D, "dpmpp_2m", 3, seed=8)(6), a[:6])
+    kind, G, path = load_model(tiny_run)
+    assert kind == "generator" and G.resolution == 16 and path.parent.name == "stage-16"
+    assert make_sampler("generator", G, resize=32)(3).shape == (3, 1, 32, 32)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), size=st.sampled_from([4, 8, 16, 32]))
+def test_resample_up_is_bicubic_in_range_and_down_is_adm(seed, size):
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    y = resample(x, size)
+    assert y.shape == (2, 1, size, size) and y.abs().max() <= 1
+    if size < 16:
+        assert torch.equal(y, downsample(x, size))
+    elif size == 16:
+        assert y is x
+    else:
+        assert torch.allclose(y, F.interpolate(x, size=size, mode="bicubic").clamp(-1, 1))
+
+
+@pytest.mark.slow
+def test_eval_real_inception_n100(tiny_run, tmp_path, monkeypatch):
+    """The real network: a 16 px generator after 3 steps is far from Fashion-MNIST, real test images are close."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "eval.json"
+    res = runner.invoke(app, ["eval", "--checkpoint", str(tiny_run), "--n", "100", "--ref-n", "100", "--no-progress",
+                              "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    [row] = rows(out)
+    test = downsample(load_fashion_mnist("test")[0][:100], 16)
+    real = M.evaluate(lambda b, it=iter(test.split(64)): next(it)[:b], "fashion-mnist", n=100, batch=64, max_ref_images=100)
+    print("tiny G16 FID", row["fid"], "real test FID", real["fid"])
+    assert real["fid"] < row["fid"]
