@@ -20,9 +20,9 @@ import torch
 from common import device, environment, figure, load_run, parser, print_table, write_results
 from pagoda import metrics as M
 from pagoda.data import downsample, make_dataset
-from pagoda.report import make_sampler, resample
+from pagoda.report import make_sampler, resample, solver_steps
 
-TEACHER_ROWS = [("dpmpp_2m", 10), ("dpmpp_2m", 20), ("heun", 35), ("heun", 79)]
+TEACHER_ROWS = ["dpmpp_2m:10", "dpmpp_2m:20", "heun:35", "heun:79"]  # SOLVER:NFE
 
 
 def main() -> None:
@@ -31,7 +31,17 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kid-subsets", type=int, default=100)
+    p.add_argument("--teacher-rows", nargs="+", default=TEACHER_ROWS, help="teacher rows as SOLVER:NFE")
     a = p.parse_args()
+    try:  # fail before any sampling: "heun:10" is impossible (Heun takes odd NFE), "rk4:9" unknown
+        teacher_rows = [(row.partition(":")[0], row.partition(":")[2]) for row in a.teacher_rows]
+        for row, (solver, nfe) in zip(a.teacher_rows, teacher_rows):
+            if not nfe.isdigit():
+                raise ValueError(f"{row!r} is not SOLVER:NFE (e.g. heun:35)")
+            solver_steps(solver, int(nfe))
+        teacher_rows = [(solver, int(nfe)) for solver, nfe in teacher_rows]
+    except ValueError as e:
+        raise SystemExit(f"error: --teacher-rows {' '.join(a.teacher_rows)}: {e}") from None
     dev = device(a.device)
     teacher, gens = load_run(a.run, dev)
     R = teacher.unet.config.resolution
@@ -55,7 +65,7 @@ def main() -> None:
                      "kid_x1e3": None if kid is None else 1e3 * kid, "kid_std_x1e3": None if kid is None else 1e3 * kid_std})
         print(f"{name}: FID {fid:.2f}", flush=True)
 
-    for solver, nfe in TEACHER_ROWS:
+    for solver, nfe in teacher_rows:
         score(f"teacher {R}px {solver} {nfe} NFE", "teacher", R, nfe, from_sampler("teacher", teacher, solver, nfe))
     for res, G in sorted(gens.items()):
         score(f"G {res}px (stage-{res:02d})", "generator", res, 1, from_sampler("generator", G))

@@ -6,7 +6,7 @@
 Same process, same device, same batch of z ~ N(0, σ_max² I) and labels: G(z, y) once per image at each
 finished stage, vs the teacher at its base resolution with Euler / Heun / DPM-Solver++(2M) at each --nfe
 (Heun takes only odd NFE, so its row uses the next odd one: the NFE column is the real count). Each row is
-the median over --repeats timed batches after one warm-up batch. "× slower" = images/s of G at the teacher
+the best of --repeats timed batches after one warm-up batch. "× slower" = images/s of G at the teacher
 resolution / images/s of the row. Writes OUT/speed.json and OUT/speed.png (images/s, log scale).
 """
 from __future__ import annotations

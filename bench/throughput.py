@@ -3,11 +3,12 @@
     .venv/bin/python bench/throughput.py --run runs/demo --out results/throughput                 # logged only
     .venv/bin/python bench/throughput.py --run runs/demo --out results/throughput --measure 5     # + 5 steps per stage
 
-Logged: each stage's timing.json (images/s over the stage: G steps × global batch / wall time, D steps and
-checkpoints included) and the teacher's metrics.jsonl (last cumulative images/s). Measured (--measure K): for
-each device (--devices, default cpu and cuda when available) the run's own teacher step (EDM loss, Adam) and
-each stage's StageTrainer.train_step (one G step + its D steps, the run's config and latent cache, weights
-from the run, scratch folder), one warm-up step then K timed steps. Writes OUT/throughput.json and .png.
+Logged: the timing.json of the teacher and of each stage (images/s = steps × global batch / wall time, D steps
+and checkpoints included; "CPU s" = the process's CPU time, less inflated than wall time on a shared machine;
+runs without a teacher timing.json fall back to its metrics.jsonl). Measured (--measure K): for each device
+(--devices, default cpu and cuda when available) the run's own teacher step (EDM loss, Adam) and each stage's
+StageTrainer.train_step (one G step + its D steps, the run's config and latent cache, weights from the run, a
+scratch folder), one warm-up step then K timed steps. Writes OUT/throughput.json and .png.
 """
 from __future__ import annotations
 
@@ -28,15 +29,18 @@ def logged(run: Path) -> list[dict]:
     """Throughput rows from the run's logs."""
     rows = []
     tlog, tcfg = read_jsonl(run / "teacher" / "metrics.jsonl"), read_json(run / "teacher" / "config.json").get("teacher", {})
-    if tlog:
+    t = read_json(run / "teacher" / "timing.json")
+    if t or tlog:  # teacher/timing.json; older runs: the cumulative images/s of metrics.jsonl
         rows.append({"part": "teacher", "resolution": tcfg.get("resolution"), "batch": tcfg.get("batch"), "device": "logged",
-                     "steps": tlog[-1]["step"], "seconds": logged_seconds(tlog, tcfg.get("batch", 0)),
-                     "images_per_s": tlog[-1]["img_per_s"]})
+                     "steps": t.get("steps", tlog[-1]["step"] if tlog else None),
+                     "seconds": t.get("seconds", logged_seconds(tlog, tcfg.get("batch", 0))),
+                     "cpu_seconds": t.get("cpu_seconds"), "images_per_s": t.get("img_per_s", tlog[-1]["img_per_s"] if tlog else None)})
     for st in read_json(run / "config.json").get("stages", []):
         t = read_json(run / st["name"] / "timing.json")
         if t:
             rows.append({"part": st["name"], "resolution": st["resolution"], "batch": st["batch"], "device": "logged",
-                         "steps": t["steps"], "seconds": t["seconds"], "images_per_s": t["img_per_s"]})
+                         "steps": t["steps"], "seconds": t["seconds"], "cpu_seconds": t.get("cpu_seconds"),
+                         "images_per_s": t["img_per_s"]})
     return rows
 
 
@@ -111,7 +115,8 @@ def main() -> None:
             rows += measured(run, torch.device(d), a.measure)
     print_table(f"Training throughput ({run}), torch threads {torch.get_num_threads()}", rows,
                 [("part", "part", ""), ("resolution", "px", "d"), ("batch", "batch", "d"), ("device", "device", ""),
-                 ("steps", "steps", "d"), ("seconds", "seconds", ".1f"), ("images_per_s", "images/s", ".1f")])
+                 ("steps", "steps", "d"), ("seconds", "seconds", ".1f"), ("cpu_seconds", "CPU s", ".1f"),
+                 ("images_per_s", "images/s", ".1f")])
     fig = figure(figsize=(7, 3.2))
     ax = fig.subplots()
     parts, groups = list(dict.fromkeys(r["part"] for r in rows)), list(dict.fromkeys(r["device"] for r in rows))

@@ -141,7 +141,7 @@ def sample(
     """Sample with one network call per image: z ~ N(0, σ_max² I) at the teacher resolution → G(z)."""
     from pagoda.inference import sample_grid
     path = run(sample_grid, checkpoint, n, class_, seed, out)
-    console.print(f"wrote {path}")
+    console.print(f"wrote {path}", soft_wrap=True)
 
 
 @app.command(epilog="Examples:\n\n  pagoda invert photo.jpg\n\n  pagoda invert shirt.png --checkpoint runs/demo --out inverted/")
@@ -156,8 +156,8 @@ def invert(
     from pagoda.inference import invert_image
     r = run(invert_image, image, checkpoint, teacher, class_, out)
     console.print(f"class {r['label']}  PSNR {r['psnr_teacher_res']:.2f} dB at {r['teacher_res']}px, "
-                  f"{r['psnr_full_res']:.2f} dB at {r['full_res']}px")
-    console.print(f"wrote {r['reconstruction']} and {r['side_by_side']}")
+                  f"{r['psnr_full_res']:.2f} dB at {r['full_res']}px", soft_wrap=True)
+    console.print(f"wrote {r['reconstruction']} and {r['side_by_side']}", soft_wrap=True)  # paths never wrapped
 
 
 @app.command(epilog="Example:\n\n  pagoda encode --teacher runs/demo/teacher/teacher.pt --out runs/demo/latents --n 6000")
@@ -165,15 +165,15 @@ def encode(
     teacher: str = typer.Option(..., help="Teacher checkpoint."),
     data: str = typer.Option("fashion-mnist"),
     out: str = typer.Option(..., help="Latent cache directory (resumable)."),
-    n: Optional[int] = typer.Option(None, help="Images to encode (default all)."),
-    steps: int = typer.Option(40), method: str = typer.Option("heun"),
-    batch: int = typer.Option(256), dtype: str = typer.Option("float16", help="float16 | float32"),
+    n: Optional[int] = typer.Option(None, min=1, help="Images to encode (default all)."),
+    steps: int = typer.Option(40, min=2, help="Karras grid points (paper: 40)."), method: str = typer.Option("heun"),
+    batch: int = typer.Option(256, min=1), dtype: str = typer.Option("float16", help="float16 | float32"),
     resolution: Optional[int] = typer.Option(None, help="Data resolution (default: the teacher's)."),
 ):
     """Encode a data set (image + flip) into a sharded on-disk latent cache."""
     from pagoda.inference import encode_dataset
     info = run(encode_dataset, teacher, data, out, n, steps, method, batch, dtype, resolution)
-    console.print(f"latent cache {out}: {info.num_images} images x 2 (flip), {info.num_shards} shards")
+    console.print(f"latent cache {out}: {info.num_images} images x 2 (flip), {info.num_shards} shards", soft_wrap=True)
 
 
 @teacher_app.command("train", epilog="Examples:\n\n  pagoda teacher train\n\n  pagoda teacher train --steps 200 --out runs/t")
@@ -181,8 +181,8 @@ def teacher_train(
     out: str = typer.Option("runs/demo/teacher"),
     preset: str = typer.Option("demo", help="demo | tiny"),
     data: Optional[str] = typer.Option(None), resolution: Optional[int] = typer.Option(None),
-    steps: Optional[int] = typer.Option(None), batch: Optional[int] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None), seed: Optional[int] = typer.Option(None),
+    steps: Optional[int] = typer.Option(None, min=1), batch: Optional[int] = typer.Option(None, min=1),
+    lr: Optional[float] = typer.Option(None, min=0.0), seed: Optional[int] = typer.Option(None),
     device: str = typer.Option("auto"), progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Train the EDM diffusion teacher (default: Fashion-MNIST at 8x8)."""
@@ -195,7 +195,7 @@ def teacher_train(
             if v is not None}
     cfg = replace(TEACHER_PRESETS[preset], **over)
     path = run(train_teacher, cfg, out, progress, device)
-    console.print(f"teacher: {path}")
+    console.print(f"teacher: {path}", soft_wrap=True)
 
 
 @teacher_app.command("sample", epilog="Example:\n\n  pagoda teacher sample --checkpoint runs/demo/teacher/teacher.pt --method dpmpp_2m --steps 10")
@@ -209,7 +209,7 @@ def teacher_sample_cmd(
     """Sample the teacher with any solver and NFE."""
     from pagoda.inference import teacher_grid
     path, nfe = run(teacher_grid, checkpoint, n, steps, method, class_, seed, out)
-    console.print(f"wrote {path} ({nfe} NFE per image)")
+    console.print(f"wrote {path} ({nfe} NFE per image)", soft_wrap=True)
 
 
 @app.command("eval", epilog="Examples:\n\n  pagoda eval --checkpoint runs/demo --n 10000\n\n"

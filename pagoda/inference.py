@@ -28,9 +28,11 @@ def finished_stages(run_dir: Path) -> list[Path]:
 
 
 def resolve_generator(path: str | Path, device="cpu") -> Generator:
-    """A generator checkpoint file, or a run directory (its last finished stage)."""
+    """A generator checkpoint file, a stage directory, or a run directory (its last finished stage)."""
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir() and (path / "generator.pt").is_file():  # RUN/stage-XX
+        path = path / "generator.pt"
+    elif path.is_dir():
         stages = finished_stages(path)
         if not stages:
             raise CheckpointError(f"{path} holds no finished stage (no stage-*/generator.pt): run `pagoda train --out {path}` first")
@@ -47,7 +49,9 @@ def resolve_teacher_path(run_or_ckpt: str | Path) -> Path:
     """The teacher of a run directory: RUN/teacher/teacher.pt, or the --teacher recorded in RUN/config.json."""
     p = Path(run_or_ckpt)
     if p.is_file():
-        p = p.parent.parent if p.parent.name.startswith("stage-") else p.parent
+        p = p.parent
+    if p.name.startswith("stage-"):  # RUN/stage-XX or RUN/stage-XX/generator.pt
+        p = p.parent
     own = p / "teacher" / "teacher.pt"
     if own.is_file():
         return own
@@ -104,6 +108,8 @@ def teacher_grid(checkpoint: str, n: int = 100, steps: int = 18, method: str = "
 def invert_image(image: str, checkpoint: str = "runs/demo", teacher: str | None = None, class_: int | None = None,
                  out: str = "inverted", steps: int = 40) -> dict:
     """Encode `image` with the teacher (at its resolution), decode with G at full resolution; write PNGs, return PSNRs."""
+    if Path(image).is_dir():
+        raise ValueError(f"{image} is a directory: pass one image file")
     G = resolve_generator(checkpoint)
     D = load_teacher(teacher or resolve_teacher_path(checkpoint))
     if D.resolution != G.base_resolution or D.channels != G.channels:
@@ -118,14 +124,14 @@ def invert_image(image: str, checkpoint: str = "runs/demo", teacher: str | None 
             raise ValueError(f"the model has {ncls} classes: pass --class C (0..{ncls - 1})")
         ys = torch.arange(ncls)  # try every class, keep the one that reconstructs best at the teacher resolution
         z = enc.encode(x_lo.expand(ncls, -1, -1, -1), ys)
-        rec = G(z, ys)
+        rec = G(z, ys).clamp(-1, 1)  # an image: PSNRs are those of the written PNG
         best = int(psnr(downsample(rec, D.resolution), x_lo.expand(ncls, -1, -1, -1)).argmax())
         label, z, rec = best, z[best:best + 1], rec[best:best + 1]
     else:
         y = _labels(1, ncls, class_)
         label = None if y is None else int(y[0])
         z = enc.encode(x_lo, y)
-        rec = G(z, y)
+        rec = G(z, y).clamp(-1, 1)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(image).stem
@@ -146,6 +152,8 @@ def encode_dataset(teacher: str, data: str, out: str, n: int | None = None, step
                    batch: int = 256, dtype: str = "float16", resolution: int | None = None):
     """`pagoda encode`: the latent cache of a data set (image + flip), resumable, with a progress bar."""
     from pagoda.train import progress_bar
+    if dtype not in ("float16", "float32"):  # checked before the cache's index.json is written
+        raise ValueError(f"--dtype {dtype} is not supported: use float16 or float32")
     D = load_teacher(teacher)
     ds = make_dataset(data, resolution or D.resolution, channels=D.channels)
     enc = Encoder(D, D.resolution, steps=steps, method=method)

@@ -95,7 +95,8 @@ def launch_train(cfg: TrainConfig, gpus: int, procs: int | None = None, progress
     nproc, device = resolve_workers(gpus, procs)
     check_out_dir(cfg.out)  # fail here, before any worker starts
     cfg = replace(cfg, device=device)
-    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # as torchrun: don't oversubscribe the cores
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if device == "cpu" and threads is None:  # as torchrun: the workers share the cores (inherited by spawn)
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"pagoda-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
@@ -107,4 +108,7 @@ def launch_train(cfg: TrainConfig, gpus: int, procs: int | None = None, progress
         how = f"killed by signal {-failure.exitcode}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         raise LaunchError(f"worker rank {rank} of {nproc} failed ({how}): {_first_line(failure)}; the other workers "
                           f"were stopped; fix the cause and rerun the same command to resume") from None
+    finally:
+        if threads is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
     return Path(cfg.out)

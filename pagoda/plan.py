@@ -47,6 +47,11 @@ def teacher_config(cfg: TrainConfig) -> tuple[UNetConfig, str]:
         return UNET_PRESETS[name], f"random {name} teacher (no --teacher)"
     tp = TEACHER_PRESETS[cfg.teacher_preset]
     ucfg = replace(UNET_PRESETS[tp.unet], resolution=tp.resolution)
+    if cfg.data != "fashion-mnist":  # as train_teacher: channels and classes from the data
+        from pagoda.data import make_dataset
+        ds = make_dataset(cfg.data, tp.resolution)
+        ucfg = replace(ucfg, in_channels=ds.channels, out_channels=ds.channels,
+                       num_classes=getattr(ds, "num_classes", None))
     return ucfg, f"teacher preset {cfg.teacher_preset!r} (trained by the run)"
 
 
@@ -107,7 +112,8 @@ def _meta_stage(stage, g_cfg: UNetConfig, micro: int, distance: str, augment: st
     C, R0, R, ncls = g_cfg.in_channels, g_cfg.resolution, stage.resolution, g_cfg.num_classes
     with torch.device("meta"):
         G = Generator(UNet(g_cfg))
-        Ds = [Discriminator(R, C, ncls) for _ in range(2 if stage.rec_disc_weight > 0 else 1)]
+        Ds = [Discriminator(R, C, ncls, base_channels=stage.d_channels, max_channels=4 * stage.d_channels)
+              for _ in range(2 if stage.rec_disc_weight > 0 else 1)]  # as StageTrainer builds them
     G.set_trainable(stage.activate_from)
     d = _distance_module(distance, C)
     out = {"G_params": sum(p.numel() for p in G.parameters()),

@@ -91,7 +91,9 @@ def describe(kind: str, model: torch.nn.Module, solver: str, nfe: int, resize: i
     """A row name: 'G 16px, 1 NFE', 'teacher 8px, heun 35 NFE → bicubic 32px'."""
     res = getattr(model, "resolution", model.unet.config.resolution)
     name = f"G {res}px, 1 NFE" if kind == "generator" else f"teacher {res}px, {solver} {nfe} NFE"
-    return name + (f" → bicubic {resize}px" if resize and resize > res else f" → ADM {resize}px" if resize and resize < res else "")
+    if resize and resize != res:
+        name += f" → {'bicubic' if resize > res else 'ADM'} {resize}px"
+    return name
 
 
 def evaluate_checkpoint(checkpoint: str | Path, n: int = 10_000, ref: str = "fashion-mnist", split: str = "train",
@@ -264,8 +266,10 @@ def collect(run_dir: Path) -> dict:
     tcfg = load(tdir / "config.json").get("teacher", {})
     tlog = read_jsonl(tdir / "metrics.jsonl")
     tgrids = sorted(tdir.glob("grid-*.png"))
-    timings = []
-    if tlog:
+    timings, t = [], load(tdir / "timing.json")
+    if t:
+        timings.append({"part": "teacher", **t, "source": "teacher/timing.json"})
+    elif tlog:  # older runs, or a teacher still training
         timings.append({"part": "teacher", "steps": tlog[-1]["step"], "seconds": logged_seconds(tlog, tcfg.get("batch", 0)),
                         "img_per_s": tlog[-1].get("img_per_s"), "source": "teacher/metrics.jsonl (≈)"})
     caption = (f"teacher, Heun {2 * tcfg['sample_steps'] - 1} NFE, step {int(tgrids[-1].stem.split('-')[-1])}"
@@ -282,7 +286,8 @@ def collect(run_dir: Path) -> dict:
         elif logs[s.name]:
             timings.append({"part": s.name + " (running)", "steps": logs[s.name][-1]["step"], "seconds": None,
                             "img_per_s": logs[s.name][-1].get("img_per_s"), "source": f"{s.name}/metrics.jsonl"})
-    return {"run": run, "config": load(run / "config.json"), "teacher_config": tcfg, "latents": load(run / "latents" / "index.json"),
+    return {"run": run, "config": load(run / "config.json"), "teacher_config": tcfg,
+            "latents": load(run / "latents" / "index.json"),
             "teacher_log": tlog, "stage_logs": logs, "grids": grids, "timings": timings,
             "eval": load(run / "eval.json").get("results", []), "finished": [p.name for p in finished_stages(run)]}
 
@@ -296,11 +301,11 @@ def _tables(info: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
     fid = (["model", "n", "FID", "KID ×10³", "reference", "checkpoint"],
            [[r["model"], str(r["n"]), f"{r['fid']:.2f}",
              "–" if r.get("kid") is None else f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f}",
-             f"{r['ref']} (n={r['ref_n']})", Path(r.get("checkpoint", "")).parent.name + "/" + Path(r.get("checkpoint", "")).name]
+             f"{r['ref']} (n={r['ref_n']})", "/".join(Path(r.get("checkpoint", "")).parts[-2:])]
             for r in info["eval"]])
-    timings = (["part", "steps", "seconds", "images/s", "source"],
-               [[t["part"], _fmt(t.get("steps")), _fmt(t.get("seconds"), ".1f"), _fmt(t.get("img_per_s"), ".1f"), t["source"]]
-                for t in info["timings"]])
+    timings = (["part", "steps", "seconds", "CPU seconds", "images/s", "source"],
+               [[t["part"], _fmt(t.get("steps")), _fmt(t.get("seconds"), ".1f"), _fmt(t.get("cpu_seconds"), ".1f"),
+                 _fmt(t.get("img_per_s"), ".1f"), t["source"]] for t in info["timings"]])
     keys = ["name", "resolution", "steps", "batch", "lr_G", "lr_D", "lam", "activate_from", "fade_steps", "ema"]
     stages = (keys, [[_fmt(s.get(k)) for k in keys] for s in info["config"].get("stages", [])])
     return {"fid": fid, "timings": timings, "stages": stages}

@@ -176,6 +176,8 @@ class StageTrainer:
         stats = dict(rec=0.0, adv=0.0, w=0.0, d=0.0, alpha=alpha)
         # ---- G step
         self.opt_G.zero_grad(set_to_none=True)
+        split = st.split_g_step and adv_on  # official 256/512 px: the rec and the adv updates are separate steps
+        later = []  # (slice, z, y, w) of each micro-batch, for the adversarial pass of a split step
         for sl in self._slices():
             x_hi, y = self._real(gi[sl], flip[sl])
             # the cached latent of the image or of its flip, matching x_hi
@@ -194,17 +196,20 @@ class StageTrainer:
                 w = self._weight(rec, adv)
                 loss = rec + st.lam * w * adv
             check_finite(step, rec=rec.item(), adv=adv.item())
-            if st.split_g_step and adv_on:  # official 256/512 px: the rec and the adv updates are separate steps
+            if split:
                 (rec / self.A).backward()
-                self._step_G()
-                with self.amp:  # the adversarial term again, through the updated weights
-                    x_rec = self.G(z, y).float() if self.D_rec is not None else None
-                    (st.lam * w * self._adv(z_f[sl], y_f, sl, x_rec, y, aug_seed, sl.start) / self.A).backward()
+                later.append((sl, z, y, w))
             else:
                 (loss / self.A).backward()
             stats["rec"] += rec.item() / self.A
             stats["adv"] += adv.item() / self.A
             stats["w"] += w.item() / self.A
+        if split:  # one rec update on the whole global batch, then the adversarial term through the new weights
+            self._step_G()
+            for sl, z, y, w in later:
+                with self.amp:
+                    x_rec = self.G(z, y).float() if self.D_rec is not None else None
+                    (st.lam * w * self._adv(z_f[sl], y_f, sl, x_rec, y, aug_seed, sl.start) / self.A).backward()
         self._step_G()
         # ---- D steps, each on a separate real batch
         if adv_on:

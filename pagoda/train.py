@@ -139,6 +139,9 @@ def load_teacher(path: str | Path, device: str | torch.device = "cpu") -> Denois
         D = Denoiser(UNet(cfg), ckpt.get("sigma_data", 0.5), ckpt.get("c_noise", "adm"))
         D.load_state_dict(ckpt["ema"])
         return D.to(device).eval().requires_grad_(False)
+    if isinstance(ckpt.get("kind"), str):  # e.g. a generator: it has its teacher's UNet keys, would load silently
+        raise CheckpointError(f"{path} is a {ckpt['kind']!r} checkpoint, not a teacher: pass RUN/teacher/teacher.pt "
+                              f"or an ADM state dict")
     sd = ckpt.get("state_dict", ckpt)
     sd = {k.removeprefix("module.").removeprefix("model."): v for k, v in sd.items() if torch.is_tensor(v)}
     for name, cfg in UNET_PRESETS.items():
@@ -280,9 +283,6 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
     data = make_dataset(cfg.data, cfg.res, channels=teacher.channels)
     if data.channels != teacher.channels:
         raise ValueError(f"the data has {data.channels} channels but the teacher {teacher.channels}: pass matching --data")
-    if info.is_main:
-        save_json({"train": asdict(cfg), "teacher": teacher.unet.config.to_dict(),
-                   "stages": [asdict(s) for s in stages]}, lay["config"])
     # 2. Latent cache: image and flip, encoded once (split across ranks)
     grow = get_preset(cfg.preset)
     n_enc = grow.encode_images if cfg.encode_images is None else cfg.encode_images
@@ -294,6 +294,9 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
                            progress=lambda d, t, ips: bar.update(task, completed=d, total=t, info=f"{ips:.0f} img/s"))
     dist.barrier(info)
     _, z, _, idx = load_latent_cache(lay["latents"])
+    if info.is_main:  # written once the inputs proved usable: a refused run leaves the old config.json
+        save_json({"train": asdict(cfg), "teacher": teacher.unet.config.to_dict(),
+                   "stages": [asdict(s) for s in stages]}, lay["config"])
     # 3. Stages
     G = None
     for k, stage in enumerate(stages[: cfg.max_stages]):

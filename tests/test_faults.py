@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import zlib
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ from typer.testing import CliRunner
 import pagoda.io as pio
 from pagoda.cli import app
 from pagoda.decoder import Generator
-from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint
+from pagoda.encoder import CacheInfo
+from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
 from pagoda.stage import StageTrainer
 from pagoda.teacher import Denoiser
 from pagoda.train import TrainConfig, TrainingError, teacher_checkpoint, train
@@ -217,6 +219,10 @@ def finished_run(tmp_path_factory, assets):
     (run / "teacher" / "teacher.pt").write_bytes(Path(teacher).read_bytes())
     from pagoda.train import load_teacher
     save_checkpoint(Generator.from_teacher(load_teacher(teacher)).to_checkpoint(), run / "stage-08" / "generator.pt")
+    # the run's latent cache was made by another teacher, and its config.json says so
+    info = CacheInfo(16, 1024, 8, 1, 2, "heun", 0.002, 80.0, "float16", "another teacher")
+    save_json(asdict(info), run / "latents" / "index.json")
+    save_json({"train": {"teacher": "another.pt"}}, run / "config.json")
     return run
 
 
@@ -268,7 +274,10 @@ def test_bad_options_are_one_line_and_lose_nothing(tmp_path, assets, finished_ru
     G = Generator.from_checkpoint(finished_run / "stage-08" / "generator.pt").grow(32, fade=False)
     save_checkpoint(G.to_checkpoint(), gen)
     one_line_error(runner.invoke(app, ["train", "--teacher", str(gen), "--data", str(data), "--res", "16", "--out",
-                                       str(finished_run), "--no-progress"]), str(gen), "pass a teacher checkpoint")
+                                       str(finished_run), "--no-progress"]), str(gen), "teacher")
+    # the run's latent cache belongs to another teacher: refused before config.json is rewritten
+    one_line_error(runner.invoke(app, base + ["--res", "8", "--encode-steps", "2", "--encode-images", "16",
+                                              "--out", str(finished_run)]), "latent cache of another teacher")
     # a missing data directory
     one_line_error(runner.invoke(app, base[:3] + ["--data", str(tmp_path / "nope"), "--res", "8", "--out",
                                                   str(finished_run)]), str(tmp_path / "nope"), "fix:")

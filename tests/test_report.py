@@ -91,7 +91,9 @@ def test_report_md_links_resolve_and_tables_match_the_run(run):
     for link in links:
         Image.open(run / link).load()  # relative to RUN, and a real PNG
     timing = json.loads((run / "stage-16" / "timing.json").read_text())
-    assert f"| stage-16 | {timing['steps']} | {timing['seconds']:.1f} | {timing['img_per_s']:.1f} |" in md
+    assert (f"| stage-16 | {timing['steps']} | {timing['seconds']:.1f} | {timing['cpu_seconds']:.1f} | "
+            f"{timing['img_per_s']:.1f} | stage-16/timing.json |") in md
+    assert "| teacher | 10 |" in md and "teacher/timing.json" in md
     page = html_path.read_text()
     pre = re.search(r"<pre>(.*)</pre>", page, re.S).group(1)
     assert json.loads(html.unescape(pre)) == json.loads((run / "config.json").read_text())
