@@ -28,7 +28,6 @@ from pagoda.data import downsample
 from pagoda.dist import pick_device
 from pagoda.inference import finished_stages, resolve_generator, resolve_teacher_path
 from pagoda.io import CheckpointError, atomic_write_bytes, load_checkpoint, save_json
-from pagoda.metrics import evaluate
 from pagoda.solvers import karras_sigmas, nfe as count_nfe
 from pagoda.train import load_teacher, step_generator, teacher_sample
 
@@ -101,6 +100,7 @@ def evaluate_checkpoint(checkpoint: str | Path, n: int = 10_000, ref: str = "fas
                         batch: int = 64, seed: int = 0, device: str = "auto", cache_dir: Path | None = None,
                         progress: Progress | None = None) -> dict:
     """FID/KID of n samples of a generator (checkpoint or run dir) or a teacher (with solver/nfe), as metrics.evaluate."""
+    from pagoda.metrics import evaluate  # clean-fid and torchvision: imported only when measuring
     dev = pick_device(device)
     kind, model, path = load_model(checkpoint, dev)
     generate = make_sampler(kind, model, solver, nfe, resize, seed, dev)
