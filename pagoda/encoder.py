@@ -175,6 +175,44 @@ def load_latent_cache(root: str | Path) -> tuple[CacheInfo, torch.Tensor, torch.
     return info, z, torch.cat([p["labels"] for p in parts]), torch.cat([p["indices"] for p in parts])
 
 
+class LatentStore:
+    """A finished cache, memory-mapped shard by shard (ImageNet's 59 GiB never sit in RAM, and ranks
+    on one node share the page cache). `store[idx, slot]` gathers latents (slot 0 = image, 1 = flip)
+    as float32; `store.shape` = (N, 2, C, R, R); `store.indices` maps entries to data-set indices."""
+
+    def __init__(self, root: str | Path):
+        root = Path(root)
+        index = root / "index.json"
+        if not index.exists():
+            raise ValueError(f"{root} is not a latent cache (no index.json); build it with `pagoda encode`")
+        self.info = CacheInfo(**json.loads(index.read_text()))
+        self.shards, ids = [], []
+        for i in range(self.info.num_shards):
+            p = _shard_path(root, i)
+            if not p.exists():
+                raise ValueError(f"latent cache {root} is incomplete ({p.name} missing); rerun `pagoda encode` to finish it")
+            d = load_checkpoint(p, mmap=True)
+            self.shards.append(d["z"])
+            ids.append(d["indices"].clone())
+        self.indices = torch.cat(ids)
+        self.starts = torch.tensor([0] + [len(z) for z in self.shards]).cumsum(0)
+        self.shape = torch.Size((int(self.starts[-1]), *self.shards[0].shape[1:]))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> torch.Tensor:
+        idx, slot = key
+        idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        slot = torch.as_tensor(slot, dtype=torch.long).expand(idx.shape)
+        shard = torch.searchsorted(self.starts, idx, right=True) - 1
+        out = torch.empty(len(idx), *self.shape[2:])
+        for s in shard.unique().tolist():  # one gather per shard touched
+            m = shard == s
+            out[m] = self.shards[s][idx[m] - self.starts[s], slot[m]].float()
+        return out
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB for images in [−1, 1] (peak-to-peak 2)."""
     mse = ((a.float() - b.float()) ** 2).flatten(1).mean(1).clamp_min(1e-12)

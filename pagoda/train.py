@@ -263,7 +263,7 @@ def run_layout(out: Path) -> dict[str, Path]:
 def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = None) -> Path:
     """Teacher (load or train) → latent cache (build if absent) → one stage per resolution; returns the run dir."""
     from pagoda.decoder import Generator
-    from pagoda.encoder import Encoder, build_latent_cache, load_latent_cache
+    from pagoda.encoder import Encoder, LatentStore, build_latent_cache
     from pagoda.grow import get_preset, plan_stages, stage_dir_name
     from pagoda.stage import StageTrainer
 
@@ -273,6 +273,9 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
     # 1. Teacher
     teacher_path = Path(cfg.teacher) if cfg.teacher else lay["teacher"] / "teacher.pt"
     if cfg.teacher is None and not teacher_path.exists():
+        if cfg.teacher_preset not in TEACHER_PRESETS:
+            raise ValueError(f"unknown teacher preset {cfg.teacher_preset!r}: use one of {', '.join(TEACHER_PRESETS)}")
+        plan_stages(TEACHER_PRESETS[cfg.teacher_preset].resolution, cfg.res, cfg.preset)  # bad --res: fail before training
         if info.is_main:
             tcfg = replace(TEACHER_PRESETS[cfg.teacher_preset], data=cfg.data)
             train_teacher(tcfg, lay["teacher"], progress=progress, device=cfg.device)
@@ -293,7 +296,8 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
                            world_size=info.world_size,
                            progress=lambda d, t, ips: bar.update(task, completed=d, total=t, info=f"{ips:.0f} img/s"))
     dist.barrier(info)
-    _, z, _, idx = load_latent_cache(lay["latents"])
+    z = LatentStore(lay["latents"])  # memory-mapped: every rank reads only the entries it draws
+    idx = z.indices
     if info.is_main:  # written once the inputs proved usable: a refused run leaves the old config.json
         save_json({"train": asdict(cfg), "teacher": teacher.unet.config.to_dict(),
                    "stages": [asdict(s) for s in stages]}, lay["config"])

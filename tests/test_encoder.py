@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch.utils.data import TensorDataset
 
-from pagoda.encoder import Encoder, build_latent_cache, load_latent_cache, psnr
+from pagoda.encoder import Encoder, LatentStore, build_latent_cache, load_latent_cache, psnr
 
 
 def gaussian_denoiser(mu: float, s: float):
@@ -112,3 +112,15 @@ def test_incomplete_cache_is_an_error(tmp_path):
     (tmp_path / "shard-00002.pt").unlink()
     with pytest.raises(ValueError, match="incomplete"):
         load_latent_cache(tmp_path)
+
+
+def test_latent_store_matches_full_load(tmp_path):
+    data = TensorDataset(torch.rand(11, 1, 8, 8) * 2 - 1, torch.arange(11) % 2)
+    build_latent_cache(Encoder(gaussian_denoiser(0, .5), 8, steps=4, method="euler"), data, tmp_path, shard_size=4)
+    _, z, _, idx = load_latent_cache(tmp_path)
+    store = LatentStore(tmp_path)
+    assert store.shape == z.shape and len(store) == 11 and torch.equal(store.indices, idx)
+    i = torch.tensor([10, 0, 5, 3, 3, 7])
+    slot = torch.tensor([1, 0, 1, 0, 1, 1])
+    torch.testing.assert_close(store[i, slot], z[i, slot])
+    torch.testing.assert_close(store[i, 0], z[i, 0])
