@@ -7,8 +7,6 @@
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Optional
 

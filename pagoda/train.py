@@ -14,14 +14,13 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from pagoda import dist
-from pagoda.data import downsample, make_dataset, save_image_grid
+from pagoda.data import make_dataset, save_image_grid
 from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
 from pagoda.solvers import karras_sigmas, solve
 from pagoda.teacher import Denoiser, edm_loss

@@ -19,30 +19,18 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from helpers import tiny_assets
+
 import pagoda.io as pio
 from pagoda.cli import app
 from pagoda.decoder import Generator
 from pagoda.encoder import CacheInfo
 from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
 from pagoda.stage import StageTrainer
-from pagoda.teacher import Denoiser
-from pagoda.train import TrainConfig, TrainingError, teacher_checkpoint, train
-from pagoda.unet import PRESETS, UNet
+from pagoda.train import TrainConfig, TrainingError, train
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-
-
-def tiny_assets(root: Path) -> tuple[Path, Path]:
-    """A random `tiny` teacher checkpoint (8 px, 1 channel) and a 16-image, 2-class grey image folder."""
-    torch.manual_seed(0)
-    teacher = save_checkpoint(teacher_checkpoint(Denoiser(UNet(PRESETS["tiny"]))), root / "teacher.pt")
-    rng = np.random.default_rng(0)
-    for c in range(2):
-        (root / "data" / f"c{c}").mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8), "L").save(root / "data" / f"c{c}" / f"{i}.png")
-    return teacher, root / "data"
 
 
 def one_line_error(result, *needles: str) -> str:

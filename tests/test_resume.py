@@ -8,47 +8,21 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
+
+from helpers import tiny_assets, tensors
 
 from pagoda import grow
 from pagoda.cli import app
-from pagoda.io import load_checkpoint, save_checkpoint
-from pagoda.teacher import Denoiser
-from pagoda.train import TeacherConfig, TrainConfig, teacher_checkpoint, train, train_teacher
-from pagoda.unet import PRESETS, UNet
+from pagoda.io import load_checkpoint
+from pagoda.train import TeacherConfig, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 # 6 steps per stage, fade-in over 4: a kill at stage-16 step 3 (checkpoints every 2) loses step 2 and
 # resumes at step 2 mid-fade (α = 0.5).
 RESUME_PRESET = replace(grow.PRESETS["tiny"], name="tiny6", steps=(6,), fade_steps=(0, 4))
-
-
-def tiny_assets(root: Path) -> tuple[Path, Path]:
-    """A random `tiny` teacher checkpoint (8 px, 1 channel) and a 16-image, 2-class grey image folder."""
-    torch.manual_seed(0)
-    teacher = save_checkpoint(teacher_checkpoint(Denoiser(UNet(PRESETS["tiny"]))), root / "teacher.pt")
-    rng = np.random.default_rng(0)
-    for c in range(2):
-        (root / "data" / f"c{c}").mkdir(parents=True)
-        for i in range(8):
-            Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8), "L").save(root / "data" / f"c{c}" / f"{i}.png")
-    return teacher, root / "data"
-
-
-def tensors(obj, prefix: str = ""):
-    """(path, tensor) for every tensor inside nested dicts / lists."""
-    if torch.is_tensor(obj):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from tensors(v, f"{prefix}/{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from tensors(v, f"{prefix}/{i}")
 
 
 def assert_bit_identical(a: Path, b: Path) -> None:
