@@ -1,4 +1,5 @@
-"""Helpers shared by the distributed, resume and fault tests."""
+"""Helpers shared by several test files."""
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -33,3 +34,15 @@ def tensors(obj, prefix: str = ""):
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from tensors(v, f"{prefix}/{i}")
+
+
+def build_tiny_run(root: Path) -> Path:
+    """A real 8 → 16 px run in seconds (10-step teacher, 16 encoded images, 3 steps per stage), built once per session."""
+    from pagoda.train import TEACHER_PRESETS, TrainConfig, train, train_teacher
+    run = root / "pagoda-tiny-run"
+    if not (run / "report.html").is_file():
+        train_teacher(replace(TEACHER_PRESETS["tiny"], steps=10, batch=16, grid_every=10, ckpt_every=10, sample_steps=4),
+                      run / "teacher", progress=False)
+        train(TrainConfig(out=str(run), res=16, teacher_preset="tiny", preset="tiny", encode_images=16, encode_steps=4,
+                          ckpt_every=100), progress=False)
+    return run

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from typer.testing import CliRunner
 
+from helpers import build_tiny_run
+
 from pagoda import metrics as M
 from pagoda.cli import app
 from pagoda.data import downsample, load_fashion_mnist
@@ -26,18 +27,6 @@ from pagoda.report import load_model, make_sampler, resample, solver_steps
 from pagoda.solvers import METHODS, karras_sigmas, nfe as count_nfe
 
 runner = CliRunner()
-
-
-def build_tiny_run(root: Path) -> Path:
-    """A real 8 → 16 px run in seconds (10-step teacher, 16 encoded images, 3 steps per stage), built once per session."""
-    from pagoda.train import TEACHER_PRESETS, TrainConfig, train, train_teacher
-    run = root / "pagoda-tiny-run"
-    if not (run / "report.html").is_file():
-        train_teacher(replace(TEACHER_PRESETS["tiny"], steps=10, batch=16, grid_every=10, ckpt_every=10, sample_steps=4),
-                      run / "teacher", progress=False)
-        train(TrainConfig(out=str(run), res=16, teacher_preset="tiny", preset="tiny", encode_images=16, encode_steps=4,
-                          ckpt_every=100), progress=False)
-    return run
 
 
 class StandInInception(torch.nn.Module):

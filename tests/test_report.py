@@ -11,7 +11,6 @@ import io
 import json
 import re
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,24 +20,14 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
+from helpers import build_tiny_run
+
 from pagoda import metrics as M
 from pagoda.cli import app
 from pagoda.report import SECTIONS, _smooth, logged_seconds, record_results, write_report
 
 runner = CliRunner()
 IMG = re.compile(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'")
-
-
-def build_tiny_run(root: Path) -> Path:
-    """A real 8 → 16 px run in seconds (10-step teacher, 16 encoded images, 3 steps per stage), built once per session."""
-    from pagoda.train import TEACHER_PRESETS, TrainConfig, train, train_teacher
-    run = root / "pagoda-tiny-run"
-    if not (run / "report.html").is_file():
-        train_teacher(replace(TEACHER_PRESETS["tiny"], steps=10, batch=16, grid_every=10, ckpt_every=10, sample_steps=4),
-                      run / "teacher", progress=False)
-        train(TrainConfig(out=str(run), res=16, teacher_preset="tiny", preset="tiny", encode_images=16, encode_steps=4,
-                          ckpt_every=100), progress=False)
-    return run
 
 
 @pytest.fixture(scope="module")
