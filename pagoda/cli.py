@@ -212,7 +212,8 @@ def teacher_sample_cmd(
 
 @app.command("eval", epilog="Examples:\n\n  pagoda eval --checkpoint runs/demo --n 10000\n\n"
                             "  pagoda eval --checkpoint runs/demo --all-stages --n 500 --ref-n 500\n\n"
-                            "  pagoda eval --checkpoint runs/demo/teacher/teacher.pt --solver dpmpp_2m --nfe 10")
+                            "  pagoda eval --checkpoint runs/demo/teacher/teacher.pt --solver dpmpp_2m --nfe 10\n\n"
+                            "  pagoda eval --checkpoint runs/in128 --n 50000 --ref VIRTUAL_imagenet128_labeled.npz --gpus 8")
 def eval_cmd(
     checkpoint: str = typer.Option("runs/demo", help="Generator checkpoint, run directory (last finished stage) or teacher checkpoint."),
     n: int = typer.Option(10_000, min=2, help="Samples scored (FID is biased at small n: compare only at equal n)."),
@@ -225,17 +226,24 @@ def eval_cmd(
     all_stages: bool = typer.Option(False, "--all-stages", help="CHECKPOINT is a run: score its teacher and every finished stage."),
     batch: int = typer.Option(64, min=1), seed: int = typer.Option(0), device: str = typer.Option("auto", help="auto | cpu | cuda"),
     out: Optional[str] = typer.Option(None, help="JSON file the rows are merged into; default RUN/eval.json, else ./eval.json."),
+    gpus: Optional[int] = typer.Option(None, help="Split the samples over N local workers (torch.distributed elastic launch)."),
+    procs: Optional[int] = typer.Option(None, help="With --gpus 0: N CPU worker processes (gloo)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """FID / KID of a generator or a teacher against a reference at the samples' resolution (clean-fid)."""
-    from pagoda.report import eval_progress, evaluate_checkpoint, evaluate_run, record_results, results_table, run_dir_of
-    kw = dict(n=n, ref=ref, split=split, ref_n=ref_n, solver=solver, nfe=nfe, resize=resize, batch=batch, seed=seed, device=device)
-    with eval_progress(progress) as bar:
-        results = run(evaluate_run, checkpoint, progress=bar, **kw) if all_stages else \
-            [run(evaluate_checkpoint, checkpoint, progress=bar, **kw)]
-    path = run(record_results, results, Path(out) if out else (run_dir_of(checkpoint) or Path(".")) / "eval.json")
-    console.print(results_table(results))
-    console.print(f"wrote {path}")
+    import os
+
+    from pagoda.report import results_table, run_eval
+    kw = dict(n=n, ref=ref, split=split, ref_n=ref_n, solver=solver, nfe=nfe, resize=resize, batch=batch, seed=seed,
+              all_stages=all_stages, out=out, progress=progress)
+    if gpus is not None or procs is not None:
+        from pagoda.launch import launch
+        results, path = run(launch, run_eval, (checkpoint,), kw, gpus or 0, procs)
+    else:
+        results, path = run(run_eval, checkpoint, device=device, **kw)  # one process, or one rank under torchrun
+    if os.environ.get("RANK", "0") == "0":
+        console.print(results_table(results))
+        console.print(f"wrote {path}")
 
 
 @app.command("report", epilog="Examples:\n\n  pagoda report runs/demo\n\n  pagoda report runs/demo --fid 500")

@@ -20,6 +20,7 @@ import signal
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -134,6 +135,22 @@ def gather_cat(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(info.world_size)]
     dist.all_gather(parts, padded.contiguous())
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def gather_array(a: np.ndarray, info: DistInfo) -> np.ndarray:
+    """gather_cat for a NumPy array (sent through this rank's device: NCCL takes CUDA tensors only)."""
+    if not info.enabled:
+        return a
+    return gather_cat(torch.from_numpy(np.ascontiguousarray(a)).to(info.device), info).cpu().numpy()
+
+
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    """Rank src's (picklable) obj on every rank: one decision or result for all (e.g. "is it cached?")."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src, device=info.device)
+    return box[0]
 
 
 def barrier(info: DistInfo) -> None:

@@ -1,4 +1,5 @@
-"""Start `pagoda train` on several processes with torch.distributed's elastic launcher (what torchrun runs).
+"""Start `pagoda train` (or `pagoda eval`) on several processes with torch.distributed's elastic launcher
+(what torchrun runs).
 
 One node, N GPUs (NCCL), either of:
 
@@ -15,6 +16,11 @@ CPU processes (gloo), for testing:
 
     pagoda train --gpus 0 --procs 2 --res 16 --out runs/cpu2
 
+Evaluation the same way: each rank scores a contiguous share of the samples, rank 0 gathers the features:
+
+    pagoda eval --checkpoint runs/demo --all-stages --n 50000 --gpus 8
+    torchrun --standalone --nproc-per-node 8 -m pagoda.cli eval --checkpoint runs/demo --n 50000
+
 Every rank computes its slice of the same global batch (pagoda/stage.py), so N ranks x B = 1 rank x N·B.
 A rank that fails makes the launcher stop the others and exit non-zero, naming the rank and its error.
 Resume after any failure with the same command (`--resume` is the default).
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -78,8 +85,8 @@ def run_worker(cfg: TrainConfig, progress: bool = True) -> Path:
 
 
 @record  # writes the exception into torchelastic's error file, so the launcher can name it
-def _worker(cfg: TrainConfig, progress: bool) -> str:
-    return str(run_worker(cfg, progress))
+def _worker(fn: Callable, args: tuple, kwargs: dict):
+    return fn(*args, **kwargs)
 
 
 def _first_line(failure) -> str:
@@ -90,11 +97,10 @@ def _first_line(failure) -> str:
     return lines[0] if lines else f"exit code {failure.exitcode}"
 
 
-def launch_train(cfg: TrainConfig, gpus: int, procs: int | None = None, progress: bool = True) -> Path:
-    """`pagoda train --gpus N` (or `--gpus 0 --procs P`): N local workers via elastic_launch, then return."""
+def launch(fn: Callable, args: tuple, kwargs: dict, gpus: int, procs: int | None = None):
+    """fn(*args, **kwargs) on N local workers via elastic_launch (fn joins the group itself, from the
+    environment the launcher sets); returns rank 0's result. `device=` is set in kwargs from --gpus/--procs."""
     nproc, device = resolve_workers(gpus, procs)
-    check_out_dir(cfg.out)  # fail here, before any worker starts
-    cfg = replace(cfg, device=device)
     threads = os.environ.get("OMP_NUM_THREADS")
     if device == "cpu" and threads is None:  # as torchrun: the workers share the cores (inherited by spawn)
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
@@ -102,13 +108,23 @@ def launch_train(cfg: TrainConfig, gpus: int, procs: int | None = None, progress
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
                           start_method="spawn")
     try:
-        elastic_launch(config, _worker)(cfg, progress)
+        return elastic_launch(config, _worker)(fn, args, {**kwargs, "device": device})[0]
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         how = f"killed by signal {-failure.exitcode}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         raise LaunchError(f"worker rank {rank} of {nproc} failed ({how}): {_first_line(failure)}; the other workers "
-                          f"were stopped; fix the cause and rerun the same command to resume") from None
+                          f"were stopped; fix the cause and rerun the same command (training resumes)") from None
     finally:
         if threads is None:
             os.environ.pop("OMP_NUM_THREADS", None)
-    return Path(cfg.out)
+
+
+def _train_worker(cfg: TrainConfig, progress: bool, device: str) -> str:
+    return str(run_worker(replace(cfg, device=device), progress))
+
+
+def launch_train(cfg: TrainConfig, gpus: int, procs: int | None = None, progress: bool = True) -> Path:
+    """`pagoda train --gpus N` (or `--gpus 0 --procs P`): N local workers via elastic_launch, then return."""
+    resolve_workers(gpus, procs)  # a bad --gpus fails before the run directory is touched
+    check_out_dir(cfg.out)  # fail here, before any worker starts
+    return Path(launch(_train_worker, (cfg, progress), {}, gpus, procs))

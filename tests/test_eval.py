@@ -10,15 +10,18 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
+import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from typer.testing import CliRunner
 
-from helpers import build_tiny_run
+from helpers import StandInInception, build_tiny_run
 
 from pagoda import metrics as M
 from pagoda.cli import app
@@ -27,19 +30,6 @@ from pagoda.report import load_model, make_sampler, resample, solver_steps
 from pagoda.solvers import METHODS, karras_sigmas, nfe as count_nfe
 
 runner = CliRunner()
-
-
-class StandInInception(torch.nn.Module):
-    """clean-fid feat_model interface ((B, 3, 299, 299) in [0, 255] -> features), 16-d: 4×4 means, fixed projection."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = torch.randn(48, 16, generator=torch.Generator().manual_seed(1))
-        self.shapes = []
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.shapes.append(tuple(x.shape[1:]))
-        return F.adaptive_avg_pool2d(x / 255, 4).flatten(1) @ self.w
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +112,55 @@ def test_eval_missing_checkpoint_one_line(tmp_path):
 
 # The pieces under the command ---------------------------------------------------------------------
 
+EVAL_RANK = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from helpers import StandInInception
+from typer.testing import CliRunner
+from pagoda import metrics as M
+from pagoda.cli import app
+M.load_inception = lambda *a, **k: StandInInception()
+res = CliRunner().invoke(app, ["eval", "--checkpoint", sys.argv[2], "--all-stages", "--nfe", "3", "--n", "13",
+                               "--ref-n", "11", "--batch", "4", "--no-progress", "--out", sys.argv[3]])
+assert res.exit_code == 0, res.output
+"""
+
+
+def test_eval_split_over_two_ranks_equals_one_process(tiny_run, tmp_path, monkeypatch, inception):
+    """Two gloo ranks (torchrun's environment, the CLI's torchrun path): each scores its share of the 13 samples and
+    of the uncached 11-image reference, rank 0 gathers in order and alone writes eval.json and the reference cache:
+    the same rows and the same cached statistics as one process."""
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache2"))
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=f"e-{uuid.uuid4().hex[:8]}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2)
+    elastic_launch(config, sys.executable)("-c", EVAL_RANK, str(Path(__file__).parent), str(tiny_run), str(tmp_path / "two.json"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache1"))
+    res = runner.invoke(app, ["eval", "--checkpoint", str(tiny_run), "--all-stages", "--nfe", "3", "--n", "13", "--ref-n",
+                              "11", "--batch", "4", "--no-progress", "--out", str(tmp_path / "one.json")])
+    assert res.exit_code == 0, res.output
+    two, one = rows(tmp_path / "two.json"), rows(tmp_path / "one.json")
+    assert [r["ranks"] for r in two] == [2, 2, 2] and [r["ranks"] for r in one] == [1, 1, 1]
+    for a, b in zip(two, one):
+        assert (a["model"], a["n"], a["ref_n"]) == (b["model"], 13, 11)
+        assert a["fid"] == pytest.approx(b["fid"], rel=1e-4) and a["kid"] == pytest.approx(b["kid"], rel=1e-3, abs=1e-6)
+    [c2, c1] = [sorted((tmp_path / c / "pagoda" / "fid-stats").glob("*.npz")) for c in ("cache2", "cache1")]
+    assert [p.name for p in c2] == [p.name for p in c1] and len(c1) == 2  # references at 8 and 16 px, cached once
+    for p2, p1 in zip(c2, c1):
+        a, b = M.ReferenceStats.load(p2), M.ReferenceStats.load(p1)
+        np.testing.assert_allclose(a.mu, b.mu, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(a.features, b.features, rtol=1e-3, atol=1e-3)  # float16 on disk
+
+
+def test_eval_procs_failure_names_the_rank_one_line(tmp_path):
+    res = runner.invoke(app, ["eval", "--checkpoint", str(tmp_path / "missing"), "--gpus", "0", "--procs", "2",
+                              "--no-progress"])
+    err = [ln for ln in res.output.splitlines() if ln.startswith("error:")]  # (the launcher also logs to stderr)
+    assert res.exit_code == 2 and len(err) == 1, res.output
+    assert "worker rank" in err[0] and "failed" in err[0] and "does not exist" in err[0], err[0]
+
+
 @settings(max_examples=30, deadline=None)
 @given(method=st.sampled_from(METHODS), nfe=st.integers(1, 100))
 def test_solver_steps_gives_exactly_the_nfe_or_refuses(method, nfe):
@@ -147,15 +186,18 @@ def test_sampler_is_seeded_cycles_labels_and_calls_the_teacher_nfe_times(tiny_ru
             return D(x, sigma, y)
 
     gen = make_sampler("teacher", Counting(), "dpmpp_2m", 3, seed=7)
-    a = torch.cat([gen(6), gen(7)])
+    a = torch.cat([gen(0, 6), gen(6, 7)])
     assert calls == [6, 6, 6, 7, 7, 7]  # 3 NFE per batch
     assert torch.equal(torch.cat([labels[0], labels[3]]), torch.arange(13) % 10)  # classes cycle across batches
     again = make_sampler("teacher", D, "dpmpp_2m", 3, seed=7)
-    assert torch.equal(torch.cat([again(6), again(7)]), a) and a.abs().max() <= 1
-    assert not torch.equal(make_sampler("teacher", D, "dpmpp_2m", 3, seed=8)(6), a[:6])
+    assert torch.equal(torch.cat([again(0, 6), again(6, 7)]), a) and a.abs().max() <= 1
+    assert not torch.equal(make_sampler("teacher", D, "dpmpp_2m", 3, seed=8)(0, 6), a[:6])
     kind, G, path = load_model(tiny_run)
     assert kind == "generator" and G.resolution == 16 and path.parent.name == "stage-16"
-    assert make_sampler("generator", G, resize=32)(3).shape == (3, 1, 32, 32)
+    assert make_sampler("generator", G, resize=32)(0, 3).shape == (3, 1, 32, 32)
+    # image i depends on (seed, i) only: any cut into batches (or ranks) gives the same sequence
+    g = make_sampler("generator", G, seed=3)
+    torch.testing.assert_close(torch.cat([g(0, 2), g(2, 5), g(7, 1)]), g(0, 8), rtol=1e-5, atol=1e-5)
 
 
 @settings(max_examples=10, deadline=None)
@@ -182,6 +224,6 @@ def test_eval_real_inception_n100(tiny_run, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     [row] = rows(out)
     test = downsample(load_fashion_mnist("test")[0][:100], 16)
-    real = M.evaluate(lambda b, it=iter(test.split(64)): next(it)[:b], "fashion-mnist", n=100, batch=64, max_ref_images=100)
+    real = M.evaluate(lambda i, b: test[i:i + b], "fashion-mnist", n=100, batch=64, max_ref_images=100)
     print("tiny G16 FID", row["fid"], "real test FID", real["fid"])
     assert real["fid"] < row["fid"]

@@ -234,17 +234,16 @@ def test_adm_npz_reference_is_read_and_used(tmp_path, fmnist_test):
     assert M.ReferenceStats.load(paths["close"]).mode == "legacy_tensorflow"
     assert M.load_reference(str(paths["close"]), 32, extractor).features is None
 
-    def feed():  # the 20 images in order, so the generated features are exactly `fake`
-        batches = iter(data.split(8))
-        return lambda b: next(batches)[:b]
+    def feed(i: int, b: int) -> torch.Tensor:  # the 20 images in order, so the generated features are exactly `fake`
+        return data[i:i + b]
 
-    close = M.evaluate(feed(), str(paths["close"]), n=20, batch=8, extractor=extractor)
+    close = M.evaluate(feed, str(paths["close"]), n=20, batch=8, extractor=extractor)
     assert close["fid"] == pytest.approx(0.0, abs=1e-6) and close["kid"] is None and close["n"] == 20
     assert close["mode"] == "legacy_tensorflow" and close["ref"] == paths["close"].name
-    far = M.evaluate(feed(), str(paths["far"]), n=20, batch=8, extractor=extractor)
+    far = M.evaluate(feed, str(paths["far"]), n=20, batch=8, extractor=extractor)
     assert far["fid"] == pytest.approx(16 * 25.0, rel=1e-6)  # ‖mu − (mu + 5)‖² over 16 features
     with pytest.raises(M.MetricsError, match="legacy_tensorflow"):
-        M.evaluate(lambda b: data[:b], str(paths["far"]), n=4, extractor=M.FeatureExtractor(model=model))
+        M.evaluate(feed, str(paths["far"]), n=4, extractor=M.FeatureExtractor(model=model))
 
 
 def test_evaluate_against_fashion_mnist(tmp_path, fmnist_test):
@@ -252,14 +251,14 @@ def test_evaluate_against_fashion_mnist(tmp_path, fmnist_test):
     extractor = M.FeatureExtractor(batch_size=8, model=model)
     sizes, seen = [], []
 
-    def generate(b: int) -> torch.Tensor:
-        sizes.append(b)
-        return fmnist_test[100:100 + b]
+    def generate(i: int, b: int) -> torch.Tensor:
+        sizes.append((i, b))
+        return fmnist_test[100 + i:100 + i + b]
 
     out = M.evaluate(generate, "fashion-mnist", n=10, batch=4, split="test", extractor=extractor,
                      max_ref_images=30, cache_dir=tmp_path, kid_subsets=5, with_precision_recall=True,
                      progress=lambda stage, done, total: seen.append((stage, done, total)))
-    assert sizes == [4, 4, 2] and out["n"] == 10 and out["ref_n"] == 30 and out["mode"] == "clean"
+    assert sizes == [(0, 4), (4, 4), (8, 2)] and out["n"] == 10 and out["ref_n"] == 30 and out["mode"] == "clean"
     assert out["fid"] > 0 and out["kid"] is not None and out["kid_std"] >= 0 and out["seconds"] > 0
     assert 0 <= out["precision"] <= 1 and 0 <= out["recall"] <= 1
     assert ("samples", 10, 10) in seen and ("reference", 30, 30) in seen
