@@ -289,6 +289,9 @@ def collect(run_dir: Path) -> dict:
     elif tlog:  # older runs, or a teacher still training
         timings.append({"part": "teacher", "steps": tlog[-1]["step"], "seconds": logged_seconds(tlog, tcfg.get("batch", 0)),
                         "img_per_s": tlog[-1].get("img_per_s"), "source": "teacher/metrics.jsonl (≈)"})
+    t = load(run / "latents" / "timing.json")
+    if t:
+        timings.append({"part": f"latent cache ({t['images']} images + flips)", **t, "source": "latents/timing.json"})
     caption = (f"teacher, Heun {2 * tcfg['sample_steps'] - 1} NFE, step {int(tgrids[-1].stem.split('-')[-1])}"
                if tgrids and "sample_steps" in tcfg else "teacher")
     grids = [(caption, tgrids[-1])] if tgrids else []

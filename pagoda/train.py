@@ -289,12 +289,20 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
     grow = get_preset(cfg.preset)
     n_enc = grow.encode_images if cfg.encode_images is None else cfg.encode_images
     encoder = Encoder(teacher, t_res, steps=cfg.encode_steps or grow.encode_steps, method=cfg.encode_method)
+    encoded, t0, c0 = [0], time.perf_counter(), time.process_time()
+
+    def on_batch(done: int, total: int, ips: float) -> None:
+        encoded[0] = done
+        bar.update(task, completed=done, total=total, info=f"{ips:.0f} img/s")
     with progress_bar(progress and info.is_main) as bar:
         task = bar.add_task("encode", total=None, info="")
         build_latent_cache(encoder, data, lay["latents"], n_enc or None, rank=info.rank,
-                           world_size=info.world_size,
-                           progress=lambda d, t, ips: bar.update(task, completed=d, total=t, info=f"{ips:.0f} img/s"))
+                           world_size=info.world_size, progress=on_batch)
     dist.barrier(info)
+    if info.is_main and encoded[0]:  # this build's cost (rank 0's share; a resumed build counts what it encoded)
+        dt = time.perf_counter() - t0
+        save_json({"seconds": dt, "cpu_seconds": time.process_time() - c0, "images": encoded[0], "flips": True,
+                   "img_per_s": encoded[0] / max(dt, 1e-9)}, Path(lay["latents"]) / "timing.json")
     z = LatentStore(lay["latents"])  # memory-mapped: every rank reads only the entries it draws
     idx = z.indices
     if info.is_main:  # written once the inputs proved usable: a refused run leaves the old config.json

@@ -39,6 +39,8 @@ def test_imagenet64_official_values():
     assert [s.rec_disc_weight for s in stages] == [0.0, 0.0, 0.0, 0.5]
     for s in stages:
         assert (s.lr_G, s.lr_D, s.ema, s.optimizer, s.d_steps_per_g, s.steps) == (8e-6, 2e-3, 0.999, "radam", 1, 600_000)
+    demo = plan_stages(8, 32, "demo")  # the decoder stage keeps RAdam, the growth stages train with Adam
+    assert [s.optimizer for s in demo] == ["radam", "adam", "adam"]
 
 
 def test_bad_resolution_and_preset():

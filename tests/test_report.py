@@ -83,6 +83,8 @@ def test_report_md_links_resolve_and_tables_match_the_run(run):
     assert (f"| stage-16 | {timing['steps']} | {timing['seconds']:.1f} | {timing['cpu_seconds']:.1f} | "
             f"{timing['img_per_s']:.1f} | stage-16/timing.json |") in md
     assert "| teacher | 10 |" in md and "teacher/timing.json" in md
+    enc = json.loads((run / "latents" / "timing.json").read_text())  # the latent cache's build, a row of its own
+    assert enc["images"] > 0 and f"| latent cache ({enc['images']} images + flips) | – | {enc['seconds']:.1f} |" in md
     page = html_path.read_text()
     pre = re.search(r"<pre>(.*)</pre>", page, re.S).group(1)
     assert json.loads(html.unescape(pre)) == json.loads((run / "config.json").read_text())
