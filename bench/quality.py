@@ -11,8 +11,13 @@ teacher resolution and R' every grown resolution of the run:
   real R → R'     held-out *test* images down-sampled to R, then bicubic up to R': the floor of any super-resolver
   real R, real R' test images at the row's resolution vs the train reference: the noise floor at this n
 FID is biased upwards at small n, so only rows of one table (same n) compare. Writes OUT/quality.json, .png.
+After retraining stages, `--groups generator` recomputes only those rows; the other groups' rows are carried
+over from OUT/quality.json when it was made from the same run directory at the same n (all rows are seeded).
 """
 from __future__ import annotations
+
+import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +28,7 @@ from pagoda.data import downsample, make_dataset
 from pagoda.report import make_sampler, resample, solver_steps
 
 TEACHER_ROWS = ["dpmpp_2m:10", "dpmpp_2m:20", "heun:35", "heun:79"]  # SOLVER:NFE
+GROUPS = ("teacher", "generator", "upsampled teacher", "upsampled real", "real")  # row groups, in table order
 
 
 def main() -> None:
@@ -32,7 +38,17 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kid-subsets", type=int, default=100)
     p.add_argument("--teacher-rows", nargs="+", default=TEACHER_ROWS, help="teacher rows as SOLVER:NFE")
+    p.add_argument("--groups", nargs="+", default=list(GROUPS), choices=GROUPS, metavar="GROUP",
+                   help=f"row groups to compute ({', '.join(GROUPS)}); the others are kept from OUT/quality.json")
     a = p.parse_args()
+    old = Path(a.out) / "quality.json"
+    kept = []
+    if set(a.groups) != set(GROUPS):
+        prev = json.loads(old.read_text()) if old.is_file() else {}
+        if prev.get("n") != a.n or prev.get("run") != a.run:
+            raise SystemExit(f"error: --groups {' '.join(a.groups)} keeps the other rows from {old}, which is missing or "
+                             f"was not made from --run {a.run} at --n {a.n}: compute every group once first")
+        kept = [r for r in prev["rows"] if r["group"] not in a.groups]
     try:  # fail before any sampling: "heun:10" is impossible (Heun takes odd NFE), "rk4:9" unknown
         teacher_rows = [(row.partition(":")[0], row.partition(":")[2]) for row in a.teacher_rows]
         for row, (solver, nfe) in zip(a.teacher_rows, teacher_rows):
@@ -65,18 +81,20 @@ def main() -> None:
                      "kid_x1e3": None if kid is None else 1e3 * kid, "kid_std_x1e3": None if kid is None else 1e3 * kid_std})
         print(f"{name}: FID {fid:.2f}", flush=True)
 
-    for solver, nfe in teacher_rows:
+    todo = set(a.groups)
+    for solver, nfe in teacher_rows if "teacher" in todo else []:
         score(f"teacher {R}px {solver} {nfe} NFE", "teacher", R, nfe, from_sampler("teacher", teacher, solver, nfe))
-    for res, G in sorted(gens.items()):
+    for res, G in sorted(gens.items()) if "generator" in todo else []:
         score(f"G {res}px (stage-{res:02d})", "generator", res, 1, from_sampler("generator", G))
-    for res in grown:
+    for res in grown if "upsampled teacher" in todo else []:
         score(f"teacher {R}px heun 35 NFE → bicubic {res}px", "upsampled teacher", res, 35,
               from_sampler("teacher", teacher, "heun", 35, res))
     low = downsample(test, R)
-    for res in grown:
+    for res in grown if "upsampled real" in todo else []:
         score(f"real {R}px → bicubic {res}px", "upsampled real", res, None, ext.features(resample(low, res)))
-    for res in [R, *grown]:
+    for res in [R, *grown] if "real" in todo else []:
         score(f"real {res}px (test vs train)", "real", res, None, ext.features(resample(test, res)))
+    rows[:] = sorted(kept + rows, key=lambda r: GROUPS.index(r["group"]))  # stable: row order within a group kept
     print_table(f"Fashion-MNIST quality, n = {a.n} per row, reference n = {a.n} train images", rows,
                 [("row", "row", ""), ("resolution", "px", "d"), ("nfe", "NFE", "d"), ("fid", "FID", ".2f"),
                  ("kid_x1e3", "KID ×10³", ".2f"), ("kid_std_x1e3", "± (std)", ".2f")])
@@ -86,6 +104,7 @@ def main() -> None:
     ax.barh([f"{r['row']}" for r in rows][::-1], [r["fid"] for r in rows][::-1], color=[colors[r["group"]] for r in rows][::-1])
     ax.set(xlabel=f"FID (n = {a.n}; lower is better)", title="Fashion-MNIST quality")
     write_results(a.out, "quality", {"run": a.run, "n": a.n, "reference": "fashion-mnist train (ADM-downsampled)",
+                                     "carried_over": sorted(set(GROUPS) - set(a.groups)),
                                      "env": environment(dev), "rows": rows}, fig)
 
 
