@@ -1,6 +1,6 @@
 """The `pagoda` command line: parses options into a config, calls one function, prints the result.
 
-    pagoda train                                  # the whole method on Fashion-MNIST (CPU, ~30 min)
+    pagoda train                                  # the whole method on Fashion-MNIST (2-core CPU: ≈ 24 min)
     pagoda sample --checkpoint runs/demo --n 64   # one network call per image
     pagoda invert photo.png --checkpoint runs/demo
     pagoda teacher train / pagoda teacher sample / pagoda encode / pagoda eval / pagoda report
