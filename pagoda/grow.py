@@ -177,7 +177,8 @@ def plan_stages(teacher_res: int, target_res: int, preset: str | GrowPreset) -> 
             lr_G=p.lr_G, lr_D=p.lr_D, lam=p.lam[1] if grows else p.lam[0],
             activate_from=p.activate_from if grows else None,  # stage 2: every parameter trains
             fade_steps=_at(p.fade_steps, i) if grows else 0, ema=p.ema, d_steps_per_g=p.d_steps_per_g,
-            distance=p.distance, grow_channels=p.grow_channels if grows else None, optimizer=(p.grow_optimizer or p.optimizer) if grows else p.optimizer,
+            distance=p.distance, grow_channels=p.grow_channels if grows else None,
+            optimizer=(p.grow_optimizer or p.optimizer) if grows else p.optimizer,
             adv_start=p.adv_start,
             split_g_step=p.split_g_from is not None and res >= p.split_g_from,
             rec_disc_weight=p.rec_disc_weight if p.rec_disc_from is not None and res >= p.rec_disc_from else 0.0,

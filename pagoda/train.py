@@ -302,7 +302,7 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
     if info.is_main and encoded[0]:  # this build's cost (rank 0's share; a resumed build counts what it encoded)
         dt = time.perf_counter() - t0
         save_json({"seconds": dt, "cpu_seconds": time.process_time() - c0, "images": encoded[0], "flips": True,
-                   "img_per_s": encoded[0] / max(dt, 1e-9)}, Path(lay["latents"]) / "timing.json")
+                   "img_per_s": encoded[0] / max(dt, 1e-9)}, lay["latents"] / "timing.json")
     z = LatentStore(lay["latents"])  # memory-mapped: every rank reads only the entries it draws
     idx = z.indices
     if info.is_main:  # written once the inputs proved usable: a refused run leaves the old config.json
