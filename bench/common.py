@@ -15,9 +15,9 @@ import torch
 
 from pagoda.decoder import Generator
 from pagoda.dist import pick_device
-from pagoda.inference import finished_stages, resolve_teacher_path
+from pagoda.rundir import GENERATOR_FILE, RunDir, resolve_teacher_path
 from pagoda.io import save_json
-from pagoda.train import load_teacher
+from pagoda.teacher import load_teacher
 
 
 def parser(doc: str, name: str, run: bool = True) -> argparse.ArgumentParser:
@@ -32,13 +32,13 @@ def parser(doc: str, name: str, run: bool = True) -> argparse.ArgumentParser:
 
 def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[int, Generator]]:
     """(teacher denoiser, {resolution: EMA generator of each finished stage}) of a run directory."""
-    stages = finished_stages(run)
+    stages = RunDir(run).finished()
     if not stages:
         raise SystemExit(f"error: {run} holds no finished stage (stage-*/generator.pt); train it first or pass --run")
     teacher = load_teacher(resolve_teacher_path(run), device)
     gens = {}
     for s in stages:
-        G = Generator.from_checkpoint(s / "generator.pt", map_location=device).eval().requires_grad_(False)
+        G = Generator.from_checkpoint(s / GENERATOR_FILE, map_location=device).eval().requires_grad_(False)
         gens[G.resolution] = G
     return teacher, gens
 

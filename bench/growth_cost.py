@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from common import environment, figure, parser, print_table, write_results
 from pagoda.decoder import Generator
-from pagoda.grow import plan_stages
+from pagoda.grow import StageConfig, plan_stages
 from pagoda.unet import PRESETS, UNet, UNetConfig
 
 CONFIGS = {"demo": ("demo8", 32, "demo"), "imagenet": ("imagenet64", 512, "imagenet64")}  # teacher, target, preset
@@ -72,9 +72,9 @@ def main() -> None:
     for name, (unet, target, preset) in CONFIGS.items():
         teacher, stages = PRESETS[unet], plan_stages(PRESETS[unet].resolution, target, preset)
         if name == "demo" and a.run:
-            from pagoda.grow import stages_from_dicts
             cfg = json.loads((Path(a.run) / "config.json").read_text())
-            name, teacher, stages = f"run {a.run}", UNetConfig.from_dict(cfg["teacher"]), stages_from_dicts(cfg["stages"])
+            stages = [StageConfig.from_dict(d) for d in cfg["stages"]]
+            name, teacher = f"run {a.run}", UNetConfig.from_dict(cfg["teacher"])
         rows += rows_for(name, teacher, stages)
     print_table("Generator cost per image (batch 1, meta device)", rows,
                 [("config", "config", ""), ("model", "model", ""), ("resolution", "px", "d"), ("params_M", "params (M)", ".3f"),

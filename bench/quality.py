@@ -25,7 +25,7 @@ import torch
 from common import device, environment, figure, load_run, parser, print_table, write_results
 from pagoda import metrics as M
 from pagoda.data import downsample, make_dataset
-from pagoda.report import make_sampler, resample, solver_steps
+from pagoda.evaluate import make_sampler, resample, solver_steps
 
 TEACHER_ROWS = ["dpmpp_2m:10", "dpmpp_2m:20", "heun:35", "heun:79"]  # SOLVER:NFE
 GROUPS = ("teacher", "generator", "upsampled teacher", "upsampled real", "real")  # row groups, in table order

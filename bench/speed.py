@@ -15,7 +15,7 @@ import torch
 
 from common import device, environment, figure, load_run, parser, print_table, time_call, write_results
 from pagoda.solvers import METHODS
-from pagoda.train import teacher_sample
+from pagoda.solvers import sample
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     teacher, gens = load_run(a.run, dev)
     cfg = teacher.unet.config
     g = torch.Generator().manual_seed(a.seed)
-    z = (80.0 * torch.randn(a.batch, cfg.in_channels, cfg.resolution, cfg.resolution, generator=g)).to(dev)
+    z = (teacher.sigma_max * torch.randn(a.batch, cfg.in_channels, cfg.resolution, cfg.resolution, generator=g)).to(dev)
     y = None if cfg.num_classes is None else (torch.arange(a.batch) % cfg.num_classes).to(dev)
     rows = []
     with torch.inference_mode():
@@ -40,7 +40,7 @@ def main() -> None:
         for method in a.methods:  # the teacher's PF-ODE from σ_max to 0 on a Karras grid
             for nfe in a.nfe:
                 steps = (nfe + 2) // 2 if method == "heun" else nfe  # heun: 2·steps − 1 calls
-                sec = time_call(lambda m=method, s=steps: teacher_sample(teacher, z, y, s, m), dev, a.repeats)
+                sec = time_call(lambda m=method, s=steps: sample(teacher, z, s, m, y, teacher.sigma_min, teacher.sigma_max), dev, a.repeats)
                 real_nfe = 2 * steps - 1 if method == "heun" else steps
                 rows.append({"sampler": f"teacher {method}", "resolution": cfg.resolution, "nfe": real_nfe,
                              "seconds_per_batch": sec})

@@ -20,9 +20,16 @@ from pathlib import Path
 import torch
 
 from common import environment, figure, parser, print_table, read_json, sync, write_results
+from pagoda.data import loader, make_dataset
+from pagoda.decoder import Generator
 from pagoda.dist import DistInfo
-from pagoda.inference import resolve_teacher_path
+from pagoda.encoder import LatentPairs, LatentStore
+from pagoda.grow import StageConfig
 from pagoda.report import logged_seconds, read_jsonl
+from pagoda.rundir import resolve_teacher_path
+from pagoda.stage import StageTrainer
+from pagoda.teacher import Denoiser, edm_loss, load_teacher
+from pagoda.train import TrainConfig
 
 
 def logged(run: Path) -> list[dict]:
@@ -46,13 +53,6 @@ def logged(run: Path) -> list[dict]:
 
 def measured(run: Path, dev: torch.device, k: int) -> list[dict]:
     """Throughput rows of K fresh training steps per part on `dev` (nothing in the run is written)."""
-    from pagoda.decoder import Generator
-    from pagoda.encoder import load_latent_cache
-    from pagoda.grow import stages_from_dicts
-    from pagoda.data import make_dataset
-    from pagoda.stage import StageTrainer
-    from pagoda.teacher import Denoiser, edm_loss
-    from pagoda.train import TrainConfig, batch_of, load_teacher
     cfg_all = read_json(run / "config.json")
     known = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k_: v for k_, v in cfg_all["train"].items() if k_ in known})
@@ -73,7 +73,7 @@ def measured(run: Path, dev: torch.device, k: int) -> list[dict]:
         D = Denoiser(type(teacher.unet)(teacher.unet.config)).to(dev).train()
         opt = torch.optim.Adam(D.parameters(), lr=tcfg["lr"])
         data = make_dataset(tcfg["data"], tcfg["resolution"])
-        xb, yb = batch_of(data, torch.arange(tcfg["batch"]) % len(data))
+        xb, yb = next(loader(data, [(torch.arange(tcfg["batch"]) % len(data)).tolist()]))
         xb, yb = xb.to(dev), yb.to(dev) if D.unet.config.num_classes else None
 
         def teacher_step():
@@ -84,17 +84,17 @@ def measured(run: Path, dev: torch.device, k: int) -> list[dict]:
 
         rows.append({"part": "teacher", "resolution": tcfg["resolution"], "batch": tcfg["batch"], "device": str(dev),
                      "steps": k, "images_per_s": timed(teacher_step, tcfg["batch"])})
-    _, z, _, idx = load_latent_cache(run / "latents")
-    data = make_dataset(cfg.data, cfg.res, channels=teacher.channels)
+    store = LatentStore(run / "latents")
     info = DistInfo(device=dev)
     with tempfile.TemporaryDirectory() as scratch:
-        for i, st in enumerate(stages_from_dicts(cfg_all["stages"])):
+        for i, st in enumerate(StageConfig.from_dict(d) for d in cfg_all["stages"]):
             prev = run / f"stage-{st.resolution // 2:02d}" / "generator.pt"
             if st.grow and not prev.is_file():
                 print(f"skip {st.name}: {prev} is not there (the previous stage did not finish)")
                 continue
             G_prev = Generator.from_checkpoint(prev, map_location=dev) if st.grow else None
-            trainer = StageTrainer(cfg, st, i, teacher, G_prev, data, z, idx, Path(scratch) / st.name, info)
+            pairs = LatentPairs.from_cache(store, make_dataset(cfg.data, st.resolution, channels=teacher.channels))
+            trainer = StageTrainer(cfg, st, i, teacher, G_prev, pairs, Path(scratch) / st.name, info)
             rows.append({"part": st.name, "resolution": st.resolution, "batch": st.batch, "device": str(dev), "steps": k,
                          "images_per_s": timed(trainer.train_step, st.batch)})
     return rows

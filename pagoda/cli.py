@@ -28,10 +28,13 @@ def fail(msg: str) -> None:
     raise typer.Exit(2)
 
 
-def run(fn, *args, **kw):
-    """Call fn; turn the user errors it raises into one-line messages."""
+def run(fn, *args, threads: int | None = None, **kw):
+    """Call fn under the thread policy (pagoda.dist: `threads` fixed, else adapted to the machine's load); turn the
+    user errors it raises into one-line messages."""
+    from pagoda.dist import thread_policy
     try:
-        return fn(*args, **kw)
+        with thread_policy(threads):
+            return fn(*args, **kw)
     except typer.Exit:
         raise
     except USER_ERRORS as e:
@@ -64,6 +67,10 @@ def train(
     gpus: Optional[int] = typer.Option(None, help="Start N local workers (torch.distributed elastic launch)."),
     procs: Optional[int] = typer.Option(None, help="With --gpus 0: N CPU worker processes (gloo), for testing."),
     accumulate: int = typer.Option(1, help="Gradient accumulation steps (global batch is kept)."),
+    workers: Optional[int] = typer.Option(None, min=0, help="DataLoader processes per rank reading image files "
+                                          "(default: none for Fashion-MNIST, else a share of the cores)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads per process (default: the cores other "
+                                          "processes leave free, re-measured every 5 s; env PAGODA_THREADS)."),
     max_stages: Optional[int] = typer.Option(None, help="Stop after this many stages."),
     ckpt_every: int = typer.Option(100, min=1, help="Resumable checkpoint every N steps (resume restarts there)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (stages, batches, params, memory, disk) "
@@ -80,7 +87,7 @@ def train(
     cfg = TrainConfig(out=out, data=data, res=res, teacher=teacher, teacher_preset=teacher_preset, preset=preset,
                       encode_images=encode_images, encode_steps=encode_steps, distance=distance,
                       distill=distill, seed=seed, device=device, accumulate=accumulate, max_stages=max_stages,
-                      ckpt_every=ckpt_every)
+                      ckpt_every=ckpt_every, workers=workers)
     if dry_run:  # plans for --gpus N ranks on any machine; launches nothing, writes nothing
         from pagoda.plan import dry_run as plan_run
         print_plan(run(plan_run, cfg, gpus or procs or 1, dry_run_width,
@@ -88,9 +95,9 @@ def train(
         return
     from pagoda.launch import launch_train, run_worker
     if gpus is not None or procs is not None:
-        run(launch_train, cfg, gpus or 0, procs, progress)
+        run(launch_train, cfg, gpus or 0, procs, progress, threads=threads)
     else:
-        run(run_worker, cfg, progress)  # one process, or one rank under torchrun
+        run(run_worker, cfg, progress, threads=threads)  # one process, or one rank under torchrun
     console.print(f"run finished: {out_dir}")
 
 
@@ -203,10 +210,11 @@ def teacher_sample_cmd(
     method: str = typer.Option("heun", help="euler | heun | dpmpp_2m"),
     class_: Optional[int] = typer.Option(None, "--class"), seed: int = typer.Option(0),
     out: str = typer.Option("teacher_samples.png"),
+    guidance: float = typer.Option(1.0, min=0.0, help="Classifier-free guidance ω: D(x,σ,∅) + ω·(D(x,σ,y) − D(x,σ,∅)); 1 = off."),
 ):
-    """Sample the teacher with any solver and NFE."""
+    """Sample the teacher with any solver and NFE (optionally classifier-free guided)."""
     from pagoda.inference import teacher_grid
-    path, nfe = run(teacher_grid, checkpoint, n, steps, method, class_, seed, out)
+    path, nfe = run(teacher_grid, checkpoint, n, steps, method, class_, seed, out, guidance)
     console.print(f"wrote {path} ({nfe} NFE per image)", soft_wrap=True)
 
 
@@ -228,19 +236,22 @@ def eval_cmd(
     out: Optional[str] = typer.Option(None, help="JSON file the rows are merged into; default RUN/eval.json, else ./eval.json."),
     gpus: Optional[int] = typer.Option(None, help="Split the samples over N local workers (torch.distributed elastic launch)."),
     procs: Optional[int] = typer.Option(None, help="With --gpus 0: N CPU worker processes (gloo)."),
+    precision_recall: bool = typer.Option(False, "--precision-recall", help="Also improved precision/recall (k = 3) "
+                                          "against the reference's stored features."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads per process (default: adapted to the load)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """FID / KID of a generator or a teacher against a reference at the samples' resolution (clean-fid)."""
     import os
 
-    from pagoda.report import results_table, run_eval
+    from pagoda.evaluate import results_table, run_eval
     kw = dict(n=n, ref=ref, split=split, ref_n=ref_n, solver=solver, nfe=nfe, resize=resize, batch=batch, seed=seed,
-              all_stages=all_stages, out=out, progress=progress)
+              all_stages=all_stages, out=out, progress=progress, precision_recall=precision_recall)
     if gpus is not None or procs is not None:
         from pagoda.launch import launch
-        results, path = run(launch, run_eval, (checkpoint,), kw, gpus or 0, procs)
+        results, path = run(launch, run_eval, (checkpoint,), kw, gpus or 0, procs, threads=threads)
     else:
-        results, path = run(run_eval, checkpoint, device=device, **kw)  # one process, or one rank under torchrun
+        results, path = run(run_eval, checkpoint, device=device, threads=threads, **kw)  # one process, or one rank under torchrun
     if os.environ.get("RANK", "0") == "0":
         console.print(results_table(results))
         console.print(f"wrote {path}")
@@ -256,9 +267,14 @@ def report_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Write RUN/report.html (self-contained) and RUN/report.md: samples, FID, losses, w and α, timings, config."""
-    from pagoda.report import eval_progress, write_report
-    with eval_progress(progress and bool(fid)) as bar:
-        html_path, md_path = run(write_report, run_dir, fid, ref, ref_n, device, bar)
+    from pagoda.report import write_report
+    if fid:
+        from pagoda.evaluate import eval_progress, evaluate_run, record_results
+        from pagoda.rundir import RunDir
+        with eval_progress(progress) as bar:
+            rows = run(evaluate_run, run_dir, n=fid, ref=ref, ref_n=ref_n or fid, device=device, progress=bar)
+        record_results(rows, RunDir(run_dir).eval)
+    html_path, md_path = run(write_report, run_dir)
     console.print(f"wrote {html_path} and {md_path}")
 
 

@@ -5,6 +5,10 @@ center-cropped and resized the ADM way (openai/guided-diffusion `center_crop_arr
 lower resolution with `downsample` (2×2 box halving while ≥ 2R, then antialiased bicubic).
 Bad files give a one-line `ImageError` naming the file and the fix, or are skipped with a warning.
 Transparent pixels are composited over white; 16-bit images are scaled by 255/65535 (not clipped).
+
+Training reads batches through `loader(dataset, batches, workers)`: the index lists of the steps, in
+order, so a run is the same whatever the number of worker processes. In-memory data (`in_memory = True`,
+e.g. Fashion-MNIST) gathers each batch at once; image folders and zips are decoded by DataLoader workers.
 """
 from __future__ import annotations
 
@@ -22,12 +26,13 @@ import zipfile
 import zlib
 from http.client import HTTPException
 from pathlib import Path
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from pagoda.io import atomic_write_bytes
 
@@ -384,6 +389,8 @@ class ZipDataset(_ImageFiles):
 class FashionMNIST(Dataset):
     """Fashion-MNIST as tensors: 1×R×R in [-1, 1] (R ≤ 32, `downsample` applied once), 10 classes."""
 
+    in_memory = True  # `loader` gathers whole batches with `batch`
+
     def __init__(self, split: str = "train", root: str | os.PathLike | None = None, resolution: int = 32):
         if not 1 <= resolution <= 32:
             raise DataError(f"Fashion-MNIST is 32×32 (padded), resolution {resolution} is not in 1..32; "
@@ -398,6 +405,29 @@ class FashionMNIST(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], int(self.labels[i])
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, labels) of data-set indices, in one gather."""
+        return self.images[idx], self.labels[idx]
+
+
+def default_workers(dataset: Dataset, ranks: int = 1) -> int:
+    """DataLoader processes per rank: none for in-memory data, else a share of the cores (at most 8)."""
+    if getattr(dataset, "in_memory", False):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // max(1, ranks) - 1))
+
+
+def loader(dataset: Dataset, batches: Iterable[Sequence[int]], workers: int = 0) -> Iterator:
+    """The batches of `dataset` for the index lists `batches`, in their order (DataLoader keeps it for any
+    number of workers); in-memory data with workers = 0 gathers each batch at once (`dataset.batch`)."""
+    if workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {workers}")
+    if workers == 0 and getattr(dataset, "in_memory", False):
+        return (dataset.batch(torch.as_tensor(b, dtype=torch.long)) for b in batches)
+    return iter(DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                           prefetch_factor=4 if workers else None, persistent_workers=False))
 
 
 def make_dataset(spec: str | os.PathLike, resolution: int, channels: int | None = None,

@@ -26,19 +26,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagoda.io import load_checkpoint as _load_file
+from pagoda.io import GENERATOR, check_kind, load_checkpoint as _load_file
+from pagoda.solvers import SIGMA_MAX
 from pagoda.teacher import C_NOISE, Denoiser
 from pagoda.unet import GroupNorm32, UNet, UNetConfig
 
 FADE_MODE = "nearest"  # up-sampling of the fading-out low-res image (see module docstring)
 TRUNK_PREFIXES = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")  # frozen by set_trainable(k)
-CHECKPOINT_KIND = "pagoda.generator"
 
 
 class Generator(nn.Module):
     """One-step generator G(z, y) = F(z/√(σ_max²+σ_d²), c_noise(σ_max), y) (PaGoDA stage 2, eq. for G)."""
 
-    def __init__(self, unet: UNet, sigma_max: float = 80.0, sigma_data: float = 0.5, c_noise: str = "adm"):
+    def __init__(self, unet: UNet, sigma_max: float = SIGMA_MAX, sigma_data: float = 0.5, c_noise: str = "adm"):
         super().__init__()
         if c_noise not in C_NOISE:
             raise ValueError(f"unknown c_noise convention {c_noise!r}: use 'adm' (250·ln σ) or 'edm' (ln(σ)/4)")
@@ -56,12 +56,13 @@ class Generator(nn.Module):
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
-    def from_teacher(cls, teacher: Denoiser | UNet, sigma_max: float = 80.0) -> Generator:
-        """G initialised as a full copy of the teacher network, all parameters trainable (paper stage 2)."""
+    def from_teacher(cls, teacher: Denoiser | UNet) -> Generator:
+        """G initialised as a full copy of the teacher network, all parameters trainable (paper stage 2);
+        σ_max, σ_data and c_noise are the teacher's (a bare UNet: EDM's defaults)."""
         if isinstance(teacher, Denoiser):
-            unet, sigma_data, conv = teacher.unet, teacher.sigma_data, teacher.c_noise
+            unet, sigma_data, conv, sigma_max = teacher.unet, teacher.sigma_data, teacher.c_noise, teacher.sigma_max
         elif isinstance(teacher, UNet):
-            unet, sigma_data, conv = teacher, 0.5, "adm"
+            unet, sigma_data, conv, sigma_max = teacher, 0.5, "adm", SIGMA_MAX
         else:
             raise ValueError(f"from_teacher needs a pagoda Denoiser or UNet, got {type(teacher).__name__}")
         if unet.config.grow_channels:
@@ -89,11 +90,6 @@ class Generator(nn.Module):
     def channels(self) -> int:
         """Image channels (of z and of the output)."""
         return self.config.out_channels
-
-    @property
-    def last_conv(self) -> nn.Conv2d:
-        """The head's final conv (`unet.out[2]`)."""
-        return self.unet.out[2]
 
     @property
     def last_layer_weight(self) -> nn.Parameter:
@@ -126,16 +122,6 @@ class Generator(nn.Module):
         new = self.unet.out(feats[-1])
         a = self.alpha.to(new.dtype)
         return (1 - a) * old + a * new
-
-    def sample(self, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """z ~ N(0, σ_max² I) at the base resolution, then G(z, labels); labels None = no class embedding.
-
-        Runs with autograd as the caller's context has it: wrap in torch.no_grad() for pure sampling.
-        """
-        p = self.last_layer_weight
-        z = torch.randn((n, self.config.in_channels, self.base_resolution, self.base_resolution),
-                        generator=generator, device=p.device) * self.sigma_max
-        return self(z, labels)
 
     def set_alpha(self, alpha: float) -> None:
         """Set the fade-in weight α (clamped to ≤ 1); α < 1 needs a generator grown with fade=True."""
@@ -209,7 +195,7 @@ class Generator(nn.Module):
     def to_checkpoint(self) -> dict[str, Any]:
         """Plain dict (tensors share storage with G): state_dict + config + σ's + fade state α / fade."""
         return {
-            "kind": CHECKPOINT_KIND,
+            "kind": GENERATOR,
             "state_dict": self.state_dict(),
             "unet_config": self.config.to_dict(),
             "sigma_max": self.sigma_max,
@@ -291,9 +277,12 @@ def _mismatch(got: UNetConfig, expected: UNetConfig, where: str) -> str:
 
 
 def _checkpoint_config(d: dict[str, Any], where: str) -> UNetConfig:
+    if "kind" in d:
+        check_kind(d, f"checkpoint{where}", expect=(GENERATOR,))
     missing = [k for k in ("state_dict", "unet_config", "sigma_max", "sigma_data", "c_noise", "alpha", "fade") if k not in d]
-    if missing or d.get("kind", CHECKPOINT_KIND) != CHECKPOINT_KIND:
-        raise ValueError(f"checkpoint{where} is not a generator checkpoint (missing {missing or 'kind'}): pass one written by Generator.to_checkpoint()")
+    if missing:
+        raise ValueError(f"checkpoint{where} is not a generator checkpoint (missing {missing}): pass one written by "
+                         f"Generator.to_checkpoint()")
     return UNetConfig.from_dict(d["unet_config"])
 
 

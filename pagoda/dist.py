@@ -1,4 +1,5 @@
-"""torch.distributed plumbing: process group from torchrun's environment, gradient averaging, clean exit.
+"""How a process shares the machine: torch.distributed plumbing (process group from torchrun's environment,
+gradient averaging, clean exit) and the CPU thread policy.
 
 Single process (no RANK/WORLD_SIZE in the environment) is world size 1 and every call is a no-op.
 Under torchrun (or `pagoda train --gpus N`, which starts the same elastic launcher, see pagoda/launch.py):
@@ -11,12 +12,23 @@ Timeouts: per-step collectives use the process-group timeout (PAGODA_DIST_TIMEOU
 1800); phase barriers (rank 0 trains the teacher, ranks finish encoding) use a separate gloo group with
 PAGODA_DIST_LONG_TIMEOUT (default 4 h). A rank that dies is noticed by the elastic agent, which stops the
 others; a hung collective raises after the timeout. Either way the job exits non-zero.
+
+CPU threads (`ThreadPolicy`): torch's OpenMP threads meet at a barrier after every op. When another process
+holds a core, one of our threads is descheduled and the others spin at the barrier for a whole scheduler
+slice: measured 60x slower, not 2x (bench/shared_machine.py). So the `pagoda` commands (i) make OpenMP threads
+sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, set in pagoda/__init__.py before torch loads; a value the
+user set is kept) and (ii) use as many threads as the cores that other processes leave free, re-measured every
+few seconds from /proc/stat (`thread_policy()` around a command; the loops call `update_threads()`).
+`--threads N`, PAGODA_THREADS=N or OMP_NUM_THREADS=N fixes the count instead. Library calls outside a
+command keep torch's own setting.
 """
 from __future__ import annotations
 
 import gc
 import os
 import signal
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -181,3 +193,87 @@ def fault_hook(info: DistInfo, where: str, step: int) -> None:
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"{FAULT_ENV}: rank {info.rank} raised at {where} step {step} (test fault)")
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _busy_seconds() -> float | None:
+    """Machine-wide busy CPU seconds since boot (/proc/stat), None where there is no /proc."""
+    try:
+        with open("/proc/stat") as f:
+            user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in f.readline().split()[1:9])
+    except (OSError, ValueError):
+        return None
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+class ThreadPolicy:
+    """Intra-op threads = the CPUs other processes leave free, re-measured every `every` seconds by `update()`.
+
+    others = (machine busy CPU time − this process's CPU time) / wall time, over the last interval; threads =
+    clamp(round(cpus − others), 1, cpus). A fixed count (PAGODA_THREADS, OMP_NUM_THREADS or `fixed`) disables it.
+    """
+
+    def __init__(self, fixed: int | None = None, every: float = 5.0):
+        env = os.environ.get("PAGODA_THREADS") or os.environ.get("OMP_NUM_THREADS")
+        if fixed is None and env:
+            try:
+                fixed = int(env)
+            except ValueError:
+                raise ValueError(f"PAGODA_THREADS/OMP_NUM_THREADS={env!r} is not a number of threads: set e.g. 2") from None
+        if fixed is not None and fixed < 1:
+            raise ValueError(f"--threads {fixed}: pass a number of threads >= 1")
+        self.cpus, self.fixed, self.every = available_cpus(), fixed, every
+        self.threads = fixed or self.cpus
+        self._mark = self._sample()
+        torch.set_num_threads(self.threads)
+
+    def _sample(self) -> tuple[float, float | None, float]:
+        return time.monotonic(), _busy_seconds(), time.process_time()
+
+    def update(self) -> int:
+        """Re-measure the others' load when `every` seconds have passed and set torch's thread count; returns it."""
+        now = time.monotonic()
+        if self.fixed is not None or now - self._mark[0] < self.every:
+            return self.threads
+        (t0, busy0, own0), (t1, busy1, own1) = self._mark, self._sample()
+        self._mark = (t1, busy1, own1)
+        if busy0 is None or busy1 is None:
+            return self.threads
+        others = max(0.0, (busy1 - busy0) - (own1 - own0)) / max(t1 - t0, 1e-9)
+        threads = int(min(self.cpus, max(1, round(self.cpus - others))))
+        if threads != self.threads:
+            self.threads = threads
+            torch.set_num_threads(threads)
+        return threads
+
+
+_POLICY: ThreadPolicy | None = None  # installed by thread_policy() for the duration of a command
+
+
+@contextmanager
+def thread_policy(fixed: int | None = None):
+    """Run a command under a ThreadPolicy (adaptive, or `fixed` threads, also for the workers it spawns: they read
+    PAGODA_THREADS); torch's previous count and the environment are restored afterwards."""
+    global _POLICY
+    before, outer, env = torch.get_num_threads(), _POLICY, os.environ.get("PAGODA_THREADS")
+    if fixed is not None:
+        os.environ["PAGODA_THREADS"] = str(fixed)
+    try:
+        _POLICY = ThreadPolicy(fixed)
+        yield _POLICY
+    finally:
+        _POLICY = outer
+        torch.set_num_threads(before)
+        if env is None:
+            os.environ.pop("PAGODA_THREADS", None)
+        else:
+            os.environ["PAGODA_THREADS"] = env
+
+
+def update_threads() -> int:
+    """Let the installed ThreadPolicy re-measure the machine (no-op outside a command); returns torch's thread count."""
+    return _POLICY.update() if _POLICY is not None else torch.get_num_threads()

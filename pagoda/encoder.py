@@ -4,7 +4,9 @@
 
 `Encoder.decode` integrates the same grid backward (σ_max → σ_min): the inversion check.
 `build_latent_cache` encodes a data set once, image *and* horizontal flip (as the paper), into
-sharded, atomically written files that a killed run resumes without recomputing finished shards.
+sharded, atomically written files that a killed run resumes without recomputing finished shards;
+`LatentStore` memory-maps a finished cache and `LatentPairs` serves the training triples (x at a stage's
+resolution, its z, its label) to a DataLoader.
 
     pagoda encode --teacher RUN/teacher/teacher.pt --out RUN/latents     # the CLI wrapper
 """
@@ -19,16 +21,17 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
-from pagoda.data import downsample
+from pagoda.data import downsample, loader
+from pagoda.dist import update_threads
 from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
-from pagoda.solvers import karras_sigmas, nfe, solve
+from pagoda.solvers import SIGMA_MAX, SIGMA_MIN, karras_sigmas, nfe, solve
 
 
 class Encoder:
     """x → z by the teacher's PF-ODE, σ_min → σ_max on a Karras grid of `steps` points (paper: 40, Heun)."""
 
-    def __init__(self, denoiser, resolution: int, steps: int = 40, method: str = "heun", sigma_min: float = 0.002,
-                 sigma_max: float = 80.0, clamp: bool = True):
+    def __init__(self, denoiser, resolution: int, steps: int = 40, method: str = "heun", sigma_min: float = SIGMA_MIN,
+                 sigma_max: float = SIGMA_MAX, clamp: bool = True):
         self.denoiser, self.resolution, self.steps, self.method = denoiser, resolution, steps, method
         self.sigma_min, self.sigma_max, self.clamp = sigma_min, sigma_max, clamp
         self.sigmas = karras_sigmas(steps, sigma_min, sigma_max, dtype=torch.float64).flip(0)  # increasing
@@ -95,12 +98,13 @@ def _shard_path(root: Path, i: int) -> Path:
 
 def build_latent_cache(encoder: Encoder, dataset: Dataset, root: str | Path, num_images: int | None = None,
                        shard_size: int = 1024, batch_size: int = 256, dtype: str = "float16", rank: int = 0,
-                       world_size: int = 1, progress: Callable[[int, int, float], None] | None = None) -> CacheInfo:
+                       world_size: int = 1, progress: Callable[[int, int, float], None] | None = None,
+                       workers: int = 0) -> CacheInfo:
     """Encode dataset[:num_images] and its flips into `root/shard-*.pt`; shard i is done by rank i % world_size.
 
     Each shard: {"z": (n, 2, C, R, R) [image, flip], "labels": (n,), "indices": (n,)}. Finished shards
-    (present and readable) are skipped, so a killed run resumes; each shard is written atomically.
-    `progress(done_images, total_images, images_per_s)` is called after every batch.
+    (present and readable) are skipped, so a killed run resumes; each shard is written atomically. Images
+    are read by `workers` DataLoader processes (data.loader). `progress(done, total, images_per_s)` after every batch.
     """
     root = Path(root)
     n = len(dataset) if num_images is None else min(num_images, len(dataset))
@@ -118,24 +122,22 @@ def build_latent_cache(encoder: Encoder, dataset: Dataset, root: str | Path, num
     elif rank == 0:
         save_json(asdict(info), index)
     store = {"float16": torch.float16, "float32": torch.float32}[dtype]
-    mine = [i for i in range(info.num_shards) if i % world_size == rank]
-    todo = [i for i in mine if not _shard_ok(_shard_path(root, i))]
-    total = sum(min(shard_size, n - i * shard_size) for i in todo)
-    done, t0 = 0, time.perf_counter()
-    for s in todo:
-        ids = list(range(s * shard_size, min(n, (s + 1) * shard_size)))
+    conditional = getattr(getattr(getattr(encoder.denoiser, "unet", None), "config", None), "num_classes", None) is not None
+    todo = [s for s in range(info.num_shards) if s % world_size == rank and not _shard_ok(_shard_path(root, s))]
+    shards = [list(range(s * shard_size, min(n, (s + 1) * shard_size))) for s in todo]
+    batches = [ids[b:b + batch_size] for ids in shards for b in range(0, len(ids), batch_size)]
+    batch_iter = loader(dataset, batches, workers)
+    total, done, t0 = sum(map(len, shards)), 0, time.perf_counter()
+    for s, ids in zip(todo, shards):
         zs, labels = [], []
         for b in range(0, len(ids), batch_size):
-            items = [dataset[i] for i in ids[b:b + batch_size]]
-            x = torch.stack([it[0] for it in items])
-            y = torch.tensor([int(it[1]) for it in items])
-            y_in = y if getattr(getattr(encoder.denoiser, "unet", None), "config", None) is not None and \
-                encoder.denoiser.unet.config.num_classes is not None else None
+            x, y = next(batch_iter)
             xx = torch.cat([x, x.flip(-1)])  # image and its horizontal flip, one batch
-            z = encoder.encode(xx, None if y_in is None else torch.cat([y_in, y_in]))
+            z = encoder.encode(xx, torch.cat([y, y]) if conditional else None)
             zs.append(torch.stack(z.chunk(2), dim=1).to(store))
             labels.append(y)
-            done += len(items)
+            done += len(y)
+            update_threads()
             if progress:
                 progress(done, total, done / max(time.perf_counter() - t0, 1e-9))
         save_checkpoint({"z": torch.cat(zs), "labels": torch.cat(labels), "indices": torch.tensor(ids)},
@@ -158,27 +160,11 @@ def _diff(a: dict, b: dict) -> str:
     return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys[:3])
 
 
-def load_latent_cache(root: str | Path) -> tuple[CacheInfo, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All shards of a finished cache: (info, z (N, 2, C, R, R) float32, labels (N,), indices (N,))."""
-    root = Path(root)
-    index = root / "index.json"
-    if not index.exists():
-        raise ValueError(f"{root} is not a latent cache (no index.json); build it with `pagoda encode`")
-    info = CacheInfo(**json.loads(index.read_text()))
-    parts = []
-    for i in range(info.num_shards):
-        p = _shard_path(root, i)
-        if not _shard_ok(p):
-            raise ValueError(f"latent cache {root} is incomplete ({p.name} missing); rerun `pagoda encode` to finish it")
-        parts.append(load_checkpoint(p))
-    z = torch.cat([p["z"] for p in parts]).float()
-    return info, z, torch.cat([p["labels"] for p in parts]), torch.cat([p["indices"] for p in parts])
-
-
 class LatentStore:
     """A finished cache, memory-mapped shard by shard (ImageNet's 59 GiB never sit in RAM, and ranks
     on one node share the page cache). `store[idx, slot]` gathers latents (slot 0 = image, 1 = flip)
-    as float32; `store.shape` = (N, 2, C, R, R); `store.indices` maps entries to data-set indices."""
+    as float32; `store.shape` = (N, 2, C, R, R); `store.indices` maps entries to data-set indices and
+    `store.labels` holds their class labels."""
 
     def __init__(self, root: str | Path):
         root = Path(root)
@@ -186,7 +172,7 @@ class LatentStore:
         if not index.exists():
             raise ValueError(f"{root} is not a latent cache (no index.json); build it with `pagoda encode`")
         self.info = CacheInfo(**json.loads(index.read_text()))
-        self.shards, ids = [], []
+        self.shards, ids, labels = [], [], []
         for i in range(self.info.num_shards):
             p = _shard_path(root, i)
             if not p.exists():
@@ -194,7 +180,8 @@ class LatentStore:
             d = load_checkpoint(p, mmap=True)
             self.shards.append(d["z"])
             ids.append(d["indices"].clone())
-        self.indices = torch.cat(ids)
+            labels.append(d["labels"].clone())
+        self.indices, self.labels = torch.cat(ids), torch.cat(labels)
         self.starts = torch.tensor([0] + [len(z) for z in self.shards]).cumsum(0)
         self.shape = torch.Size((int(self.starts[-1]), *self.shards[0].shape[1:]))
 
@@ -211,6 +198,40 @@ class LatentStore:
             m = shard == s
             out[m] = self.shards[s][idx[m] - self.starts[s], slot[m]].float()
         return out
+
+
+class LatentPairs(Dataset):
+    """The training triples of a stage: item 2e + f -> (x, z, y) for cache entry e and flip f (0 or 1): the real
+    image at the stage's resolution (`images`, the data set built at that resolution; entry e is its image
+    indices[e]), h-flipped when f = 1, the latent of that orientation z[e, f] (a LatentStore or an (N, 2, C, R, R)
+    tensor) and the entry's label (the one stored in the cache)."""
+
+    def __init__(self, z, indices: torch.Tensor, labels: torch.Tensor, images: Dataset):
+        self.z, self.indices, self.labels, self.images = z, indices, labels, images
+        self.in_memory = getattr(images, "in_memory", False)
+
+    @classmethod
+    def from_cache(cls, store: LatentStore, images: Dataset) -> LatentPairs:
+        return cls(store, store.indices, store.labels, images)
+
+    def __len__(self) -> int:
+        return 2 * len(self.indices)
+
+    def __getitem__(self, key: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(t[0] for t in self._gather(torch.tensor([int(key)]), lambda i: _stack(self.images, i)))
+
+    def batch(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x, z, y) of many keys in one gather (in-memory images)."""
+        return self._gather(keys, lambda i: self.images.batch(i)[0])
+
+    def _gather(self, keys: torch.Tensor, images_of) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        e, f = keys // 2, keys % 2
+        x = images_of(self.indices[e])
+        return torch.where(f.bool()[:, None, None, None], x.flip(-1), x), self.z[e, f].float(), self.labels[e]
+
+
+def _stack(dataset: Dataset, idx: torch.Tensor) -> torch.Tensor:
+    return torch.stack([dataset[int(i)][0] for i in idx])
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,8 @@
 Stage 0 is PaGoDA's stage 2 (the one-step decoder at the teacher resolution R, every parameter trains);
 each further stage is one doubling of stage 3 (R → 2R → 4R ...), initialised from the previous one.
 
-    stages = plan_stages(8, 32, "demo")     # stage-08 (distill), stage-16, stage-32
-    json.dump(stages_to_dicts(stages), f)   # RUN/config.json; stages_from_dicts() reads it back
+    stages = plan_stages(8, 32, "demo")     # stage-08 (decoder), stage-16, stage-32
+    [asdict(s) for s in stages]             # RUN/config.json; StageConfig.from_dict reads each back
 
 Presets are named `GrowPreset` instances: `imagenet64` (official values, PAPER.md), `demo` (Fashion-MNIST
 on a 2-core CPU), `tiny` (tests). Per-stage lists are indexed by stage (0 = decoder at R, 1 = first
@@ -12,7 +12,9 @@ doubling, ...); a stage beyond the end of a list takes its last entry.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
+
+from pagoda.rundir import stage_dir_name
 
 OPTIMIZERS = ("radam", "adam")
 
@@ -144,11 +146,6 @@ def get_preset(preset: str | GrowPreset) -> GrowPreset:
     return PRESETS[preset]
 
 
-def stage_dir_name(res: int) -> str:
-    """Run-directory name of the stage at `res`: "stage-08", "stage-16", "stage-128"."""
-    return f"stage-{int(res):02d}"
-
-
 def doublings(teacher_res: int, target_res: int) -> int:
     """k with target_res = teacher_res·2^k; one-line ValueError otherwise."""
     if teacher_res <= 0:
@@ -185,25 +182,3 @@ def plan_stages(teacher_res: int, target_res: int, preset: str | GrowPreset) -> 
             d_channels=p.d_channels,
         ))
     return stages
-
-
-def stages_to_dicts(stages: list[StageConfig]) -> list[dict]:
-    """Plain dicts (JSON-ready) for RUN/config.json."""
-    return [s.to_dict() for s in stages]
-
-
-def stages_from_dicts(ds: list[dict]) -> list[StageConfig]:
-    """Inverse of stages_to_dicts."""
-    return [StageConfig.from_dict(d) for d in ds]
-
-
-GROWTH_ONLY = ("fade_steps", "activate_from", "grow_channels")  # fields that stage 2 does not use
-
-
-def with_overrides(stages: list[StageConfig], **changes) -> list[StageConfig]:
-    """The same stages with fields replaced (e.g. steps=10 from a CLI flag); growth-only fields skip stage 2."""
-    known = {f.name for f in fields(StageConfig)}
-    bad = set(changes) - known
-    if bad:
-        raise ValueError(f"unknown stage fields {sorted(bad)}: use some of {', '.join(sorted(known))}")
-    return [replace(s, **{k: v for k, v in changes.items() if s.grow or k not in GROWTH_ONLY}) for s in stages]

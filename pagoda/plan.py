@@ -26,12 +26,17 @@ from pathlib import Path
 
 import torch
 
+import torchvision
+
 from pagoda import dist
+from pagoda.data import make_dataset
 from pagoda.decoder import Generator
+from pagoda.encoder import LatentPairs
 from pagoda.grow import get_preset, plan_stages
-from pagoda.losses import DEFAULT_DISTANCE, Discriminator, LossConfigError, diff_augment, g_hinge_loss, make_distance
-from pagoda.teacher import Denoiser
-from pagoda.train import TEACHER_PRESETS, TrainConfig, load_teacher
+from pagoda.losses import DEFAULT_DISTANCE, LossConfigError, diff_augment, g_hinge_loss, make_distance
+from pagoda.stage import StageTrainer, build_discriminators, distance_name
+from pagoda.teacher import Denoiser, load_teacher
+from pagoda.train import TEACHER_PRESETS, TrainConfig
 from pagoda.unet import PRESETS as UNET_PRESETS, UNet, UNetConfig
 
 DATASET_SIZES = {"imagenet64": 1_281_167, "fashion-mnist": 60_000}  # train images when no --data is given
@@ -48,7 +53,6 @@ def teacher_config(cfg: TrainConfig) -> tuple[UNetConfig, str]:
     tp = TEACHER_PRESETS[cfg.teacher_preset]
     ucfg = replace(UNET_PRESETS[tp.unet], resolution=tp.resolution)
     if cfg.data != "fashion-mnist":  # as train_teacher: channels and classes from the data
-        from pagoda.data import make_dataset
         ds = make_dataset(cfg.data, tp.resolution)
         ucfg = replace(ucfg, in_channels=ds.channels, out_channels=ds.channels,
                        num_classes=getattr(ds, "num_classes", None))
@@ -63,7 +67,6 @@ def data_facts(cfg: TrainConfig, t_cfg: UNetConfig) -> dict:
         return {"source": f"random data, {name} shape (no --data)", "images": n}
     if cfg.data == "fashion-mnist":
         return {"source": "fashion-mnist", "images": DATASET_SIZES["fashion-mnist"]}
-    from pagoda.data import make_dataset
     return {"source": cfg.data, "images": len(make_dataset(cfg.data, cfg.res, channels=t_cfg.in_channels))}
 
 
@@ -90,7 +93,6 @@ def saved_bytes(fn, modules) -> int:
 def _distance_module(name: str, channels: int) -> torch.nn.Module:
     """The distance on the meta device; LPIPS as its VGG-16 trunk (no weights needed to count activations)."""
     if name == "lpips":
-        import torchvision
         with torch.device("meta"):
             trunk = torchvision.models.vgg16(weights=None).features[:30]
 
@@ -103,17 +105,15 @@ def _distance_module(name: str, channels: int) -> torch.nn.Module:
                 x = torch.cat([fake, real]).expand(-1, 3, -1, -1)
                 return self.trunk(x).mean()
         return _Trunk()
-    kw = {"in_channels": channels} if name == "features" else {}
-    return make_distance(name, **kw).to("meta")
+    return make_distance(name, channels).to("meta")
 
 
-def _meta_stage(stage, g_cfg: UNetConfig, micro: int, distance: str, augment: str) -> dict:
+def _meta_stage(cfg: TrainConfig, stage, g_cfg: UNetConfig, micro: int, distance: str) -> dict:
     """Parameter counts and the saved-activation bytes of one G step, at true size on the meta device."""
-    C, R0, R, ncls = g_cfg.in_channels, g_cfg.resolution, stage.resolution, g_cfg.num_classes
+    C, R0, ncls, augment = g_cfg.in_channels, g_cfg.resolution, g_cfg.num_classes, cfg.augment
     with torch.device("meta"):
         G = Generator(UNet(g_cfg))
-        Ds = [Discriminator(R, C, ncls, base_channels=stage.d_channels, max_channels=4 * stage.d_channels)
-              for _ in range(2 if stage.rec_disc_weight > 0 else 1)]  # as StageTrainer builds them
+        Ds = [D for D in build_discriminators(cfg, stage, C, ncls) if D is not None]  # as StageTrainer builds them
     G.set_trainable(stage.activate_from)
     d = _distance_module(distance, C)
     out = {"G_params": sum(p.numel() for p in G.parameters()),
@@ -137,7 +137,9 @@ def _meta_stage(stage, g_cfg: UNetConfig, micro: int, distance: str, augment: st
 
 
 class _RandomData:
-    """Random images in [−1, 1] with labels: what batch_of() reads (the dry run needs no download)."""
+    """Random in-memory images in [−1, 1] with labels, as data.loader reads them (the dry run needs no download)."""
+
+    in_memory = True
 
     def __init__(self, n: int, channels: int, res: int, num_classes: int | None, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
@@ -148,18 +150,20 @@ class _RandomData:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[idx], self.labels[idx]
+
 
 def _reduced_steps(cfg: TrainConfig, stages, t_cfg: UNetConfig, width: int | None, steps: int, batch: int,
                    micro: list[int], device: torch.device, distance: str | None, report=None) -> list[dict]:
     """Run `steps` real steps of every stage on random data (reduced width, or true size on CUDA)."""
-    from pagoda.stage import StageTrainer
     if width is not None:
         t_cfg = replace(t_cfg, model_channels=width, num_head_channels=min(t_cfg.num_head_channels, width))
     torch.manual_seed(cfg.seed)
     teacher = Denoiser(UNet(t_cfg)).to(device).eval().requires_grad_(False)
     C, R0, ncls = t_cfg.in_channels, t_cfg.resolution, t_cfg.num_classes
-    data = _RandomData(16, C, cfg.res, ncls, cfg.seed)
-    z = 80.0 * torch.randn(16, 2, C, R0, R0, generator=torch.Generator().manual_seed(1))  # the 'latent cache'
+    z = teacher.sigma_max * torch.randn(16, 2, C, R0, R0, generator=torch.Generator().manual_seed(1))  # 'latent cache'
+    labels = torch.randint(0, ncls or 1, (16,), generator=torch.Generator().manual_seed(2))
     rcfg = replace(cfg, distance=distance, accumulate=1)
     info, results, G = dist.DistInfo(device=device), [], None
     with tempfile.TemporaryDirectory(prefix="pagoda-dry-run-") as tmp:
@@ -171,7 +175,8 @@ def _reduced_steps(cfg: TrainConfig, stages, t_cfg: UNetConfig, width: int | Non
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             try:
-                tr = StageTrainer(rcfg, rstage, k, teacher, G, data, z, torch.arange(16), Path(tmp) / stage.name, info)
+                pairs = LatentPairs(z, torch.arange(16), labels, _RandomData(16, C, stage.resolution, ncls, cfg.seed))
+                tr = StageTrainer(rcfg, rstage, k, teacher, G, pairs, Path(tmp) / stage.name, info)
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     s = tr.train_step()
@@ -207,7 +212,7 @@ def dry_run(cfg: TrainConfig, ranks: int, width: int | None = None, steps: int =
     A = cfg.accumulate
     try:  # LPIPS needs local weights; the reduced steps then use the default distance (said in the plan)
         for s in stages:
-            if (cfg.distance or s.distance) == "lpips":
+            if distance_name(cfg, s) == "lpips":
                 make_distance("lpips")
         substitute = None
     except LossConfigError:
@@ -227,8 +232,8 @@ def dry_run(cfg: TrainConfig, ranks: int, width: int | None = None, steps: int =
         row = {"name": stage.name, "resolution": stage.resolution, "steps": stage.steps, "global_batch": stage.batch,
                "per_rank_batch": stage.batch // ranks if stage.batch % ranks == 0 else None, "micro_batch": m or None,
                "accumulate": A, "lr_G": stage.lr_G, "lr_D": stage.lr_D, "lam": stage.lam,
-               "distance": cfg.distance or stage.distance or DEFAULT_DISTANCE}
-        row.update(_meta_stage(stage, g_cfg, m, row["distance"], cfg.augment))
+               "distance": distance_name(cfg, stage)}
+        row.update(_meta_stage(cfg, stage, g_cfg, m, row["distance"]))
         row["total_bytes"] = row["activation_bytes"] + row["state_bytes"] + teacher_bytes
         row["fits"] = row["total_bytes"] <= gpu_memory_gib * 2**30
         row["min_accumulate"] = _min_accumulate(stage.batch, ranks, row, teacher_bytes, gpu_memory_gib)

@@ -1,14 +1,9 @@
-"""Measuring a run like the paper: FID/KID of a generator or a teacher (`pagoda eval`) and the run report.
+"""`pagoda report`: render a run directory as RUN/report.html (self-contained) and RUN/report.md.
 
-    pagoda eval --checkpoint runs/demo --n 10000                        # last stage vs Fashion-MNIST train
-    pagoda eval --checkpoint runs/demo --all-stages --n 500 --ref-n 500 # teacher + every stage (CPU-sized)
-    pagoda eval --checkpoint runs/demo/teacher/teacher.pt --solver dpmpp_2m --nfe 10
-    pagoda report runs/demo [--fid 500]                                 # RUN/report.html (self-contained) + report.md
+    pagoda report runs/demo            # samples per stage, FID rows of RUN/eval.json, loss curves, w and α, timings
+    pagoda report runs/demo --fid 500  # the CLI first scores every stage (pagoda/evaluate.py), then renders
 
-Generators and teachers are measured by the same code: z ~ N(0, σ_max² I) at the teacher resolution in
-seeded batches, class labels cycling 0..C−1, images scored by `metrics.evaluate` (clean-fid's resize to
-299²) against the reference at the images' own resolution (Fashion-MNIST downsampled the ADM way).
-Results are merged into RUN/eval.json, whose rows the report's FID table shows. Sits beside inference.py.
+Only renders what the run directory holds (pagoda/rundir.py); it computes nothing.
 """
 from __future__ import annotations
 
@@ -17,175 +12,16 @@ import datetime
 import html
 import io
 import json
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
-import torch
-import torch.nn.functional as F
+import matplotlib
+from matplotlib.figure import Figure
 
-from pagoda import dist
-from pagoda.data import downsample
-from pagoda.dist import DistInfo, pick_device
-from pagoda.inference import finished_stages, resolve_generator, resolve_teacher_path
-from pagoda.io import CheckpointError, atomic_write_bytes, load_checkpoint, save_json
-from pagoda.solvers import karras_sigmas, nfe as count_nfe
-from pagoda.train import load_teacher, step_generator, teacher_sample
+from pagoda.io import atomic_write_bytes
+from pagoda.loop import METRICS_FILE, TIMING_FILE
+from pagoda.rundir import RunDir, grid_name
 
-Progress = Callable[[str, int, int], None]  # (task, done, total), as metrics.evaluate reports
-
-
-# Models and samplers -----------------------------------------------------------------------------
-
-def load_model(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[str, torch.nn.Module, Path]:
-    """('generator', G, file) for a generator checkpoint or a run directory, ('teacher', D, file) for a teacher's."""
-    p = Path(checkpoint)
-    if p.is_file():
-        ck = load_checkpoint(p)
-        if ck.get("kind") == "teacher" or "unet_config" not in ck:  # ours, or a raw ADM state dict
-            return "teacher", load_teacher(p, device), p
-    G = resolve_generator(p, device)  # raises a one-line CheckpointError for anything else
-    return "generator", G, (finished_stages(p)[-1] / "generator.pt" if p.is_dir() else p)
-
-
-def solver_steps(method: str, nfe: int) -> int:
-    """Karras grid points (a final σ = 0 appended) on which `method` makes exactly `nfe` denoiser calls."""
-    steps = (nfe + 1) // 2 if method == "heun" else nfe  # Heun: 2(n−1) − 1 calls; Euler, DPM-Solver++: n − 1
-    if steps < 2 or count_nfe(method, torch.cat([karras_sigmas(steps), torch.zeros(1)])) != nfe:
-        raise ValueError(f"{method} cannot take {nfe} NFE; fix: heun takes odd NFE >= 3 (e.g. 35, 79), "
-                         f"euler and dpmpp_2m any NFE >= 2")
-    return steps
-
-
-def resample(x: torch.Tensor, size: int | None) -> torch.Tensor:
-    """Images to size×size: bicubic up-sampling (clamped to [−1, 1]) or ADM down-sampling; None = unchanged."""
-    if size is None or size == x.shape[-1]:
-        return x
-    if size < x.shape[-1]:
-        return downsample(x, size)
-    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
-
-
-def make_sampler(kind: str, model: torch.nn.Module, solver: str = "heun", nfe: int = 35, resize: int | None = None,
-                 seed: int = 0, device: str | torch.device = "cpu") -> Callable[[int, int], torch.Tensor]:
-    """generate(i, b) -> images i … i+b−1 (CPU, [−1, 1]); image i has z ~ N(0, σ_max² I) seeded by (seed, i) and
-    label i mod C, so the sequence does not depend on how it is cut into batches or split across ranks."""
-    cfg = model.unet.config
-    R, C, ncls = cfg.resolution, cfg.in_channels, cfg.num_classes
-    steps = solver_steps(solver, nfe) if kind == "teacher" else 0
-    sigma_max = getattr(model, "sigma_max", 80.0)
-
-    @torch.no_grad()
-    def generate(i: int, b: int) -> torch.Tensor:
-        z = torch.stack([torch.randn(C, R, R, generator=step_generator(seed, 5, k)) for k in range(i, i + b)])
-        z = (sigma_max * z).to(device)
-        y = None if ncls is None else ((i + torch.arange(b)) % ncls).to(device)
-        x = model(z, y) if kind == "generator" else teacher_sample(model, z, y, steps, solver)
-        return resample(x.float().clamp(-1, 1), resize).cpu()
-
-    return generate
-
-
-def describe(kind: str, model: torch.nn.Module, solver: str, nfe: int, resize: int | None) -> str:
-    """A row name: 'G 16px, 1 NFE', 'teacher 8px, heun 35 NFE → bicubic 32px'."""
-    res = getattr(model, "resolution", model.unet.config.resolution)
-    name = f"G {res}px, 1 NFE" if kind == "generator" else f"teacher {res}px, {solver} {nfe} NFE"
-    if resize and resize != res:
-        name += f" → {'bicubic' if resize > res else 'ADM'} {resize}px"
-    return name
-
-
-def evaluate_checkpoint(checkpoint: str | Path, n: int = 10_000, ref: str = "fashion-mnist", split: str = "train",
-                        ref_n: int | None = None, solver: str = "heun", nfe: int = 35, resize: int | None = None,
-                        batch: int = 64, seed: int = 0, device: str = "auto", cache_dir: Path | None = None,
-                        progress: Progress | None = None, info: DistInfo | None = None) -> dict:
-    """FID/KID of n samples of a generator (checkpoint or run dir) or a teacher (with solver/nfe), as metrics.evaluate
-    (split across the ranks of `info`, each on its own device)."""
-    from pagoda.metrics import evaluate  # clean-fid and torchvision: imported only when measuring
-    dev = info.device if info is not None and info.enabled else pick_device(device)
-    kind, model, path = load_model(checkpoint, dev)
-    generate = make_sampler(kind, model, solver, nfe, resize, seed, dev)
-    name = describe(kind, model, solver, nfe, resize)
-    prog = None if progress is None else (lambda task, done, total: progress(f"{name}: {task}", done, total))
-    out = evaluate(generate, ref, n, batch, split, dev, max_ref_images=ref_n, cache_dir=cache_dir, progress=prog,
-                   info=info)
-    res = resize or getattr(model, "resolution", model.unet.config.resolution)
-    return {"model": name, "kind": kind, "checkpoint": str(path.resolve()),
-            "resolution": res, "solver": solver if kind == "teacher" else None,
-            "nfe": nfe if kind == "teacher" else 1, "seed": seed, "split": split, **out}
-
-
-def evaluate_run(run_dir: str | Path, teacher: bool = True, **kw) -> list[dict]:
-    """The run's teacher (if found; kw solver/nfe) and every finished stage, each scored by evaluate_checkpoint(**kw)."""
-    stages = finished_stages(run_dir)
-    if not stages:
-        raise CheckpointError(f"{run_dir} holds no finished stage (no stage-*/generator.pt): train it first")
-    models = [s / "generator.pt" for s in stages]
-    if teacher:
-        try:
-            models.insert(0, resolve_teacher_path(run_dir))
-        except CheckpointError:
-            pass  # a run without a teacher file: the generator rows alone
-    return [evaluate_checkpoint(m, **kw) for m in models]
-
-
-def run_dir_of(checkpoint: str | Path) -> Path | None:
-    """The run directory holding `checkpoint` (itself, or RUN/stage-XX/…, RUN/teacher/…), None if not in a run."""
-    p = Path(checkpoint)
-    in_run = p.parent.name == "teacher" or p.parent.name.startswith("stage-")
-    d = p if p.is_dir() else p.parent.parent if in_run else None
-    return d if d is not None and ((d / "config.json").is_file() or finished_stages(d)) else None
-
-
-def record_results(results: list[dict], path: str | Path) -> Path:
-    """Merge results into an eval.json ({"results": [...]}): a row with the same model, checkpoint, n, ref is replaced."""
-    path = Path(path)
-    key = lambda r: (r.get("checkpoint"), r.get("model"), r.get("n"), r.get("ref"), r.get("mode"))  # noqa: E731
-    rows = json.loads(path.read_text()).get("results", []) if path.is_file() else []
-    new = {key(r) for r in results}
-    return save_json({"results": [r for r in rows if key(r) not in new] + list(results)}, path)
-
-
-def run_eval(checkpoint: str | Path, all_stages: bool = False, out: str | Path | None = None, progress: bool = True,
-             device: str = "auto", **kw) -> tuple[list[dict], Path]:
-    """`pagoda eval` in one process or as one rank (torchrun / launch): score, rank 0 merges the rows into `out`
-    (default RUN/eval.json, else ./eval.json); returns (rows, that path) on every rank."""
-    info = dist.init(device)
-    with eval_progress(progress and info.is_main) as bar:
-        kw.update(progress=bar if info.is_main else None, info=info, device=device)
-        results = evaluate_run(checkpoint, **kw) if all_stages else [evaluate_checkpoint(checkpoint, **kw)]
-    path = Path(out) if out else (run_dir_of(checkpoint) or Path(".")) / "eval.json"
-    if info.is_main:
-        record_results(results, path)
-    dist.shutdown(info)
-    return results, path
-
-
-@contextmanager
-def eval_progress(enabled: bool = True) -> Iterator[Progress]:
-    """A rich progress bar (one line per task) fed by metrics.evaluate's (task, done, total) callback."""
-    from pagoda.train import progress_bar
-    with progress_bar(enabled) as bar:
-        tasks: dict[str, int] = {}
-
-        def update(task: str, done: int, total: int) -> None:
-            if task not in tasks:
-                tasks[task] = bar.add_task(task, total=total, info="")
-            bar.update(tasks[task], completed=done, total=total)
-
-        yield update
-
-
-def results_table(results: list[dict], title: str = "FID / KID"):
-    """A rich Table of evaluation rows."""
-    from rich.table import Table
-    t = Table(title=title)
-    for col in ("model", "n", "FID", "KID ×10³", "reference", "seconds"):
-        t.add_column(col, justify="left" if col in ("model", "reference") else "right")
-    for r in results:
-        kid = "–" if r.get("kid") is None else f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f}"
-        t.add_row(r["model"], str(r["n"]), f"{r['fid']:.2f}", kid, f"{r['ref']} (n={r['ref_n']})", f"{r['seconds']:.0f}")
-    return t
+matplotlib.use("Agg")  # headless: never opens a window
 
 
 # The run report ----------------------------------------------------------------------------------
@@ -239,9 +75,6 @@ def _series(log: list[dict], key: str, max_points: int = 2000) -> tuple[list[int
 
 def plot_curves(teacher_log: list[dict], stage_logs: dict[str, list[dict]]) -> dict[str, bytes]:
     """PNGs: 'losses' (teacher loss; per stage L_rec, L_adv and L_D) and 'weights' (per stage w and α)."""
-    import matplotlib
-    matplotlib.use("Agg")  # headless: never opens a window
-    from matplotlib.figure import Figure
     names, plots = list(stage_logs) or ["(no stage yet)"], {}
     fig = Figure(figsize=(3.6 * (len(names) + 1), 5.4))
     axes = fig.subplots(2, len(names) + 1, squeeze=False)
@@ -277,39 +110,38 @@ def plot_curves(teacher_log: list[dict], stage_logs: dict[str, list[dict]]) -> d
 
 def collect(run_dir: Path) -> dict:
     """Everything the report shows, read from the run directory (missing parts are empty, never an error)."""
-    run = Path(run_dir)
+    run = RunDir(run_dir)
     load = lambda p: json.loads(p.read_text()) if p.is_file() else {}  # noqa: E731
-    tdir, stages = run / "teacher", sorted(run.glob("stage-*"), key=lambda p: int(p.name.split("-")[-1]))
+    tdir, stages = run.teacher_dir, run.stages()
     tcfg = load(tdir / "config.json").get("teacher", {})
-    tlog = read_jsonl(tdir / "metrics.jsonl")
-    tgrids = sorted(tdir.glob("grid-*.png"))
-    timings, t = [], load(tdir / "timing.json")
+    tlog = read_jsonl(tdir / METRICS_FILE)
+    tgrids = sorted(tdir.glob(grid_name("*")))
+    timings, t = [], load(tdir / TIMING_FILE)
     if t:
-        timings.append({"part": "teacher", **t, "source": "teacher/timing.json"})
+        timings.append({"part": "teacher", **t, "source": f"teacher/{TIMING_FILE}"})
     elif tlog:  # older runs, or a teacher still training
         timings.append({"part": "teacher", "steps": tlog[-1]["step"], "seconds": logged_seconds(tlog, tcfg.get("batch", 0)),
-                        "img_per_s": tlog[-1].get("img_per_s"), "source": "teacher/metrics.jsonl (≈)"})
-    t = load(run / "latents" / "timing.json")
+                        "img_per_s": tlog[-1].get("img_per_s"), "source": f"teacher/{METRICS_FILE} (≈)"})
+    t = load(run.latents / TIMING_FILE)
     if t:
-        timings.append({"part": f"latent cache ({t['images']} images + flips)", **t, "source": "latents/timing.json"})
+        timings.append({"part": f"latent cache ({t['images']} images + flips)", **t, "source": f"latents/{TIMING_FILE}"})
     caption = (f"teacher, Heun {2 * tcfg['sample_steps'] - 1} NFE, step {int(tgrids[-1].stem.split('-')[-1])}"
                if tgrids and "sample_steps" in tcfg else "teacher")
     grids = [(caption, tgrids[-1])] if tgrids else []
     logs = {}
     for s in stages:
-        logs[s.name] = read_jsonl(s / "metrics.jsonl")
-        if (s / "grid-final.png").is_file():
-            grids.append((f"{s.name} (G, 1 NFE)", s / "grid-final.png"))
-        t = load(s / "timing.json")
+        logs[s.name] = read_jsonl(s / METRICS_FILE)
+        if (s / grid_name("final")).is_file():
+            grids.append((f"{s.name} (G, 1 NFE)", s / grid_name("final")))
+        t = load(s / TIMING_FILE)
         if t:
-            timings.append({"part": s.name, **t, "source": f"{s.name}/timing.json"})
+            timings.append({"part": s.name, **t, "source": f"{s.name}/{TIMING_FILE}"})
         elif logs[s.name]:
             timings.append({"part": s.name + " (running)", "steps": logs[s.name][-1]["step"], "seconds": None,
-                            "img_per_s": logs[s.name][-1].get("img_per_s"), "source": f"{s.name}/metrics.jsonl"})
-    return {"run": run, "config": load(run / "config.json"), "teacher_config": tcfg,
-            "latents": load(run / "latents" / "index.json"),
+                            "img_per_s": logs[s.name][-1].get("img_per_s"), "source": f"{s.name}/{METRICS_FILE}"})
+    return {"run": run.root, "config": load(run.config), "teacher_config": tcfg, "latents": load(run.latents / "index.json"),
             "teacher_log": tlog, "stage_logs": logs, "grids": grids, "timings": timings,
-            "eval": load(run / "eval.json").get("results", []), "finished": [p.name for p in finished_stages(run)]}
+            "eval": load(run.eval).get("results", []), "finished": [p.name for p in run.finished()]}
 
 
 def _fmt(v, spec: str = ".4g") -> str:
@@ -396,22 +228,18 @@ def render(info: dict, plots: dict[str, bytes], plot_files: dict[str, str]) -> t
     return "".join(h) + "</body></html>\n", "\n".join(md)
 
 
-def write_report(run_dir: str | Path, fid: int | None = None, ref: str = "fashion-mnist", ref_n: int | None = None,
-                 device: str = "auto", progress: Progress | None = None) -> tuple[Path, Path]:
-    """RUN/report.html (self-contained) and RUN/report.md (+ RUN/report_files/*.png); fid=N first scores every stage."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise FileNotFoundError(f"{run} is not a directory: pass a run directory (what `pagoda train --out` wrote)")
-    if fid:
-        results = evaluate_run(run, n=fid, ref=ref, ref_n=ref_n or fid, device=device, progress=progress)
-        record_results(results, run / "eval.json")
-    info = collect(run)
+def write_report(run_dir: str | Path) -> tuple[Path, Path]:
+    """RUN/report.html (self-contained) and RUN/report.md (+ RUN/report_files/*.png)."""
+    run = RunDir(run_dir)
+    if not run.root.is_dir():
+        raise FileNotFoundError(f"{run.root} is not a directory: pass a run directory (what `pagoda train --out` wrote)")
+    info = collect(run.root)
     plots = plot_curves(info["teacher_log"], info["stage_logs"])
     files = {}
     for name, png in plots.items():
-        atomic_write_bytes(run / "report_files" / f"{name}.png", lambda f, png=png: f.write(png))
-        files[name] = f"report_files/{name}.png"
+        atomic_write_bytes(run.report_files / f"{name}.png", lambda f, png=png: f.write(png))
+        files[name] = f"{run.report_files.name}/{name}.png"
     page, md = render(info, plots, files)
-    html_path = atomic_write_bytes(run / "report.html", lambda f: f.write(page.encode()))
-    md_path = atomic_write_bytes(run / "report.md", lambda f: f.write(md.encode()))
+    html_path = atomic_write_bytes(run.report_html, lambda f: f.write(page.encode()))
+    md_path = atomic_write_bytes(run.report_md, lambda f: f.write(md.encode()))
     return html_path, md_path

@@ -14,7 +14,7 @@ monotone σ grid: decreasing = sampling (noise → data, a final σ = 0 allowed)
 
 for a grid of n points (a trailing 0 included). Step coefficients are computed in float64 from the
 grid; the state x keeps its own dtype/device. Nothing here knows about networks and no_grad is the
-caller's choice. Imports only torch and math.
+caller's choice (`sample`, the teacher's sampler, runs without gradients). Imports only torch and math.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from torch import Tensor
 
 Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
 METHODS = ("euler", "heun", "dpmpp_2m")
+SIGMA_MIN, SIGMA_MAX = 0.002, 80.0  # EDM's noise range (Karras et al. 2022, Table 1); models carry their own
 
 
 class SolverError(ValueError):
@@ -34,8 +35,8 @@ class SolverError(ValueError):
 
 def karras_sigmas(
     n: int,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80.0,
+    sigma_min: float = SIGMA_MIN,
+    sigma_max: float = SIGMA_MAX,
     rho: float = 7.0,
     *,
     dtype: torch.dtype = torch.float32,
@@ -155,3 +156,11 @@ def solve(
         if callback is not None:
             callback({"i": i, "sigma": sigma, "sigma_next": sigma_next, "x": x, "denoised": denoised, "nfe": calls})
     return x
+
+
+@torch.no_grad()
+def sample(denoiser: Denoiser, z: Tensor, steps: int = 18, method: str = "heun", labels: Any = None,
+           sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> Tensor:
+    """x0 = PF-ODE solve from z ~ N(0, σ_max² I) on a Karras grid of `steps` points plus a final 0, in [−1, 1]."""
+    sigmas = torch.cat([karras_sigmas(steps, sigma_min, sigma_max, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+    return solve(denoiser, z, sigmas, method, labels).clamp(-1, 1)

@@ -4,14 +4,23 @@
     c_in = 1/√(σ²+σ_d²), c_skip = σ_d²/(σ²+σ_d²), c_out = σ σ_d/√(σ²+σ_d²), σ_d = 0.5
 
 c_noise is explicit: "adm" = 250·ln σ (the ADM / consistency-models checkpoints, and ours),
-"edm" = ln(σ)/4 (NVlabs/edm's own networks).
+"edm" = ln(σ)/4 (NVlabs/edm's own networks). The denoiser carries its noise range [σ_min, σ_max]: the
+encoder, the generator and every sampler take σ_max from it.
+
+A teacher file is {"kind": "teacher", "unet_config", "sigma_data", "c_noise", "sigma_min", "sigma_max", "ema"};
+`load_teacher` also reads a raw ADM state dict (e.g. `edm_imagenet64_ema.pt`) of a known UNet preset.
 """
 from __future__ import annotations
+
+import os
+from typing import Any
 
 import torch
 from torch import nn
 
-from pagoda.unet import UNet
+from pagoda.io import ADM, TEACHER, CheckpointError, check_kind, load_checkpoint
+from pagoda.solvers import SIGMA_MAX, SIGMA_MIN
+from pagoda.unet import PRESETS as UNET_PRESETS, UNet, UNetConfig
 
 C_NOISE = {
     "adm": lambda sigma: 250.0 * torch.log(sigma),  # 1000 * 0.25 * ln σ (consistency_models karras_diffusion)
@@ -41,11 +50,13 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class Denoiser(nn.Module):
     """EDM-preconditioned denoiser D(x, σ, y) around a UNet F; σ is a tensor of shape (batch,)."""
 
-    def __init__(self, unet: UNet, sigma_data: float = 0.5, c_noise: str = "adm", clamp: bool = False):
+    def __init__(self, unet: UNet, sigma_data: float = 0.5, c_noise: str = "adm", clamp: bool = False,
+                 sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX):
         super().__init__()
         if c_noise not in C_NOISE:
             raise ValueError(f"unknown c_noise convention {c_noise!r}: use 'adm' or 'edm'")
         self.unet, self.sigma_data, self.c_noise, self.clamp = unet, sigma_data, c_noise, clamp
+        self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
 
     @property
     def resolution(self) -> int:
@@ -107,7 +118,32 @@ def guided(denoiser: Denoiser, scale: float):
     return D
 
 
-def param_count_str(n: int) -> str:
-    """Human-readable parameter count, e.g. 295.9M."""
-    return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+def teacher_checkpoint(denoiser: Denoiser, **extra) -> dict:
+    """The teacher file: EMA weights, UNet config and the EDM constants (pagoda.io kind "teacher")."""
+    return {"kind": TEACHER, "unet_config": denoiser.unet.config.to_dict(), "sigma_data": denoiser.sigma_data,
+            "c_noise": denoiser.c_noise, "sigma_min": denoiser.sigma_min, "sigma_max": denoiser.sigma_max,
+            "ema": denoiser.state_dict(), **extra}
 
+
+def load_teacher(path: str | os.PathLike, device: str | torch.device = "cpu", ckpt: dict[str, Any] | None = None
+                 ) -> Denoiser:
+    """A teacher file of ours, or a raw ADM state dict of a known preset, as a frozen Denoiser (`ckpt`: already loaded)."""
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt
+    kind = check_kind(ckpt, path, expect=(TEACHER, ADM))
+    if kind == TEACHER:
+        D = Denoiser(UNet(UNetConfig.from_dict(ckpt["unet_config"])), ckpt.get("sigma_data", 0.5),
+                     ckpt.get("c_noise", "adm"), sigma_min=ckpt.get("sigma_min", SIGMA_MIN),
+                     sigma_max=ckpt.get("sigma_max", SIGMA_MAX))
+        D.load_state_dict(ckpt["ema"])
+        return D.to(device).eval().requires_grad_(False)
+    sd = ckpt.get("state_dict", ckpt)
+    sd = {k.removeprefix("module.").removeprefix("model."): v for k, v in sd.items() if torch.is_tensor(v)}
+    for cfg in UNET_PRESETS.values():
+        with torch.device("meta"):
+            ref = UNet(cfg).state_dict()
+        if ref.keys() == sd.keys() and all(ref[k].shape == sd[k].shape for k in ref):
+            unet = UNet(cfg)
+            unet.load_state_dict(sd, strict=True)
+            return Denoiser(unet).to(device).eval().requires_grad_(False)
+    raise CheckpointError(f"{path} is a raw state dict that matches no teacher architecture (known ADM presets: "
+                          f"{', '.join(UNET_PRESETS)}); pass a pagoda teacher checkpoint")

@@ -21,7 +21,7 @@ from torch import nn
 
 @dataclass(frozen=True)
 class UNetConfig:
-    """ADM UNet hyper-parameters; field names as `shared/fixtures/adm_unet_reference.json`."""
+    """ADM UNet hyper-parameters (guided-diffusion `UNetModel` arguments; `PRESETS["imagenet64"]` is the public teacher)."""
 
     resolution: int = 8  # input (teacher) resolution in pixels
     in_channels: int = 1  # image channels in
@@ -330,8 +330,3 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         feats, _ = self.features(x, noise_labels, class_labels)
         return self.out(feats[-1])
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of parameters."""
-    return sum(p.numel() for p in module.parameters())

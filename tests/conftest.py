@@ -5,7 +5,10 @@ import pytest
 import torch
 
 # 2 threads on CI's 2 cores; PAGODA_TEST_THREADS=1 when the machine is shared (oversubscription is ~100x slower).
-torch.set_num_threads(int(os.environ.get("PAGODA_TEST_THREADS", "2")))
+# CLI commands run in-process get the same fixed count (no adaptive thread policy: tests compare bit-exactly).
+THREADS = os.environ.get("PAGODA_TEST_THREADS", "2")
+torch.set_num_threads(int(THREADS))
+os.environ.setdefault("PAGODA_THREADS", THREADS)
 
 
 @pytest.fixture(autouse=True)

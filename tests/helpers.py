@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pagoda.encoder import LatentStore
 from pagoda.io import save_checkpoint
-from pagoda.teacher import Denoiser
-from pagoda.train import teacher_checkpoint
+from pagoda.teacher import Denoiser, teacher_checkpoint
 from pagoda.unet import PRESETS, UNet
 
 
@@ -37,6 +37,13 @@ def tiny_assets(root: Path) -> tuple[Path, Path]:
     return teacher, root / "data"
 
 
+def read_cache(root) -> tuple:
+    """(info, z (N, 2, C, R, R) float32, labels, indices) of a finished latent cache, read through LatentStore."""
+    store = LatentStore(root)
+    i = torch.arange(len(store))
+    return store.info, torch.stack([store[i, 0], store[i, 1]], 1), store.labels, store.indices
+
+
 def tensors(obj, prefix: str = ""):
     """(path, tensor) for every tensor inside nested dicts / lists."""
     if torch.is_tensor(obj):
@@ -51,6 +58,7 @@ def tensors(obj, prefix: str = ""):
 
 def build_tiny_run(root: Path) -> Path:
     """A real 8 → 16 px run in seconds (10-step teacher, 16 encoded images, 3 steps per stage), built once per session."""
+    from pagoda.report import write_report
     from pagoda.train import TEACHER_PRESETS, TrainConfig, train, train_teacher
     run = root / "pagoda-tiny-run"
     if not (run / "report.html").is_file():
@@ -58,4 +66,5 @@ def build_tiny_run(root: Path) -> Path:
                       run / "teacher", progress=False)
         train(TrainConfig(out=str(run), res=16, teacher_preset="tiny", preset="tiny", encode_images=16, encode_steps=4,
                           ckpt_every=100), progress=False)
+        write_report(run)
     return run

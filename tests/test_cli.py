@@ -20,8 +20,10 @@ from typer.testing import CliRunner
 
 from pagoda.cli import app
 from pagoda.data import downsample, load_fashion_mnist, load_image, make_dataset, tensor_to_pil
-from pagoda.encoder import Encoder, load_latent_cache, psnr
-from pagoda.train import load_teacher
+from pagoda.encoder import Encoder, psnr
+from pagoda.teacher import load_teacher
+
+from helpers import read_cache
 
 runner = CliRunner()
 
@@ -263,7 +265,7 @@ def test_encode_cli(toy_run, tmp_path):
     args = ("encode", "--teacher", toy_run.teacher, "--out", out, "--n", 12, "--steps", 6, "--batch", 5)
     text = ok(invoke(*args))
     assert text.strip().splitlines()[-1] == f"latent cache {out}: 12 images x 2 (flip), 1 shards"
-    info, z, labels, idx = load_latent_cache(out)
+    info, z, labels, idx = read_cache(out)
     assert (info.num_images, info.steps, info.method, info.dtype) == (12, 6, "heun", "float16")
     assert z.shape == (12, 2, 1, 8, 8) and torch.equal(idx, torch.arange(12))
     # the cache holds E(x) and E(flip(x)) of the training split at the teacher resolution (fp16 storage)

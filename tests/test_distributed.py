@@ -14,7 +14,7 @@ import torch
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from typer.testing import CliRunner
 
-from helpers import tiny_assets, tensors
+from helpers import read_cache, tensors, tiny_assets
 
 from pagoda import dist
 from pagoda.cli import app
@@ -58,7 +58,7 @@ mine = list(dist.split(5, info))
 share = dist.gather_cat(torch.tensor(mine), info)
 assert share.tolist() == [0, 1, 2, 3, 4], share
 # the latent cache: shard i is encoded by rank i % 2, every rank then reads all of them
-from pagoda.encoder import Encoder, build_latent_cache, load_latent_cache
+from pagoda.encoder import Encoder, LatentStore, build_latent_cache
 from pagoda.teacher import Denoiser
 from pagoda.unet import PRESETS, UNet
 torch.manual_seed(0)
@@ -69,7 +69,7 @@ build_latent_cache(Encoder(teacher, 8, steps=3), data, os.path.join(sys.argv[1],
                    world_size=w)
 dist.barrier(info)
 done = sorted(f for f in os.listdir(os.path.join(sys.argv[1], "lat")) if f.startswith("shard"))
-assert len(done) == 3 and load_latent_cache(os.path.join(sys.argv[1], "lat"))[1].shape == (5, 2, 1, 8, 8)
+assert len(done) == 3 and LatentStore(os.path.join(sys.argv[1], "lat")).shape == (5, 2, 1, 8, 8)
 open(os.path.join(sys.argv[1], f"rank{r}.json"), "w").write(json.dumps({"rank": r, "mine": mine}))
 dist.shutdown(info)
 """
@@ -83,13 +83,13 @@ def test_collectives_under_two_gloo_processes(tmp_path):
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert got == [{"rank": 0, "mine": [0, 1, 2]}, {"rank": 1, "mine": [3, 4]}]
     # the cache encoded by two ranks equals the one encoded by one process
-    from pagoda.encoder import Encoder, build_latent_cache, load_latent_cache
+    from pagoda.encoder import Encoder, build_latent_cache
     torch.manual_seed(0)
     teacher = Denoiser(UNet(PRESETS["tiny"])).eval()
     g = torch.Generator().manual_seed(1)
     data = [(torch.rand(1, 8, 8, generator=g) * 2 - 1, i % 10) for i in range(5)]
     build_latent_cache(Encoder(teacher, 8, steps=3), data, tmp_path / "lat1", shard_size=2)
-    two, one = load_latent_cache(tmp_path / "lat"), load_latent_cache(tmp_path / "lat1")
+    two, one = read_cache(tmp_path / "lat"), read_cache(tmp_path / "lat1")
     torch.testing.assert_close(two[1], one[1], rtol=1e-3, atol=1e-3)  # fp16 storage
     assert torch.equal(two[2], one[2]) and torch.equal(two[3], one[3])
 
@@ -189,7 +189,7 @@ def test_dry_run_plans_for_ranks_it_does_not_have(tmp_path):
     assert [s["micro_batch"] for s in one["stages"]] == [4, 4]
     for k, stage in enumerate(plan_stages(8, 16, "tiny")):
         cfg_k = PRESETS["tiny"] if k == 0 else PRESETS["tiny"].grown()
-        f2, f3, f4 = (_meta_stage(stage, cfg_k, m, "features", cfg.augment)["activation_bytes"] for m in (2, 3, 4))
+        f2, f3, f4 = (_meta_stage(cfg, stage, cfg_k, m, "features")["activation_bytes"] for m in (2, 3, 4))
         assert f2 == plan["stages"][k]["activation_bytes"] and f4 == one["stages"][k]["activation_bytes"]
         assert 0 < f2 < f3 < f4 and f4 - f3 == f3 - f2
     # latent cache: the tiny preset encodes 64 images, x2 flips, 1x8x8, fp16
@@ -219,15 +219,17 @@ def test_split_g_step_takes_one_rec_and_one_adv_update_whatever_the_accumulation
     from dataclasses import replace
     from types import SimpleNamespace
 
+    from pagoda.encoder import LatentPairs
     from pagoda.grow import plan_stages
     from pagoda.stage import StageTrainer
     torch.manual_seed(0)
     teacher = Denoiser(UNet(PRESETS["tiny"])).eval().requires_grad_(False)
     stage = replace(plan_stages(8, 8, "tiny")[0], split_g_step=True, batch=4)
-    data = SimpleNamespace(images=torch.rand(8, 1, 8, 8) * 2 - 1, labels=torch.arange(8) % 10)
-    lat_z = 80 * torch.randn(8, 2, 1, 8, 8)
+    data = SimpleNamespace(images=torch.rand(8, 1, 8, 8) * 2 - 1, in_memory=True,
+                           batch=lambda i: (data.images[i], None))
+    pairs = LatentPairs(80 * torch.randn(8, 2, 1, 8, 8), torch.arange(8), torch.arange(8) % 10, data)
     for A in (1, 2, 4):
-        tr = StageTrainer(TrainConfig(accumulate=A, augment=""), stage, 0, teacher, None, data, lat_z, torch.arange(8),
-                          tmp_path / f"a{A}", dist.DistInfo())
+        tr = StageTrainer(TrainConfig(accumulate=A, augment=""), stage, 0, teacher, None, pairs, tmp_path / f"a{A}",
+                          dist.DistInfo())
         tr.train_step()
         assert {int(s["step"]) for s in tr.opt_G.state.values()} == {2}, A

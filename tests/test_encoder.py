@@ -6,7 +6,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 from torch.utils.data import TensorDataset
 
-from pagoda.encoder import Encoder, LatentStore, build_latent_cache, load_latent_cache, psnr
+from pagoda.encoder import Encoder, LatentStore, build_latent_cache, psnr
+from pagoda.io import load_checkpoint
+
+from helpers import read_cache
 
 
 def gaussian_denoiser(mu: float, s: float):
@@ -84,7 +87,7 @@ def test_latent_cache_build_resume_and_mismatch(tmp_path):
     info = build_latent_cache(enc, data, tmp_path, shard_size=4, batch_size=3, dtype="float32",
                               progress=lambda d, t, ips: calls.append(d))
     assert info.num_shards == 3 and calls[-1] == 10
-    _, z, labels, idx = load_latent_cache(tmp_path)
+    _, z, labels, idx = read_cache(tmp_path)
     assert z.shape == (10, 2, 1, 8, 8) and idx.tolist() == list(range(10))
     assert torch.equal(labels, torch.arange(10) % 3)
     x = torch.stack([data[i][0] for i in range(10)])
@@ -96,7 +99,7 @@ def test_latent_cache_build_resume_and_mismatch(tmp_path):
     build_latent_cache(enc, data, tmp_path, shard_size=4, batch_size=3, dtype="float32",
                        progress=lambda d, t, ips: calls.append((d, t)))
     assert calls[-1] == (4, 4)
-    _, z2, _, _ = load_latent_cache(tmp_path)
+    _, z2, _, _ = read_cache(tmp_path)
     torch.testing.assert_close(z2, z)
     # Another encoder config on the same folder is refused, nothing overwritten.
     before = (tmp_path / "index.json").read_text()
@@ -111,13 +114,14 @@ def test_incomplete_cache_is_an_error(tmp_path):
     build_latent_cache(Encoder(gaussian_denoiser(0, .5), 8, steps=3, method="euler"), data, tmp_path, shard_size=2)
     (tmp_path / "shard-00002.pt").unlink()
     with pytest.raises(ValueError, match="incomplete"):
-        load_latent_cache(tmp_path)
+        LatentStore(tmp_path)
 
 
 def test_latent_store_matches_full_load(tmp_path):
     data = TensorDataset(torch.rand(11, 1, 8, 8) * 2 - 1, torch.arange(11) % 2)
     build_latent_cache(Encoder(gaussian_denoiser(0, .5), 8, steps=4, method="euler"), data, tmp_path, shard_size=4)
-    _, z, _, idx = load_latent_cache(tmp_path)
+    shards = [load_checkpoint(p) for p in sorted(tmp_path.glob("shard-*.pt"))]
+    z, idx = torch.cat([s["z"] for s in shards]).float(), torch.cat([s["indices"] for s in shards])
     store = LatentStore(tmp_path)
     assert store.shape == z.shape and len(store) == 11 and torch.equal(store.indices, idx)
     i = torch.tensor([10, 0, 5, 3, 3, 7])

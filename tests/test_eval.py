@@ -26,7 +26,8 @@ from helpers import StandInInception, build_tiny_run
 from pagoda import metrics as M
 from pagoda.cli import app
 from pagoda.data import downsample, load_fashion_mnist
-from pagoda.report import load_model, make_sampler, resample, solver_steps
+from pagoda.evaluate import make_sampler, resample, solver_steps
+from pagoda.rundir import open_model
 from pagoda.solvers import METHODS, karras_sigmas, nfe as count_nfe
 
 runner = CliRunner()
@@ -173,12 +174,12 @@ def test_solver_steps_gives_exactly_the_nfe_or_refuses(method, nfe):
 
 
 def test_sampler_is_seeded_cycles_labels_and_calls_the_teacher_nfe_times(tiny_run):
-    kind, D, _ = load_model(tiny_run / "teacher" / "teacher.pt")
+    kind, D, _ = open_model(tiny_run / "teacher" / "teacher.pt")
     assert kind == "teacher"
     calls, labels = [], []
 
     class Counting(torch.nn.Module):
-        unet = D.unet
+        unet, sigma_min, sigma_max = D.unet, D.sigma_min, D.sigma_max
 
         def forward(self, x, sigma, y):
             calls.append(len(x))
@@ -192,7 +193,7 @@ def test_sampler_is_seeded_cycles_labels_and_calls_the_teacher_nfe_times(tiny_ru
     again = make_sampler("teacher", D, "dpmpp_2m", 3, seed=7)
     assert torch.equal(torch.cat([again(0, 6), again(6, 7)]), a) and a.abs().max() <= 1
     assert not torch.equal(make_sampler("teacher", D, "dpmpp_2m", 3, seed=8)(0, 6), a[:6])
-    kind, G, path = load_model(tiny_run)
+    kind, G, path = open_model(tiny_run)
     assert kind == "generator" and G.resolution == 16 and path.parent.name == "stage-16"
     assert make_sampler("generator", G, resize=32)(0, 3).shape == (3, 1, 32, 32)
     # image i depends on (seed, i) only: any cut into batches (or ranks) gives the same sequence

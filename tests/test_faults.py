@@ -27,7 +27,8 @@ from pagoda.decoder import Generator
 from pagoda.encoder import CacheInfo
 from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
 from pagoda.stage import StageTrainer
-from pagoda.train import TrainConfig, TrainingError, train
+from pagoda.loop import TrainingError
+from pagoda.train import TrainConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -76,12 +77,12 @@ def test_a_failing_rank_stops_the_whole_job(tmp_path, assets, action):
 
 def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, assets, monkeypatch):
     teacher, data = assets
-    real = StageTrainer._real
+    real = StageTrainer._micro_batches
 
-    def poisoned(self, idx, flip=None):  # NaN images from step 2 on (checkpoint written at step 2)
-        x, y = real(self, idx, flip)
-        return (x * float("nan") if self.step >= 2 else x), y
-    monkeypatch.setattr(StageTrainer, "_real", poisoned)
+    def poisoned(self):  # NaN target images from step 2 on (checkpoint written at step 2)
+        g_parts, d_parts = real(self)
+        return [(x * float("nan") if self.step >= 2 else x, z, y) for x, z, y in g_parts], d_parts
+    monkeypatch.setattr(StageTrainer, "_micro_batches", poisoned)
     cfg = TrainConfig(out=str(tmp_path / "run"), data=str(data), res=8, teacher=str(teacher), preset="tiny",
                       encode_images=0, encode_steps=2, ckpt_every=2, device="cpu")
     with pytest.raises(TrainingError, match=r"loss rec = nan at step 2: training diverged; the last good checkpoint is kept"):
@@ -205,7 +206,7 @@ def finished_run(tmp_path_factory, assets):
     teacher, _ = assets
     (run / "teacher").mkdir()
     (run / "teacher" / "teacher.pt").write_bytes(Path(teacher).read_bytes())
-    from pagoda.train import load_teacher
+    from pagoda.teacher import load_teacher
     save_checkpoint(Generator.from_teacher(load_teacher(teacher)).to_checkpoint(), run / "stage-08" / "generator.pt")
     # the run's latent cache was made by another teacher, and its config.json says so
     info = CacheInfo(16, 1024, 8, 1, 2, "heun", 0.002, 80.0, "float16", "another teacher")

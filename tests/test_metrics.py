@@ -72,9 +72,7 @@ def test_tensor_features_match_clean_fid_folder_pipeline(tmp_path, fmnist_test):
     ours = M.FeatureExtractor(batch_size=4, model=model).features(images)
     theirs = get_folder_features(str(tmp_path), model, num_workers=0, batch_size=4, device=torch.device("cpu"),
                                  mode="clean", verbose=False)
-    folder = M.FeatureExtractor(batch_size=4, model=model).features_from_folder(tmp_path)
     np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(folder, theirs, rtol=0, atol=1e-5)
 
 
 def test_tf_bilinear_matches_tf1_formula():
@@ -232,7 +230,7 @@ def test_adm_npz_reference_is_read_and_used(tmp_path, fmnist_test):
         np.savez(paths[name], arr_0=np.zeros((2, 32, 32, 3), np.uint8), mu=mu + offset, sigma=sigma,
                  mu_s=np.zeros(3), sigma_s=np.eye(3))
     assert M.ReferenceStats.load(paths["close"]).mode == "legacy_tensorflow"
-    assert M.load_reference(str(paths["close"]), 32, extractor).features is None
+    assert M.ReferenceStats.load(paths["close"]).features is None
 
     def feed(i: int, b: int) -> torch.Tensor:  # the 20 images in order, so the generated features are exactly `fake`
         return data[i:i + b]

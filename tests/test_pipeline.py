@@ -16,8 +16,11 @@ import torch
 
 from pagoda.data import downsample, load_fashion_mnist
 from pagoda.decoder import Generator
-from pagoda.encoder import Encoder, load_latent_cache, psnr
-from pagoda.train import load_teacher, train
+from pagoda.encoder import Encoder, psnr
+from pagoda.teacher import load_teacher
+from pagoda.train import train
+
+from helpers import read_cache
 
 
 def _generators(run):
@@ -44,7 +47,7 @@ def test_run_directory_has_every_stage(toy_run):
     stages = [(s["name"], s["resolution"], s["grow"]) for s in cfg["stages"]]
     assert stages == [("stage-08", 8, False), ("stage-16", 16, True)]
     assert (run / "teacher" / "teacher.pt").is_file()
-    info, z, labels, idx = load_latent_cache(run / "latents")
+    info, z, labels, idx = read_cache(run / "latents")
     assert (info.num_images, info.steps, info.resolution) == (64, 10, 8)
     assert z.shape == (64, 2, 1, 8, 8) and torch.isfinite(z).all()  # [image, flip] per data-set image
     assert torch.equal(idx, torch.arange(64)) and labels.shape == (64,)

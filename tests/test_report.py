@@ -1,4 +1,4 @@
-"""The run report (pagoda.report.write_report, `pagoda report`, and its call at the end of `train()`).
+"""The run report (pagoda.report.write_report, `pagoda report`, and its call at the end of a training run).
 
 Built from a tiny real run (teacher 8 px, stages 8 and 16); FID rows use a 16-d stand-in for Inception
 (see tests/test_eval.py) so the `--fid` path runs in seconds.
@@ -24,7 +24,8 @@ from helpers import build_tiny_run
 
 from pagoda import metrics as M
 from pagoda.cli import app
-from pagoda.report import SECTIONS, _smooth, logged_seconds, record_results, write_report
+from pagoda.evaluate import record_results
+from pagoda.report import SECTIONS, _smooth, logged_seconds, write_report
 
 runner = CliRunner()
 IMG = re.compile(r"src='data:image/png;base64,([A-Za-z0-9+/=]+)'")
@@ -123,16 +124,16 @@ def test_report_of_an_empty_or_partial_run(tmp_path, run):
 
 
 def test_report_failure_only_warns_at_the_end_of_train(run, monkeypatch):
-    import pagoda.report
-    from pagoda.train import TrainConfig, train
+    import pagoda.launch
+    from pagoda.train import TrainConfig
 
     def broken(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(pagoda.report, "write_report", broken)
+    monkeypatch.setattr(pagoda.launch, "write_report", broken)
     with pytest.warns(UserWarning, match="run report not written.*disk full"):
-        out = train(TrainConfig(out=str(run), res=16, teacher_preset="tiny", preset="tiny", encode_images=16,
-                                encode_steps=4, ckpt_every=100), progress=False)
+        out = pagoda.launch.run_worker(TrainConfig(out=str(run), res=16, teacher_preset="tiny", preset="tiny",
+                                                   encode_images=16, encode_steps=4, ckpt_every=100), progress=False)
     assert out == run
 
 

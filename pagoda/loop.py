@@ -1,0 +1,120 @@
+"""What every training loop shares: counter-based randomness, EMA, finite checks, the progress bar, and the
+scaffold that drives a loop (metrics.jsonl, checkpoint cadence, timing.json).
+
+Every random draw of step k comes from a generator seeded by (seed, keys..., k), so data order, noise and
+augmentation are a pure function of the step: `--resume` after a kill continues bit-identically, and a global
+batch is the same whether one rank computes it or several split it.
+
+    for stats in run_loop(step_fn, save_fn, LoopSpec("stage-16 (16px)", total=250, batch=64), start, out_dir):
+        ...                                  # step_fn() trains one step and returns its numbers
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from pagoda.dist import update_threads
+from pagoda.io import save_json
+
+METRICS_FILE, TIMING_FILE = "metrics.jsonl", "timing.json"  # written by run_loop into a loop's directory
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (NaN loss, bad state); the message names the step and what to do."""
+
+
+def step_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU generator seeded by (seed, *keys): counter-based randomness, so resume is exact."""
+    s = seed
+    for k in keys:
+        s = (s * 1_000_003 + int(k) + 1) % (2**63 - 1)
+    return torch.Generator().manual_seed(s)
+
+
+class EMA:
+    """Exponential moving average of a module's floating-point state (θ_ema ← d θ_ema + (1−d) θ)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int | None = None) -> None:
+        """One EMA step; with `step`, the decay warms up as min(d, (1+step)/(10+step)) (short runs)."""
+        d = self.decay if step is None else min(self.decay, (1 + step) / (10 + step))
+        for e, p in zip(self.module.state_dict().values(), module.state_dict().values()):
+            if e.dtype.is_floating_point:
+                e.lerp_(p, 1 - d)
+            else:
+                e.copy_(p)
+
+
+def check_finite(step: int, **losses: float) -> None:
+    """Stop with a one-line error naming the step and the loss when a loss is NaN/inf."""
+    bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+    if bad:
+        name, val = next(iter(bad.items()))
+        raise TrainingError(f"loss {name} = {val} at step {step}: training diverged; the last good checkpoint is kept "
+                            f"(lower the learning rate, then rerun with --resume)")
+
+
+def fixed_labels(n: int, num_classes: int | None) -> torch.Tensor | None:
+    """Grid labels: 0, 1, ..., C−1, 0, 1, ... (one class per column of a C-wide grid)."""
+    return None if not num_classes else torch.arange(n) % num_classes
+
+
+def progress_bar(enabled: bool) -> Progress:
+    """A rich progress bar (or a silent stand-in)."""
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not enabled, transient=False)
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """How run_loop drives a loop: its name on the bar, length, batch (for images/s) and cadences."""
+
+    name: str  # progress-bar label
+    total: int  # the loop ends when the step count reaches this
+    batch: int  # images per step (global batch), for the images/s figure
+    ckpt_every: int  # save_fn() every N steps and at the end
+    every: int = 0  # on_every(step) every N steps (0 = never), e.g. sample grids
+    at_end: bool = False  # also call on_every at the last step
+
+
+def run_loop(step_fn: Callable[[], dict[str, float]], save_fn: Callable[[], None], spec: LoopSpec, start: int,
+             out: Path | None, progress: bool = True, on_every: Callable[[int], None] | None = None) -> None:
+    """Call step_fn until the step count reaches spec.total: one line of out/metrics.jsonl per step
+    ({"step", **stats, "img_per_s", "threads"}), save_fn() on the checkpoint cadence, out/timing.json at the end.
+    out = None (ranks other than 0) trains the same steps silently."""
+    log = (Path(out) / METRICS_FILE).open("a") if out is not None else None
+    t0, c0, seen, step = time.perf_counter(), time.process_time(), 0, start
+    with progress_bar(progress and out is not None) as bar:
+        task = bar.add_task(spec.name, total=spec.total, completed=step, info="")
+        while step < spec.total:
+            stats = step_fn()
+            step, seen = step + 1, seen + spec.batch
+            ips = seen / (time.perf_counter() - t0)
+            bar.update(task, completed=step, info="  ".join(f"{k} {v:.4g}" for k, v in stats.items()) + f"  {ips:.0f} img/s")
+            if log:
+                log.write(json.dumps({"step": step, **stats, "img_per_s": ips, "threads": update_threads()}) + "\n")
+            else:
+                update_threads()
+            if step % spec.ckpt_every == 0 or step == spec.total:
+                if log:
+                    log.flush()
+                save_fn()
+            if on_every and ((spec.every and step % spec.every == 0) or (spec.at_end and step == spec.total)):
+                on_every(step)
+    if log:
+        log.close()
+        dt = time.perf_counter() - t0
+        save_json({"seconds": dt, "cpu_seconds": time.process_time() - c0, "steps": spec.total - start,
+                   "img_per_s": seen / max(dt, 1e-9)}, Path(out) / TIMING_FILE)
