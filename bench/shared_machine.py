@@ -8,10 +8,11 @@ warm-up step) in a fresh process, alone and beside a busy process, and reports s
 network (TorchScript) on random 299² batches with --busy-threads intra-op threads and libgomp's default wait
 policy (OMP_WAIT_POLICY unset), started first and given a few seconds to warm up. Policies:
 
-    old default   torch's default thread count (= cores) and libgomp's spinning barriers (pagoda before the fix)
-    passive       OMP_WAIT_POLICY=PASSIVE, threads = cores
-    1 thread      OMP_WAIT_POLICY=PASSIVE, 1 thread
-    pagoda        what `pagoda train` does now: passive + pagoda.dist.ThreadPolicy (threads = cores others leave free)
+    old default   threads = cores (torch's default), libgomp's default wait (spin, then sleep): pagoda before the fix
+    passive       threads = cores, OMP_WAIT_POLICY=PASSIVE (threads sleep at barriers at once)
+    1 thread      1 thread
+    pagoda        what the `pagoda` commands do now: pagoda.dist.ThreadPolicy (threads = the cores others leave free,
+                  re-measured every 5 s), libgomp's default wait
 
 Time it on an otherwise idle machine. Writes OUT/shared_machine.json.
 """
@@ -22,7 +23,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from common import parser, print_table, write_results
 
@@ -40,14 +40,11 @@ TRAIN = """
 import json, sys, tempfile, time
 from dataclasses import fields
 from pathlib import Path
-if sys.argv[3] == "old default":
-    import torch  # loaded before pagoda: libgomp keeps its default (spinning) wait policy
-import pagoda  # sets OMP_WAIT_POLICY=PASSIVE before torch loads, unless the environment has one
 import torch
 from pagoda import dist
 from pagoda.data import make_dataset
 from pagoda.encoder import LatentPairs, LatentStore
-from pagoda.grow import StageConfig
+from pagoda.grow import plan_stages
 from pagoda.rundir import RunDir
 from pagoda.stage import StageTrainer
 from pagoda.teacher import load_teacher
@@ -55,8 +52,8 @@ from pagoda.train import TrainConfig
 run, steps, policy = RunDir(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 cfg_all = json.loads(run.config.read_text())
 cfg = TrainConfig(**{k: v for k, v in cfg_all["train"].items() if k in {f.name for f in fields(TrainConfig)}})
-stage = StageConfig.from_dict(cfg_all["stages"][0])
 teacher = load_teacher(run.teacher)
+stage = plan_stages(teacher.resolution, cfg.res, cfg.preset if isinstance(cfg.preset, str) else "demo")[0]
 pairs = LatentPairs.from_cache(LatentStore(run.latents), make_dataset(cfg.data, stage.resolution))
 fixed = {"pagoda": None, "1 thread": 1}.get(policy, torch.get_num_threads())
 with dist.thread_policy(fixed) as tp, tempfile.TemporaryDirectory() as tmp:
@@ -70,8 +67,7 @@ with dist.thread_policy(fixed) as tp, tempfile.TemporaryDirectory() as tmp:
 print(json.dumps({"steps_per_s": steps / dt, "threads": sorted(set(threads))}))
 """
 
-POLICIES = {"old default": {"OMP_WAIT_POLICY": None}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
-            "1 thread": {"OMP_WAIT_POLICY": "PASSIVE"}, "pagoda": {}}
+POLICIES = {"old default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "1 thread": {}, "pagoda": {}}  # env changes
 
 
 def env_with(changes: dict) -> dict:

@@ -1,8 +1,9 @@
 """The `pagoda` command line: parses options into a config, calls one function, prints the result.
 
-    pagoda train                                  # the whole method on Fashion-MNIST (2-core CPU: ≈ 24 min)
+    pagoda train                                  # the whole method on Fashion-MNIST (2-core CPU: ≈ 18 min)
     pagoda sample --checkpoint runs/demo --n 64   # one network call per image
     pagoda invert photo.png --checkpoint runs/demo
+    pagoda superres / edit / interpolate / inpaint   # inverse problems through the teacher's encoder and G
     pagoda teacher train / pagoda teacher sample / pagoda encode / pagoda eval / pagoda report
 """
 from __future__ import annotations
@@ -60,8 +61,13 @@ def train(
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run (finished stages are never redone)."),
     encode_images: Optional[int] = typer.Option(None, help="Images to encode into the latent cache (each also flipped); 0 = all; default: the preset's."),
     encode_steps: Optional[int] = typer.Option(None, help="Encoder Karras grid points (paper: 40, Heun); default: the preset's."),
-    distance: Optional[str] = typer.Option(None, help="Reconstruction distance: features | multiscale | pseudo_huber | l2 | lpips."),
+    distance: Optional[str] = typer.Option(None, help="Reconstruction distance: lite0 | features | multiscale | pseudo_huber | l2 | "
+                                           "lpips (default: the preset's)."),
+    discriminator: Optional[str] = typer.Option(None, help="projected (frozen EfficientNet-Lite0 features) | multiscale "
+                                                "(from scratch) (default: the preset's)."),
     distill: float = typer.Option(0.0, help="Weight of the distillation loss (paper's ablation; 0 = off)."),
+    guidance_max: float = typer.Option(0.0, help="Train the guided one-step G(z, y, ω) for ω in [1, ω_max] "
+                                       "(distilled from the guided teacher; `pagoda sample --guidance ω`); 0 = off."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     gpus: Optional[int] = typer.Option(None, help="Start N local workers (torch.distributed elastic launch)."),
@@ -85,8 +91,9 @@ def train(
     if out_dir.exists() and not resume and any(out_dir.iterdir()):
         fail(f"{out_dir} already holds a run and --no-resume was given: pass another --out (nothing was deleted)")
     cfg = TrainConfig(out=out, data=data, res=res, teacher=teacher, teacher_preset=teacher_preset, preset=preset,
-                      encode_images=encode_images, encode_steps=encode_steps, distance=distance,
-                      distill=distill, seed=seed, device=device, accumulate=accumulate, max_stages=max_stages,
+                      encode_images=encode_images, encode_steps=encode_steps, distance=distance, discriminator=discriminator,
+                      distill=distill, guidance_max=guidance_max, seed=seed, device=device, accumulate=accumulate,
+                      max_stages=max_stages,
                       ckpt_every=ckpt_every, workers=workers)
     if dry_run:  # plans for --gpus N ranks on any machine; launches nothing, writes nothing
         from pagoda.plan import dry_run as plan_run
@@ -135,18 +142,53 @@ def print_plan(plan: dict) -> None:
         "(an upper bound under bf16 autocast); states = G + EMA + grads + RAdam moments, D likewise, resident teacher")
 
 
-@app.command(epilog="Examples:\n\n  pagoda sample --checkpoint runs/demo\n\n  pagoda sample --checkpoint runs/demo/stage-16/generator.pt --class 3 --n 16")
+EXPORT_HELP = dict(
+    outdir="Write the images as DIR/000000.png, 000001.png, … (resumable) instead of a grid.",
+    npz="Write the ADM evaluator's .npz (arr_0 uint8 N×H×W×C, arr_1 int64 labels; grey images have C = 1, see "
+        "--rgb), resumable through FILE.parts/, instead of a grid.",
+    batch="Images per network call; image i depends on (seed, i, batch) only: resume with the same --batch.",
+    rgb="Store grey images with 3 identical channels (C = 3), as RGB-only evaluators expect.",
+)
+
+
+def summary(line: str) -> None:
+    """Print one result line, never wrapped (paths stay whole) nor highlighted."""
+    console.print(line, soft_wrap=True, highlight=False)
+
+
+def print_export(r: dict) -> None:
+    """The one summary line of an export."""
+    summary(f"wrote {r['n']} images to {' and '.join(r['written'])} ({r['new']} new, {r['images_per_s']:.1f} "
+            f"images/s, {r['nfe']} NFE per image)")
+
+
+@app.command(epilog="Examples:\n\n  pagoda sample --checkpoint runs/demo\n\n  pagoda sample --checkpoint runs/demo/stage-16/generator.pt --class 3 --n 16"
+                    "\n\n  pagoda sample --checkpoint runs/demo --n 50000 --npz samples.npz --rgb"
+                    "\n\n  pagoda sample --checkpoint runs/demo --n 1000 --outdir samples/")
 def sample(
     checkpoint: str = typer.Option("runs/demo", help="Generator checkpoint or run directory (last finished stage)."),
     n: int = typer.Option(64, min=1, help="Number of images."),
     class_: Optional[int] = typer.Option(None, "--class", help="Class label (default: cycle through classes)."),
     seed: int = typer.Option(0),
     out: str = typer.Option("samples.png", help="Output PNG grid."),
+    outdir: Optional[str] = typer.Option(None, help=EXPORT_HELP["outdir"]),
+    npz: Optional[str] = typer.Option(None, help=EXPORT_HELP["npz"]),
+    batch: int = typer.Option(64, min=1, help=EXPORT_HELP["batch"]),
+    rgb: bool = typer.Option(False, "--rgb", help=EXPORT_HELP["rgb"]),
+    guidance: float = typer.Option(1.0, min=0.0, help="Guidance ω of a generator trained with --guidance-max: one call "
+                                   "G(z, y, ω) per image; 1 = off."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
-    """Sample with one network call per image: z ~ N(0, σ_max² I) at the teacher resolution → G(z)."""
-    from pagoda.inference import sample_grid
-    path = run(sample_grid, checkpoint, n, class_, seed, out)
-    console.print(f"wrote {path}", soft_wrap=True)
+    """Sample with one network call per image: z ~ N(0, σ_max² I) at the teacher resolution → G(z); image i has
+    z seeded by (seed, i) and label i mod C, so exports of different n share their first images."""
+    if outdir is None and npz is None:
+        from pagoda.inference import sample_grid
+        path = run(sample_grid, checkpoint, n, class_, seed, out, batch, guidance)
+        console.print(f"wrote {path}", soft_wrap=True)
+        return
+    from pagoda.inference import export_samples
+    print_export(run(export_samples, checkpoint, "generator", n, outdir, npz, class_, seed, batch, rgb, guidance=guidance,
+                     progress=progress))
 
 
 @app.command(epilog="Examples:\n\n  pagoda invert photo.jpg\n\n  pagoda invert shirt.png --checkpoint runs/demo --out inverted/")
@@ -163,6 +205,75 @@ def invert(
     console.print(f"class {r['label']}  PSNR {r['psnr_teacher_res']:.2f} dB at {r['teacher_res']}px, "
                   f"{r['psnr_full_res']:.2f} dB at {r['full_res']}px", soft_wrap=True)
     console.print(f"wrote {r['reconstruction']} and {r['side_by_side']}", soft_wrap=True)  # paths never wrapped
+
+
+MODEL_HELP = dict(checkpoint="Run directory (or generator checkpoint with --teacher).",
+                  teacher="Teacher checkpoint (default: the run's).",
+                  class_="Class label of the input; default: the class that reconstructs it best.")
+
+
+@app.command(epilog="Examples:\n\n  pagoda superres low.png\n\n  pagoda superres low.png --reference high.png --checkpoint runs/demo --out sr/")
+def superres(
+    image: str = typer.Argument(..., help="Low-resolution image (any mode, size, aspect): read at the teacher resolution."),
+    reference: Optional[str] = typer.Option(None, help="High-resolution image: report PSNR of G and of bicubic against it."),
+    checkpoint: str = typer.Option("runs/demo", help=MODEL_HELP["checkpoint"]),
+    teacher: Optional[str] = typer.Option(None, help=MODEL_HELP["teacher"]),
+    class_: Optional[int] = typer.Option(None, "--class", help=MODEL_HELP["class_"]),
+    out: str = typer.Option("superres", help="Output directory."),
+):
+    """Super-resolution: encode the image once at the teacher resolution, decode with one G call at G's resolution."""
+    from pagoda.control import superres as superres_fn
+    r = run(superres_fn, image, checkpoint, teacher, class_, reference, out)
+    vs = f", PSNR {r['psnr']:.2f} dB vs bicubic {r['psnr_bicubic']:.2f} dB" if reference else ""
+    summary(f"class {r['label']}  {r['teacher_res']}px -> {r['full_res']}px{vs}  wrote {r['side_by_side']}")
+
+
+@app.command(epilog="Examples:\n\n  pagoda edit shirt.png --to-class 3\n\n  pagoda edit shirt.png --to-class 3 --class 6 --out edited/")
+def edit(
+    image: str = typer.Argument(..., help="Any image (any mode, size, aspect)."),
+    to_class: int = typer.Option(..., "--to-class", help="Class to decode the image's latent under."),
+    checkpoint: str = typer.Option("runs/demo", help=MODEL_HELP["checkpoint"]),
+    teacher: Optional[str] = typer.Option(None, help=MODEL_HELP["teacher"]),
+    class_: Optional[int] = typer.Option(None, "--class", help=MODEL_HELP["class_"]),
+    out: str = typer.Option("edited", help="Output directory."),
+):
+    """Class transfer: encode under the image's class, decode the same latent under --to-class."""
+    from pagoda.control import edit_class
+    r = run(edit_class, image, to_class, checkpoint, teacher, class_, out)
+    summary(f"class {r['label']} -> {r['to_class']}  PSNR vs input {r['psnr_edit_vs_input']:.2f} dB "
+            f"(reconstruction {r['psnr_reconstruction']:.2f} dB)  wrote {r['side_by_side']}")
+
+
+@app.command(epilog="Examples:\n\n  pagoda interpolate a.png b.png\n\n  pagoda interpolate a.png b.png --steps 12 --out interp/")
+def interpolate(
+    a: str = typer.Argument(..., help="First image."), b: str = typer.Argument(..., help="Second image."),
+    steps: int = typer.Option(8, min=2, help="Frames, both ends included."),
+    checkpoint: str = typer.Option("runs/demo", help=MODEL_HELP["checkpoint"]),
+    teacher: Optional[str] = typer.Option(None, help=MODEL_HELP["teacher"]),
+    class_: Optional[int] = typer.Option(None, "--class", help="Class of both images; default: each its best class."),
+    out: str = typer.Option("interpolated", help="Output directory."),
+):
+    """Latent interpolation: encode both images, slerp the latents, decode each frame with G (soft labels across classes)."""
+    from pagoda.control import interpolate as interpolate_fn
+    r = run(interpolate_fn, a, b, steps, checkpoint, teacher, class_, out)
+    summary(f"classes {r['labels'][0]} -> {r['labels'][1]}  {r['frames']} frames  wrote {r['side_by_side']}")
+
+
+@app.command(epilog="Examples:\n\n  pagoda inpaint shirt.png --mask mask.png\n\n  pagoda inpaint shirt.png --mask mask.png --iters 100 --out filled/")
+def inpaint(
+    image: str = typer.Argument(..., help="Any image (any mode, size, aspect)."),
+    mask: str = typer.Option(..., help="Mask image: white = known pixel, black = hole (any size: nearest-resized)."),
+    checkpoint: str = typer.Option("runs/demo", help=MODEL_HELP["checkpoint"]),
+    teacher: Optional[str] = typer.Option(None, help=MODEL_HELP["teacher"]),
+    class_: Optional[int] = typer.Option(None, "--class", help=MODEL_HELP["class_"]),
+    iters: int = typer.Option(50, min=0, help="Adam steps of the latent optimisation through G."),
+    out: str = typer.Option("inpainted", help="Output directory."),
+):
+    """Inpainting: optimise G's latent to match the known pixels under the latent prior; known pixels kept exactly."""
+    from pagoda.control import inpaint as inpaint_fn
+    r = run(inpaint_fn, image, mask, checkpoint, teacher, class_, out, iters)
+    summary(f"class {r['label']}  hole {100 * r['hole_fraction']:.0f}%  PSNR in the hole {r['psnr_hole']:.2f} dB "
+            f"(blur fill {r['psnr_hole_blur_fill']:.2f} dB)  wrote {r['side_by_side']}")
 
 
 @app.command(epilog="Example:\n\n  pagoda encode --teacher runs/demo/teacher/teacher.pt --out runs/demo/latents --n 6000")
@@ -203,7 +314,8 @@ def teacher_train(
     console.print(f"teacher: {path}", soft_wrap=True)
 
 
-@teacher_app.command("sample", epilog="Example:\n\n  pagoda teacher sample --checkpoint runs/demo/teacher/teacher.pt --method dpmpp_2m --steps 10")
+@teacher_app.command("sample", epilog="Examples:\n\n  pagoda teacher sample --checkpoint runs/demo/teacher/teacher.pt --method dpmpp_2m --steps 10"
+                                      "\n\n  pagoda teacher sample --checkpoint runs/demo/teacher/teacher.pt --n 10000 --npz teacher.npz --guidance 2")
 def teacher_sample_cmd(
     checkpoint: str = typer.Option("runs/demo/teacher/teacher.pt"),
     n: int = typer.Option(100, min=1), steps: int = typer.Option(18, min=2, help="Karras grid points (+ final 0)."),
@@ -211,11 +323,22 @@ def teacher_sample_cmd(
     class_: Optional[int] = typer.Option(None, "--class"), seed: int = typer.Option(0),
     out: str = typer.Option("teacher_samples.png"),
     guidance: float = typer.Option(1.0, min=0.0, help="Classifier-free guidance ω: D(x,σ,∅) + ω·(D(x,σ,y) − D(x,σ,∅)); 1 = off."),
+    outdir: Optional[str] = typer.Option(None, help=EXPORT_HELP["outdir"]),
+    npz: Optional[str] = typer.Option(None, help=EXPORT_HELP["npz"]),
+    batch: int = typer.Option(64, min=1, help=EXPORT_HELP["batch"]),
+    rgb: bool = typer.Option(False, "--rgb", help=EXPORT_HELP["rgb"]),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
-    """Sample the teacher with any solver and NFE (optionally classifier-free guided)."""
-    from pagoda.inference import teacher_grid
-    path, nfe = run(teacher_grid, checkpoint, n, steps, method, class_, seed, out, guidance)
-    console.print(f"wrote {path} ({nfe} NFE per image)", soft_wrap=True)
+    """Sample the teacher with any solver and NFE (optionally classifier-free guided); the same z and labels as
+    `pagoda sample` for the same seed."""
+    if outdir is None and npz is None:
+        from pagoda.inference import teacher_grid
+        path, nfe = run(teacher_grid, checkpoint, n, steps, method, class_, seed, out, guidance, batch)
+        console.print(f"wrote {path} ({nfe} NFE per image)", soft_wrap=True)
+        return
+    from pagoda.inference import export_samples
+    print_export(run(export_samples, checkpoint, "teacher", n, outdir, npz, class_, seed, batch, rgb, steps, method,
+                     guidance, progress))
 
 
 @app.command("eval", epilog="Examples:\n\n  pagoda eval --checkpoint runs/demo --n 10000\n\n"
@@ -238,6 +361,10 @@ def eval_cmd(
     procs: Optional[int] = typer.Option(None, help="With --gpus 0: N CPU worker processes (gloo)."),
     precision_recall: bool = typer.Option(False, "--precision-recall", help="Also improved precision/recall (k = 3) "
                                           "against the reference's stored features."),
+    accuracy: bool = typer.Option(False, "--accuracy", help="Also the class accuracy of the same samples: the fraction "
+                                  "a Fashion-MNIST classifier puts in their class (trained once into RUN/classifier/)."),
+    guidance: float = typer.Option(1.0, min=0.0, help="Guidance ω: classifier-free for a teacher, G(z, y, ω) for a "
+                                   "generator trained with --guidance-max; 1 = off."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads per process (default: adapted to the load)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
@@ -246,7 +373,8 @@ def eval_cmd(
 
     from pagoda.evaluate import results_table, run_eval
     kw = dict(n=n, ref=ref, split=split, ref_n=ref_n, solver=solver, nfe=nfe, resize=resize, batch=batch, seed=seed,
-              all_stages=all_stages, out=out, progress=progress, precision_recall=precision_recall)
+              all_stages=all_stages, out=out, progress=progress, precision_recall=precision_recall,
+              accuracy=accuracy, guidance=guidance)
     if gpus is not None or procs is not None:
         from pagoda.launch import launch
         results, path = run(launch, run_eval, (checkpoint,), kw, gpus or 0, procs, threads=threads)

@@ -194,6 +194,15 @@ def downsample(x: torch.Tensor, resolution: int) -> torch.Tensor:
     return x
 
 
+def resample(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """Images to size×size: bicubic up-sampling (clamped to [−1, 1]) or ADM down-sampling; None = unchanged."""
+    if size is None or size == x.shape[-1]:
+        return x
+    if size < x.shape[-1]:
+        return downsample(x, size)
+    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
 def to_channels(img: Image.Image, channels: int) -> Image.Image:
     """Any PIL mode -> "L" (channels=1) or "RGB" (3); alpha over white, 16-bit (I;16*, I) scaled by 1/257."""
     if channels not in (1, 3):
@@ -255,6 +264,24 @@ def load_image(path: str | os.PathLike, resolution: int, channels: int = 3,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """One image file -> C×R×R float32 in [-1, 1] (size checked before decoding, ADM center crop)."""
     return _decode(path, str(path), resolution, channels, max_pixels)
+
+
+def load_mask(path: str | os.PathLike, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """A mask image (white = known pixel, black = hole; any mode, size, aspect) -> 1×R×R in {0, 1}: the centre
+    square (the ADM crop's), nearest-resized to R, grey > 127 = known."""
+    if Path(path).is_dir():
+        raise ImageError(f"{path} is a directory; fix: pass one mask image file")
+    with _open(path, str(path), max_pixels) as img:
+        try:
+            img.load()
+        except _DECODE_ERRORS as e:
+            raise ImageError(f"{path}: corrupt or truncated mask ({_first_line(e)}); fix: pass a readable "
+                             f"PNG/JPEG/WebP/BMP mask") from None
+        img = to_channels(img, 1)
+    s = min(img.size)
+    left, top = (img.size[0] - s) // 2, (img.size[1] - s) // 2
+    img = img.crop((left, top, left + s, top + s)).resize((resolution, resolution), resample=Image.NEAREST)
+    return torch.from_numpy(np.asarray(img) > 127).float()[None]
 
 
 # Data sets ---------------------------------------------------------------------------------------
@@ -451,13 +478,18 @@ def make_dataset(spec: str | os.PathLike, resolution: int, channels: int | None 
 
 # Writing images ----------------------------------------------------------------------------------
 
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """Images (…, C, H, W) in [-1, 1] -> uint8 (…, H, W, C): round((x + 1)·127.5) (NaN as 0)."""
+    x = ((torch.nan_to_num(x.detach().float().cpu()).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.movedim(-3, -1).numpy()
+
+
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     """One C×H×W (C = 1 or 3) or H×W tensor in [-1, 1] -> an 8-bit L or RGB image."""
-    x = x.detach().float().cpu()
     x = x[None] if x.ndim == 2 else x
     if x.ndim != 3 or x.shape[0] not in (1, 3):
         raise ValueError(f"tensor_to_pil expects C×H×W with C in (1, 3), got {tuple(x.shape)}")
-    a = ((torch.nan_to_num(x).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    a = to_uint8(x)
     return Image.fromarray(a[..., 0], "L") if a.shape[-1] == 1 else Image.fromarray(a, "RGB")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 from pagoda.io import GENERATOR, check_kind, load_checkpoint as _load_file
 from pagoda.solvers import SIGMA_MAX
 from pagoda.teacher import C_NOISE, Denoiser
-from pagoda.unet import GroupNorm32, UNet, UNetConfig
+from pagoda.unet import GroupNorm32, ResBlock, UNet, UNetConfig
 
 FADE_MODE = "nearest"  # up-sampling of the fading-out low-res image (see module docstring)
 TRUNK_PREFIXES = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")  # frozen by set_trainable(k)
@@ -56,9 +57,10 @@ class Generator(nn.Module):
 
     # ---- construction -------------------------------------------------------------------------------
     @classmethod
-    def from_teacher(cls, teacher: Denoiser | UNet) -> Generator:
+    def from_teacher(cls, teacher: Denoiser | UNet, guidance: bool = False) -> Generator:
         """G initialised as a full copy of the teacher network, all parameters trainable (paper stage 2);
-        σ_max, σ_data and c_noise are the teacher's (a bare UNet: EDM's defaults)."""
+        σ_max, σ_data and c_noise are the teacher's (a bare UNet: EDM's defaults). guidance=True adds the ω embedding
+        (zero-initialised: G(z, y, ω) = G(z, y) for every ω at the start)."""
         if isinstance(teacher, Denoiser):
             unet, sigma_data, conv, sigma_max = teacher.unet, teacher.sigma_data, teacher.c_noise, teacher.sigma_max
         elif isinstance(teacher, UNet):
@@ -67,7 +69,12 @@ class Generator(nn.Module):
             raise ValueError(f"from_teacher needs a pagoda Denoiser or UNet, got {type(teacher).__name__}")
         if unet.config.grow_channels:
             raise ValueError(f"the teacher UNet is already grown (grow_channels {list(unet.config.grow_channels)}): pass the teacher, not a generator")
-        G = cls(copy.deepcopy(unet), sigma_max=sigma_max, sigma_data=sigma_data, c_noise=conv)
+        if guidance:
+            copy_ = UNet(replace(unet.config, guidance_embed=True)).to(unet.out[2].weight.device)
+            copy_.load_state_dict(unet.state_dict(), strict=False)  # every weight but the new guidance_embed.*
+        else:
+            copy_ = copy.deepcopy(unet)
+        G = cls(copy_, sigma_max=sigma_max, sigma_data=sigma_data, c_noise=conv)
         G.unet.requires_grad_(True)
         return G
 
@@ -93,8 +100,10 @@ class Generator(nn.Module):
 
     @property
     def last_layer_weight(self) -> nn.Parameter:
-        """W of the adaptive weight w = ‖∇_W L_rec‖ / ‖∇_W L_adv‖ (VQGAN trick): the head conv weight."""
-        return self.unet.out[2].weight
+        """W of the adaptive weight w = ‖∇_W L_rec‖ / ‖∇_W L_adv‖ (VQGAN trick): as sony/pagoda, the last conv of the
+        last output res block (`output_blocks[-1][0].out_layers[3]` in every official config), not the output head."""
+        last = next(b[0] for b in reversed(self.unet.output_blocks) if isinstance(b[0], ResBlock))
+        return last.out_layers[3].weight
 
     @property
     def fading(self) -> bool:
@@ -106,7 +115,9 @@ class Generator(nn.Module):
                 f"sigma_max={self.sigma_max}, alpha={float(self.alpha):g}, fade={self.fade}")
 
     # ---- the generator ------------------------------------------------------------------------------
-    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None, guidance: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """G(z, y) (or G(z, y, ω) for an ω-conditioned generator: guidance = ω per sample, None = 1)."""
         R, C = self.base_resolution, self.config.in_channels
         if z.ndim != 4 or z.shape[1] != C or z.shape[-2:] != (R, R):
             raise ValueError(f"G expects latents z of shape (B, {C}, {R}, {R}) at the teacher resolution, got {tuple(z.shape)}")
@@ -114,8 +125,8 @@ class Generator(nn.Module):
         x = z / math.sqrt(self.sigma_max**2 + self.sigma_data**2)
         t = C_NOISE[self.c_noise](torch.tensor(self.sigma_max, dtype=torch.float32, device=z.device))
         if not self.fading:  # α = 1 (or no growth): the fade path is not computed at all
-            return self.unet(x, t, labels)
-        feats, _ = self.unet.features(x, t, labels)
+            return self.unet(x, t, labels, guidance)
+        feats, _ = self.unet.features(x, t, labels, guidance)
         # fade-in: (1 − α)·up(out(h_R)) + α·out(h_2R)
         old_head = self._fade_head if self._fade_head is not None else self.unet.out
         old = F.interpolate(old_head(feats[-2]), scale_factor=2, mode=FADE_MODE)

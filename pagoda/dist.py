@@ -14,17 +14,19 @@ PAGODA_DIST_LONG_TIMEOUT (default 4 h). A rank that dies is noticed by the elast
 others; a hung collective raises after the timeout. Either way the job exits non-zero.
 
 CPU threads (`ThreadPolicy`): torch's OpenMP threads meet at a barrier after every op. When another process
-holds a core, one of our threads is descheduled and the others spin at the barrier for a whole scheduler
-slice: measured 60x slower, not 2x (bench/shared_machine.py). So the `pagoda` commands (i) make OpenMP threads
-sleep instead of spinning (OMP_WAIT_POLICY=PASSIVE, set in pagoda/__init__.py before torch loads; a value the
-user set is kept) and (ii) use as many threads as the cores that other processes leave free, re-measured every
-few seconds from /proc/stat (`thread_policy()` around a command; the loops call `update_threads()`).
-`--threads N`, PAGODA_THREADS=N or OMP_NUM_THREADS=N fixes the count instead. Library calls outside a
-command keep torch's own setting.
+holds a core, one of our threads is descheduled and the others wait at the barrier for it (spinning first):
+with a 4-thread job beside it, a 2-thread stage-08 ran 3-4x slower here (60x on another machine). So the
+`pagoda` commands use as many threads as the cores other processes leave free, re-measured every 5 s from
+/proc/stat (`thread_policy()` around a command; the loops call `update_threads()`): 2.0x slower beside the same
+job (bench/shared_machine.py). The OpenMP wait policy stays libgomp's default: PASSIVE (threads sleep at once)
+cost 15 % alone and did not help once the count adapts. `--threads N`, PAGODA_THREADS=N or OMP_NUM_THREADS=N
+fixes the count (then a run is bit-reproducible whatever else runs); library calls outside a command keep
+torch's own setting.
 """
 from __future__ import annotations
 
 import gc
+import math
 import os
 import signal
 import time
@@ -214,7 +216,7 @@ class ThreadPolicy:
     """Intra-op threads = the CPUs other processes leave free, re-measured every `every` seconds by `update()`.
 
     others = (machine busy CPU time − this process's CPU time) / wall time, over the last interval; threads =
-    clamp(round(cpus − others), 1, cpus). A fixed count (PAGODA_THREADS, OMP_NUM_THREADS or `fixed`) disables it.
+    clamp(cpus − ⌊others + 1/4⌋, 1, cpus). A fixed count (PAGODA_THREADS, OMP_NUM_THREADS or `fixed`) disables it.
     """
 
     def __init__(self, fixed: int | None = None, every: float = 5.0):
@@ -244,7 +246,8 @@ class ThreadPolicy:
         if busy0 is None or busy1 is None:
             return self.threads
         others = max(0.0, (busy1 - busy0) - (own1 - own0)) / max(t1 - t0, 1e-9)
-        threads = int(min(self.cpus, max(1, round(self.cpus - others))))
+        taken = math.floor(others + 0.25)  # a core counts as taken once others use 3/4 of it: short kernel work
+        threads = int(min(self.cpus, max(1, self.cpus - taken)))  # (a checkpoint's page flush) changes nothing
         if threads != self.threads:
             self.threads = threads
             torch.set_num_threads(threads)

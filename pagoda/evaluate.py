@@ -7,7 +7,9 @@
 Generators and teachers are measured by the same code: z ~ N(0, σ_max² I) at the teacher resolution in
 seeded batches, class labels cycling 0..C−1, images scored by `metrics.evaluate` (clean-fid's resize to
 299²) against the reference at the images' own resolution (Fashion-MNIST downsampled the ADM way).
-Results are merged into RUN/eval.json, whose rows the report's FID table shows.
+Results are merged into RUN/eval.json, whose rows the report's FID table shows. With `accuracy` (`--accuracy`)
+the same images also go through the run's Fashion-MNIST classifier (pagoda/classifier.py): the fraction put in
+their conditioning class.
 """
 from __future__ import annotations
 
@@ -17,88 +19,98 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from rich.table import Table
 
+import numpy as np
+
 from pagoda import dist
-from pagoda.data import downsample
+from pagoda.classifier import CLASSIFIER_DIR, NUM_CLASSES, classifier_for
 from pagoda.dist import DistInfo, pick_device
+from pagoda.inference import index_labels, make_sampler
 from pagoda.io import CheckpointError, save_json
-from pagoda.loop import progress_bar, step_generator
+from pagoda.loop import progress_bar
 from pagoda.metrics import evaluate
-from pagoda.rundir import GENERATOR_FILE, RunDir, open_model, resolve_teacher_path, run_of
-from pagoda.solvers import karras_sigmas, nfe as count_nfe, sample
+from pagoda.rundir import GENERATOR_FILE, RunDir, open_model, resolve_teacher_path, run_of, run_root
 
 TaskProgressFn = Callable[[str, int, int], None]  # (task, done, total), as metrics.evaluate reports
 
 
 # Models and samplers -----------------------------------------------------------------------------
 
-def solver_steps(method: str, nfe: int) -> int:
-    """Karras grid points (a final σ = 0 appended) on which `method` makes exactly `nfe` denoiser calls."""
-    steps = (nfe + 1) // 2 if method == "heun" else nfe  # Heun: 2(n−1) − 1 calls; Euler, DPM-Solver++: n − 1
-    if steps < 2 or count_nfe(method, torch.cat([karras_sigmas(steps), torch.zeros(1)])) != nfe:
-        raise ValueError(f"{method} cannot take {nfe} NFE; fix: heun takes odd NFE >= 3 (e.g. 35, 79), "
-                         f"euler and dpmpp_2m any NFE >= 2")
-    return steps
-
-
-def resample(x: torch.Tensor, size: int | None) -> torch.Tensor:
-    """Images to size×size: bicubic up-sampling (clamped to [−1, 1]) or ADM down-sampling; None = unchanged."""
-    if size is None or size == x.shape[-1]:
-        return x
-    if size < x.shape[-1]:
-        return downsample(x, size)
-    return F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
-
-
-def make_sampler(kind: str, model: torch.nn.Module, solver: str = "heun", nfe: int = 35, resize: int | None = None,
-                 seed: int = 0, device: str | torch.device = "cpu") -> Callable[[int, int], torch.Tensor]:
-    """generate(i, b) -> images i … i+b−1 (CPU, [−1, 1]); image i has z ~ N(0, σ_max² I) seeded by (seed, i) and
-    label i mod C, so the sequence does not depend on how it is cut into batches or split across ranks."""
-    cfg = model.unet.config
-    R, C, ncls = cfg.resolution, cfg.in_channels, cfg.num_classes
-    steps = solver_steps(solver, nfe) if kind == "teacher" else 0
-    sigma_max = model.sigma_max  # the generator's or the teacher's
-
-    @torch.no_grad()
-    def generate(i: int, b: int) -> torch.Tensor:
-        z = torch.stack([torch.randn(C, R, R, generator=step_generator(seed, 5, k)) for k in range(i, i + b)])
-        z = (sigma_max * z).to(device)
-        y = None if ncls is None else ((i + torch.arange(b)) % ncls).to(device)
-        x = model(z, y) if kind == "generator" else sample(model, z, steps, solver, y, model.sigma_min, sigma_max)
-        return resample(x.float().clamp(-1, 1), resize).cpu()
-
-    return generate
-
-
-def describe(kind: str, model: torch.nn.Module, solver: str, nfe: int, resize: int | None) -> str:
-    """A row name: 'G 16px, 1 NFE', 'teacher 8px, heun 35 NFE → bicubic 32px'."""
+def describe(kind: str, model: torch.nn.Module, solver: str, nfe: int, resize: int | None, guidance: float = 1.0) -> str:
+    """A row name: 'G 16px, 1 NFE', 'teacher 8px, heun 35 NFE, ω=2 → bicubic 32px'."""
     res = model.resolution
     name = f"G {res}px, 1 NFE" if kind == "generator" else f"teacher {res}px, {solver} {nfe} NFE"
+    if guidance != 1.0:
+        name += f", ω={guidance:g}"
     if resize and resize != res:
         name += f" → {'bicubic' if resize > res else 'ADM'} {resize}px"
     return name
+
+
+class ClassAccuracy:
+    """metrics.evaluate's on_images hook: which samples the run's classifier puts in their class (index_labels)."""
+
+    def __init__(self, model: torch.nn.Module, path: Path, resolution: int, info: DistInfo,
+                 progress: Callable[[int, int], None] | None = None):
+        cfg = model.unet.config
+        if (cfg.num_classes, cfg.in_channels) != (NUM_CLASSES, 1):
+            raise ValueError(f"--accuracy scores Fashion-MNIST models (10 classes, 1 channel), not this one "
+                             f"({cfg.num_classes} classes, {cfg.in_channels} channels); fix: drop --accuracy")
+        folder = run_root(path).root / CLASSIFIER_DIR
+        if info.is_main:
+            classifier_for(folder, resolution, progress)  # trained and cached once, by rank 0
+        dist.barrier(info)
+        self.classifier = classifier_for(folder, resolution)  # on the CPU, where the samples arrive
+        self.info, self.hits = info, [torch.zeros(0, dtype=torch.bool)]
+
+    def __call__(self, i: int, images: torch.Tensor) -> None:
+        self.hits.append(self.classifier.correct(images, index_labels(i, len(images), NUM_CLASSES)))
+
+    def value(self) -> float:
+        """The fraction over every rank's samples."""
+        return float(dist.gather_array(torch.cat(self.hits).numpy().astype(np.int64), self.info).mean())
+
+
+def _open_sampler(checkpoint: str | Path, solver: str, nfe: int, resize: int | None, seed: int, dev: torch.device,
+                  guidance: float = 1.0) -> tuple[torch.nn.Module, Path, Callable[[int, int], torch.Tensor], dict]:
+    """(model, file, generate, the row's head: model name, kind, checkpoint, resolution, solver, nfe, guidance, seed)."""
+    kind, model, path = open_model(checkpoint, dev)
+    head = {"model": describe(kind, model, solver, nfe, resize, guidance), "kind": kind,
+            "checkpoint": str(path.resolve()), "resolution": resize or model.resolution,
+            "solver": solver if kind == "teacher" else None, "nfe": nfe if kind == "teacher" else 1,
+            "guidance": guidance, "seed": seed}
+    return model, path, make_sampler(kind, model, solver, nfe, resize, seed, dev, guidance=guidance), head
+
+
+def _scorer(model: torch.nn.Module, path: Path, resolution: int, info: DistInfo, name: str,
+            progress: TaskProgressFn | None) -> ClassAccuracy | None:
+    """A ClassAccuracy for a class-conditional model (None for an unconditional one)."""
+    if model.unet.config.num_classes is None:
+        return None
+    prog = None if progress is None else (lambda done, total: progress(f"{name}: classifier", done, total))
+    return ClassAccuracy(model, path, resolution, info, prog)
 
 
 def evaluate_checkpoint(checkpoint: str | Path, n: int = 10_000, ref: str = "fashion-mnist", split: str = "train",
                         ref_n: int | None = None, solver: str = "heun", nfe: int = 35, resize: int | None = None,
                         batch: int = 64, seed: int = 0, device: str = "auto", cache_dir: Path | None = None,
                         progress: TaskProgressFn | None = None, info: DistInfo | None = None,
-                        precision_recall: bool = False) -> dict:
-    """FID/KID (and precision/recall) of n samples of a generator (checkpoint or run dir) or a teacher (with
-    solver/nfe), as metrics.evaluate (split across the ranks of `info`, each on its own device)."""
-    dev = info.device if info is not None and info.enabled else pick_device(device)
-    kind, model, path = open_model(checkpoint, dev)
-    generate = make_sampler(kind, model, solver, nfe, resize, seed, dev)
-    name = describe(kind, model, solver, nfe, resize)
+                        precision_recall: bool = False, accuracy: bool = False, guidance: float = 1.0) -> dict:
+    """FID/KID (and precision/recall; with `accuracy`, ClassAccuracy of the same images) of n samples of a generator
+    (checkpoint or run dir) or a teacher (with solver/nfe), as metrics.evaluate (split across the ranks of `info`,
+    each on its own device)."""
+    info = info or DistInfo()
+    dev = info.device if info.enabled else pick_device(device)
+    model, path, generate, head = _open_sampler(checkpoint, solver, nfe, resize, seed, dev, guidance)
+    name = head["model"]
+    scorer = _scorer(model, path, head["resolution"], info, name, progress) if accuracy else None
     prog = None if progress is None else (lambda task, done, total: progress(f"{name}: {task}", done, total))
     out = evaluate(generate, ref, n, batch, split, dev, max_ref_images=ref_n, cache_dir=cache_dir, progress=prog,
-                   info=info, with_precision_recall=precision_recall)
-    res = resize or model.resolution
-    return {"model": name, "kind": kind, "checkpoint": str(path.resolve()),
-            "resolution": res, "solver": solver if kind == "teacher" else None,
-            "nfe": nfe if kind == "teacher" else 1, "seed": seed, "split": split, **out}
+                   info=info, with_precision_recall=precision_recall, on_images=scorer)
+    if scorer is not None:
+        out["accuracy"] = scorer.value()
+    return {**head, "split": split, **out}
 
 
 def evaluate_run(run_dir: str | Path, teacher: bool = True, **kw) -> list[dict]:
@@ -157,12 +169,14 @@ def eval_progress(enabled: bool = True) -> Iterator[TaskProgressFn]:
 def results_table(results: list[dict], title: str = "FID / KID") -> Table:
     """A rich Table of evaluation rows."""
     t = Table(title=title)
-    pr = any("precision" in r for r in results)
-    for col in ("model", "n", "FID", "KID ×10³", *(("precision", "recall") if pr else ()), "reference", "seconds"):
+    pr, acc = any("precision" in r for r in results), any("accuracy" in r for r in results)
+    for col in ("model", "n", "FID", "KID ×10³", *(("precision", "recall") if pr else ()), *(("accuracy",) if acc else ()),
+                "reference", "seconds"):
         t.add_column(col, justify="left" if col in ("model", "reference") else "right")
     for r in results:
         kid = "–" if r.get("kid") is None else f"{1e3 * r['kid']:.2f} ± {1e3 * r['kid_std']:.2f}"
         prs = [f"{r[k]:.3f}" if k in r else "–" for k in ("precision", "recall")] if pr else []
-        t.add_row(r["model"], str(r["n"]), f"{r['fid']:.2f}", kid, *prs, f"{r['ref']} (n={r['ref_n']})",
+        accs = [f"{100 * r['accuracy']:.1f}%" if "accuracy" in r else "–"] if acc else []
+        t.add_row(r["model"], str(r["n"]), f"{r['fid']:.2f}", kid, *prs, *accs, f"{r['ref']} (n={r['ref_n']})",
                   f"{r['seconds']:.0f}")
     return t

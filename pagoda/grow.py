@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from pagoda.discriminators import DISCRIMINATORS
+from pagoda.losses import DEFAULT_DISTANCE
 from pagoda.rundir import stage_dir_name
 
 OPTIMIZERS = ("radam", "adam")
@@ -35,13 +37,17 @@ class StageConfig:
     fade_steps: int  # steps over which the fade-in α ramps 0 → 1 (0 = no fade: official growth)
     ema: float  # EMA decay of the generator weights
     d_steps_per_g: int = 1  # discriminator steps per generator step
-    distance: str | None = None  # reconstruction distance (pagoda.losses name); None = the losses' default
+    distance: str = DEFAULT_DISTANCE  # reconstruction distance d (pagoda.losses.make_distance name)
     grow_channels: int | None = None  # width of this stage's doubling; None = the previous width
     optimizer: str = "radam"  # "radam" (official, weight decay 0) or "adam"
     adv_start: int = 0  # generator steps with L_rec only before the adversarial term starts (0 = from step 0)
     split_g_step: bool = False  # G takes the rec and the adv step separately (official at 256 and 512)
     rec_disc_weight: float = 0.0  # weight of a 2nd discriminator on reconstructions (official 0.5 at 512); 0 = off
-    d_channels: int = 64  # width of the from-scratch discriminator's first layer (doubles per level, capped at 4x)
+    d_channels: int = 64  # discriminator width (projected: CCM base width; multiscale: first layer, doubling, max 4x)
+    discriminator: str = "multiscale"  # "projected" (frozen EfficientNet-Lite0 features) or "multiscale" (scratch)
+    d_input: int = 64  # backbone input size of the projected D and the lite0 distance (images resized to it)
+    w_max: float = 10.0  # upper clip of the adaptive weight w (VQGAN / official: [0.01, 10])
+    d_continue: bool = False  # a growth stage's D starts from the previous stage's final D (grown), not fresh
 
     def __post_init__(self):
         checks = [
@@ -54,6 +60,9 @@ class StageConfig:
             (self.d_steps_per_g >= 1, f"d_steps_per_g must be >= 1, got {self.d_steps_per_g}"),
             (self.activate_from is None or self.activate_from >= 0, f"activate_from must be None or >= 0, got {self.activate_from}"),
             (self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} unknown: use one of {', '.join(OPTIMIZERS)}"),
+            (self.discriminator in DISCRIMINATORS,
+             f"discriminator {self.discriminator!r} unknown: use one of {', '.join(DISCRIMINATORS)}"),
+            (self.w_max >= 0.01, f"w_max must be >= 0.01 (the lower clip), got {self.w_max}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -94,15 +103,19 @@ class GrowPreset:
     fade_steps: tuple[int, ...]  # fade-in steps per stage (entry 0 unused: stage 2 does not grow)
     ema: float  # EMA decay
     d_steps_per_g: int = 1  # discriminator steps per generator step
-    distance: str | None = None  # reconstruction distance; None = the losses' default
+    distance: str = DEFAULT_DISTANCE  # reconstruction distance
     grow_channels: int | None = None  # width of each doubling; None = the trunk's top-level width
     optimizer: str = "radam"  # optimizer for G and D
     grow_optimizer: str | None = None  # optimizer of the growth stages; None = `optimizer`
-    adv_start: int = 0  # L_rec-only warm-up steps per stage
+    adv_start: tuple[int, ...] = (0,)  # L_rec-only warm-up steps per stage (last repeats)
     split_g_from: int | None = None  # resolution from which G takes rec/adv steps separately; None = never
     rec_disc_from: int | None = None  # resolution from which the reconstruction discriminator is on; None = never
     rec_disc_weight: float = 0.5  # its weight there
-    d_channels: int = 64  # discriminator base width (losses.Discriminator base_channels; max = 4x)
+    d_channels: int = 64  # discriminator width (StageConfig.d_channels)
+    discriminator: str = "multiscale"  # discriminator kind (pagoda.discriminators)
+    d_input: int = 64  # backbone input size of the projected D / lite0 distance
+    w_max: float = 10.0  # upper clip of the adaptive weight
+    d_continue: bool = False  # growth stages continue the previous stage's D
     encode_images: int = 0  # data-set images in the latent cache (each also flipped); 0 = all (paper)
     encode_steps: int = 40  # encoder Karras grid points (paper: 40 with Heun = 78 NFE)
 
@@ -112,22 +125,32 @@ PRESETS: dict[str, GrowPreset] = {
     # lr_G 8e-6, lr_D 2e-3, EMA 0.999, global batch 96 (stage 2) / 256 (→128) / 360 (→256) / 512 (→512),
     # "up to 600k steps" (an upper bound, not a measured count), λ 0.2 then 1.0, activate_from 9, width 192,
     # G splits rec/adv steps at 256 and 512, a 2nd discriminator on reconstructions (0.5) at 512.
-    # Not official: fade_steps (ours; official growth has no fade-in, = 0) and the distance (official:
-    # projected DeiT + EfficientNet-lite features; LPIPS is the available pretrained alternative).
+    # Projected D and distance on frozen features at a 224-px input (official: DeiT-B + EfficientNet-Lite0; the DeiT
+    # weights are not obtainable offline, so both use Lite0 alone). Not official: fade_steps (ours; official growth
+    # has no fade-in, = 0).
     "imagenet64": GrowPreset(
         name="imagenet64", steps=(600_000,), batch=(96, 256, 360, 512), lr_G=8e-6, lr_D=2e-3, lam=(0.2, 1.0),
-        activate_from=9, fade_steps=(0, 5_000), ema=0.999, distance="lpips", grow_channels=192,
-        split_g_from=256, rec_disc_from=512, rec_disc_weight=0.5,
+        activate_from=9, fade_steps=(0, 5_000), ema=0.999, distance="lite0", grow_channels=192,
+        split_g_from=256, rec_disc_from=512, rec_disc_weight=0.5, discriminator="projected", d_input=224,
     ),
     # Fashion-MNIST demo, teacher `unet.PRESETS["demo8"]` (6 trunk output blocks; activate_from 3 trains the
-    # 8-px level + growth): 8 (decoder) → 16 → 32; the whole `pagoda train` takes ≈ 24 min on 2 CPU cores.
-    # Growth stages use Adam: in 250 steps RAdam's rectification (a ~2/(1−β2)-step warm-up) leaves the fresh
-    # blocks under-trained — measured on stage-16 of the default run: reconstruction 17.9 dB with RAdam vs
-    # 20.3 dB with Adam (bicubic up-sampling of the real 8-px image: 19.6 dB), and a cleaner background.
+    # 8-px level + growth): 8 (decoder) → 16 → 32; the whole `pagoda train` takes ≈ 25 min on 2 CPU cores.
+    # The official discriminator and distance family (docs/benchmarks.md §6, FID n = 2000 vs the test split):
+    # a projected D on frozen EfficientNet-Lite0 features with lr_D = 10 lr_G, and the Lite0 feature distance
+    # for L_rec. Backbone input 32 px (up-sampled): trained alone against G32 for 60 steps, D separates at every
+    # size (hinge L_D 0.16 at 32 px, 0.07 at 64, 0.14 at 128) and 32 is the cheapest (0.9 / 1.0 / 5.6 s per
+    # step, 1 thread; bench/discriminator.py). Against the previous recipe (a multi-scale D from scratch,
+    # chance-level in the growth stages, and a random-feature distance) at the same steps and the same
+    # stage-08: G16 FID 107.7 → 56.8, G32 240.8 → 155.5. Steps matter most at this budget and a GAN step costs
+    # ≈ 2× a Lite0-L_rec step, so each growth stage first trains L_rec alone for 450 steps, then adds the
+    # adversarial term (adv_start): G16 / G32 32.6 / 92.8, against 35.6 / 96.6 for L_rec alone at about the
+    # same CPU time (with the GAN from step 0 it loses to L_rec alone). Growth stages use Adam: in
+    # 250 steps RAdam's rectification (a ~2/(1−β2)-step warm-up) leaves the fresh blocks under-trained
+    # (stage-16 reconstruction 17.9 dB with RAdam vs 20.3 dB with Adam).
     "demo": GrowPreset(
-        name="demo", steps=(300, 250, 200), batch=(64, 64, 32), lr_G=2e-4, lr_D=2e-4, lam=(0.2, 1.0),
+        name="demo", steps=(400, 800, 600), batch=(64, 64, 32), lr_G=2e-4, lr_D=2e-3, lam=(0.2, 1.0),
         activate_from=3, fade_steps=(0, 60), ema=0.99, d_channels=32, encode_images=2000, encode_steps=20,
-        grow_optimizer="adam",
+        grow_optimizer="adam", discriminator="projected", d_input=32, distance="lite0", adv_start=(0, 450),
     ),
     # Tests: teacher `unet.PRESETS["tiny"]` (4 trunk output blocks), a handful of steps.
     "tiny": GrowPreset(
@@ -163,8 +186,10 @@ def _at(values: tuple, i: int):
     return values[min(i, len(values) - 1)]
 
 
-def plan_stages(teacher_res: int, target_res: int, preset: str | GrowPreset) -> list[StageConfig]:
-    """Stage 2 at the teacher resolution, then one growth stage per doubling up to target_res."""
+def plan_stages(teacher_res: int, target_res: int, preset: str | GrowPreset, discriminator: str | None = None,
+                distance: str | None = None) -> list[StageConfig]:
+    """Stage 2 at the teacher resolution, then one growth stage per doubling up to target_res; `discriminator` and
+    `distance` (--discriminator, --distance) replace the preset's."""
     p = get_preset(preset)
     stages = []
     for i in range(doublings(teacher_res, target_res) + 1):
@@ -174,11 +199,12 @@ def plan_stages(teacher_res: int, target_res: int, preset: str | GrowPreset) -> 
             lr_G=p.lr_G, lr_D=p.lr_D, lam=p.lam[1] if grows else p.lam[0],
             activate_from=p.activate_from if grows else None,  # stage 2: every parameter trains
             fade_steps=_at(p.fade_steps, i) if grows else 0, ema=p.ema, d_steps_per_g=p.d_steps_per_g,
-            distance=p.distance, grow_channels=p.grow_channels if grows else None,
+            distance=distance or p.distance, grow_channels=p.grow_channels if grows else None,
             optimizer=(p.grow_optimizer or p.optimizer) if grows else p.optimizer,
-            adv_start=p.adv_start,
+            adv_start=_at(p.adv_start, i),
             split_g_step=p.split_g_from is not None and res >= p.split_g_from,
             rec_disc_weight=p.rec_disc_weight if p.rec_disc_from is not None and res >= p.rec_disc_from else 0.0,
-            d_channels=p.d_channels,
+            d_channels=p.d_channels, discriminator=discriminator or p.discriminator, d_input=p.d_input, w_max=p.w_max,
+            d_continue=p.d_continue and grows,
         ))
     return stages

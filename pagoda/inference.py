@@ -1,98 +1,292 @@
-"""Using trained models: find them in a run directory, sample, invert an image, encode a data set.
+"""Using trained models: find them in a run directory, sample (grids, exports for external evaluators), invert an
+image, encode a data set.
 
-Sits beside train.py (same layer): the CLI calls these; models are found by pagoda/rundir.py.
+Sits beside train.py (same layer): the CLI calls these; models are found by pagoda/rundir.py and samples drawn
+by pagoda/evaluate.py's make_sampler (image i from (seed, i), label i mod C), so a grid shows an export's first
+images; pagoda/control.py builds the inverse problems on `encode_images`.
 
-    pagoda sample --checkpoint runs/demo          # -> sample_grid
-    pagoda invert photo.png                       # -> invert_image
+    pagoda sample --checkpoint runs/demo                        # -> sample_grid
+    pagoda sample --checkpoint runs/demo --npz s.npz --n 50000   # -> export_samples
+    pagoda invert photo.png                                     # -> invert_image
 """
 from __future__ import annotations
 
+import json
+import shutil
+import time
+import zipfile
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
+from PIL import Image
 
-from pagoda.data import default_workers, downsample, load_image, make_dataset, save_image_grid, tensor_to_pil
-from pagoda.encoder import Encoder, build_latent_cache, psnr
-from pagoda.io import save_json
-from pagoda.loop import fixed_labels, progress_bar, step_generator
+from pagoda.data import default_workers, downsample, resample, load_image, make_dataset, save_image_grid, tensor_to_pil, to_uint8
+from pagoda.decoder import Generator
+from pagoda.encoder import Encoder, build_latent_cache, psnr, teacher_fingerprint
+from pagoda.io import atomic_write_bytes, save_json
+from pagoda.loop import progress_bar, step_generator
 from pagoda.rundir import resolve_generator, resolve_teacher_path
-from pagoda.solvers import karras_sigmas, nfe as count_nfe, sample
-from pagoda.teacher import guided, load_teacher
+from pagoda.solvers import karras_sigmas, nfe as count_nfe, sample, solver_steps
+from pagoda.teacher import Denoiser, guided, load_teacher
 
 CLASS_SEARCH_MAX = 16  # invert tries every class up to this many; beyond, --class is required
+EXPORT_FILE = "export.json"  # an export folder's (or FILE.parts/') settings, checked on resume
 
 
-def _labels(n: int, num_classes: int | None, class_: int | None) -> torch.Tensor | None:
+def check_class(num_classes: int | None, class_: int | None) -> None:
+    """A one-line ValueError unless `class_` is None or a class of the model."""
+    if num_classes is None and class_ is not None:
+        raise ValueError("this model is unconditional: drop --class")
+    if num_classes is not None and class_ is not None and not 0 <= class_ < num_classes:
+        raise ValueError(f"--class {class_} is out of range: the model has classes 0..{num_classes - 1}")
+
+
+# ---- sampling: grids and exports ------------------------------------------------------------------
+
+def index_labels(i: int, b: int, num_classes: int | None, class_: int | None = None) -> torch.Tensor | None:
+    """Labels of images i … i+b−1: `class_` for all, else i mod C (None for an unconditional model)."""
     if num_classes is None:
-        if class_ is not None:
-            raise ValueError("this model is unconditional: drop --class")
         return None
-    if class_ is not None:
-        if not 0 <= class_ < num_classes:
-            raise ValueError(f"--class {class_} is out of range: the model has classes 0..{num_classes - 1}")
-        return torch.full((n,), class_)
-    return fixed_labels(n, num_classes)
+    return torch.full((b,), class_) if class_ is not None else (i + torch.arange(b)) % num_classes
+
+
+def make_sampler(kind: str, model: torch.nn.Module, solver: str = "heun", nfe: int = 35, resize: int | None = None,
+                 seed: int = 0, device: str | torch.device = "cpu", class_: int | None = None,
+                 guidance: float = 1.0) -> Callable[[int, int], torch.Tensor]:
+    """generate(i, b) -> images i … i+b−1 (CPU, [−1, 1]); image i has z ~ N(0, σ_max² I) seeded by (seed, i) and
+    label index_labels(i), so the sequence does not depend on how it is cut into batches or split across ranks
+    (up to float rounding: a network's output can change in the last bits with its batch size). Guidance ω =
+    `guidance` (1 = off): a teacher samples with classifier-free guidance (pagoda.teacher.guided), a generator
+    trained with --guidance-max is called once as G(z, y, ω)."""
+    cfg = model.unet.config
+    R, C, ncls = cfg.resolution, cfg.in_channels, cfg.num_classes
+    steps = solver_steps(solver, nfe) if kind == "teacher" else 0
+    sigma_max = model.sigma_max  # the generator's or the teacher's
+    D = guided(model, guidance) if kind == "teacher" else None
+    if guidance != 1.0 and ncls is None:
+        raise ValueError(f"--guidance {guidance} needs a class-conditional model: this one is unconditional")
+
+    @torch.no_grad()
+    def generate(i: int, b: int) -> torch.Tensor:
+        z = torch.stack([torch.randn(C, R, R, generator=step_generator(seed, 5, k)) for k in range(i, i + b)])
+        z = (sigma_max * z).to(device)
+        y = index_labels(i, b, ncls, class_)
+        y = None if y is None else y.to(device)
+        if kind == "generator":
+            x = model(z, y) if guidance == 1.0 else model(z, y, torch.full((b,), float(guidance), device=device))
+        else:
+            x = sample(D, z, steps, solver, y, model.sigma_min, sigma_max)
+        return resample(x.float().clamp(-1, 1), resize).cpu()
+
+    return generate
+
+
+def _sampler(kind: str, checkpoint: str, class_: int | None, seed: int, steps: int = 18, method: str = "heun",
+             guidance: float = 1.0):
+    """(model, generate, NFE per image) of a generator ("generator") or a teacher ("teacher") checkpoint."""
+    if kind == "generator":
+        model, nfe = resolve_generator(checkpoint), 1
+    else:
+        model = load_teacher(checkpoint)
+        nfe = count_nfe(method, torch.cat([karras_sigmas(steps, model.sigma_min, model.sigma_max), torch.zeros(1)]))
+    ncls = model.unet.config.num_classes
+    check_class(ncls, class_)
+    return model, make_sampler(kind, model, method, nfe, seed=seed, class_=class_, guidance=guidance), nfe
+
+
+def _blocks(generate, indices: Iterable[int], batch: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """(k·batch, images k·batch … (k+1)·batch − 1) of each batch-aligned block holding one of `indices`. Every
+    network call is a whole block, so an image's bytes depend on (seed, i, batch) only, not on n or on resuming
+    (a network's output changes in its last bits with the batch size)."""
+    for k in sorted({i // batch for i in indices}):
+        yield k * batch, generate(k * batch, batch)
+
+
+def _grid(model, generate, n: int, batch: int, class_: int | None, out: str) -> Path:
+    x = torch.cat([x for _, x in _blocks(generate, range(n), min(batch, n))])[:n]
+    ncls = model.unet.config.num_classes
+    return save_image_grid(x, out, nrow=ncls if (ncls and class_ is None and ncls <= 16) else None,
+                           scale=max(1, 64 // x.shape[-1]))
 
 
 @torch.no_grad()
-def sample_grid(checkpoint: str, n: int = 64, class_: int | None = None, seed: int = 0, out: str = "samples.png") -> Path:
-    """n one-step samples G(z), z ~ N(0, σ_max² I), as a PNG grid."""
-    G = resolve_generator(checkpoint)
-    C, R = G.channels, G.base_resolution
-    z = G.sigma_max * torch.randn(n, C, R, R, generator=step_generator(seed, 3))
-    y = _labels(n, G.unet.config.num_classes, class_)
-    x = torch.cat([G(z[i:i + 256], None if y is None else y[i:i + 256]) for i in range(0, n, 256)])
-    ncls = G.unet.config.num_classes
-    return save_image_grid(x, out, nrow=ncls if (ncls and class_ is None and ncls <= 16) else None,
-                           scale=max(1, 64 // G.resolution))
+def sample_grid(checkpoint: str, n: int = 64, class_: int | None = None, seed: int = 0, out: str = "samples.png",
+                batch: int = 64, guidance: float = 1.0) -> Path:
+    """n one-step samples G(z, y[, ω]), z ~ N(0, σ_max² I), as a PNG grid (export_samples' z and labels)."""
+    G, generate, _ = _sampler("generator", checkpoint, class_, seed, guidance=guidance)
+    return _grid(G, generate, n, batch, class_, out)
 
 
 @torch.no_grad()
 def teacher_grid(checkpoint: str, n: int = 100, steps: int = 18, method: str = "heun", class_: int | None = None,
-                 seed: int = 0, out: str = "teacher_samples.png", guidance: float = 1.0):
+                 seed: int = 0, out: str = "teacher_samples.png", guidance: float = 1.0, batch: int = 64):
     """Teacher samples with any solver and grid size, optionally classifier-free guided (ω = `guidance`; one
     batched call per step); returns (path, NFE per image)."""
-    D = load_teacher(checkpoint)
-    R, C = D.resolution, D.channels
-    z = D.sigma_max * torch.randn(n, C, R, R, generator=step_generator(seed, 4))
-    y = _labels(n, D.unet.config.num_classes, class_)
-    if guidance != 1.0 and y is None:
-        raise ValueError(f"--guidance {guidance} needs a class-conditional teacher: this one is unconditional")
-    x = sample(guided(D, guidance), z, steps, method, y, D.sigma_min, D.sigma_max)
-    nfe = count_nfe(method, torch.cat([karras_sigmas(steps, D.sigma_min, D.sigma_max), torch.zeros(1)]))
-    ncls = D.unet.config.num_classes
-    path = save_image_grid(x, out, nrow=ncls if (ncls and class_ is None and ncls <= 16) else None, scale=max(1, 64 // R))
-    return path, nfe
+    D, generate, nfe = _sampler("teacher", checkpoint, class_, seed, steps, method, guidance)
+    return _grid(D, generate, n, batch, class_, out), nfe
+
+
+class _Export:
+    """One export target's folder, holding export.json (the settings): a folder of another export is refused."""
+
+    def __init__(self, folder: Path, settings: dict, shape: tuple[int, int, int]):
+        self.folder, self.shape = folder, shape  # shape: (H, W, C) of one image
+        meta = folder / EXPORT_FILE
+        if meta.is_file():
+            old = json.loads(meta.read_text())
+            k = next((k for k in settings if old.get(k) != settings[k]), None)
+            if k is not None:
+                raise ValueError(f"{folder} holds an export with {k} {old.get(k)!r}, not {settings[k]!r}: rerun "
+                                 f"with the same settings to resume, or pass another output")
+        elif folder.is_dir() and any(folder.glob("[0-9]*.png")):
+            raise ValueError(f"{folder} holds PNGs that `pagoda sample` did not write: pass an empty or new --outdir")
+        save_json(settings, meta)
+
+
+class PngExport(_Export):
+    """DIR/000000.png, 000001.png, … (written atomically); a PNG that decodes to the right size is finished."""
+
+    def missing(self, n: int) -> list[int]:
+        return [i for i in range(n) if not self._ok(self.folder / f"{i:06d}.png")]
+
+    def _ok(self, path: Path) -> bool:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im.size == self.shape[1::-1] and len(im.getbands()) == self.shape[2]
+        except (OSError, ValueError, SyntaxError):
+            return False  # absent, torn or foreign: written again
+
+    def write(self, i: int, images: np.ndarray, todo: set[int]) -> None:
+        for k, a in enumerate(images):
+            if i + k in todo:
+                img = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
+                atomic_write_bytes(self.folder / f"{i + k:06d}.png", lambda f, img=img: img.save(f, format="PNG"))
+
+    def finish(self, n: int, labels: torch.Tensor | None) -> None:
+        pass
+
+
+class NpzExport(_Export):
+    """FILE (arr_0 uint8 NHWC; arr_1 int64 labels if the model is conditional), assembled at the end from FILE.parts/block-*.npz
+    (one per network block, written atomically), which is then removed."""
+
+    def __init__(self, path: Path, settings: dict, shape: tuple[int, int, int]):
+        self.path = path
+        super().__init__(path.with_name(path.name + ".parts"), settings, shape)
+
+    def _parts(self) -> dict[int, np.ndarray]:
+        """{first index: images} of the readable parts (a part's labels follow from its indices)."""
+        parts = {}
+        for p in sorted(self.folder.glob("block-*.npz")):
+            try:
+                with np.load(p) as d:
+                    x = d["x"]
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                continue  # torn or foreign: its block is computed again
+            if x.dtype == np.uint8 and x.shape[1:] == self.shape:
+                parts[int(p.stem.split("-")[1])] = x
+        return parts
+
+    def missing(self, n: int) -> list[int]:
+        have = {i + k for i, x in self._parts().items() for k in range(len(x))}
+        return [i for i in range(n) if i not in have]
+
+    def write(self, i: int, images: np.ndarray, todo: set[int]) -> None:
+        atomic_write_bytes(self.folder / f"block-{i:09d}.npz", lambda f: np.savez(f, x=images))
+
+    def finish(self, n: int, labels: torch.Tensor | None) -> None:
+        x = np.empty((n, *self.shape), np.uint8)
+        for i, part in self._parts().items():  # together they hold every image < n: missing(n) was written
+            x[i:i + len(part)] = part[:max(0, n - i)]
+        arrays = {"arr_0": x} if labels is None else {"arr_0": x, "arr_1": labels.numpy().astype(np.int64)}
+        atomic_write_bytes(self.path, lambda f: np.savez(f, **arrays))
+        shutil.rmtree(self.folder)
+
+
+@torch.no_grad()
+def export_samples(checkpoint: str, kind: str = "generator", n: int = 64, outdir: str | None = None,
+                   npz: str | None = None, class_: int | None = None, seed: int = 0, batch: int = 64, rgb: bool = False,
+                   steps: int = 18, method: str = "heun", guidance: float = 1.0, progress: bool = False) -> dict:
+    """Images 0 … n−1 of a generator or a teacher as numbered PNGs (`outdir`) and/or the ADM evaluator's .npz
+    (arr_0 uint8 N×H×W×C, C = the model's channels or 3 with `rgb`; arr_1 int64 labels), resumable."""
+    if outdir is None and npz is None:
+        raise ValueError("nothing to write: pass --outdir DIR and/or --npz FILE")
+    model, generate, nfe = _sampler(kind, checkpoint, class_, seed, steps, method, guidance)
+    ncls = model.unet.config.num_classes
+    shape = (model.resolution, model.resolution, 3 if rgb else model.channels)
+    settings = {"kind": kind, "model": teacher_fingerprint(model), "seed": seed, "class": class_, "batch": batch,
+                "channels": shape[2], "guidance": guidance, **({"method": method, "nfe": nfe} if kind == "teacher" else {})}
+    sinks = ([PngExport(Path(outdir), settings, shape)] if outdir else []) + \
+            ([NpzExport(Path(npz), settings, shape)] if npz else [])
+    todo = set().union(*(s.missing(n) for s in sinks))
+    t0, done = time.perf_counter(), 0
+    with progress_bar(progress) as bar:
+        task = bar.add_task("export", total=len(todo), info="")
+        for i, x in _blocks(generate, todo, batch):
+            a = to_uint8(x[:n - i])
+            a = a.repeat(3, axis=-1) if a.shape[-1] < shape[2] else a  # --rgb on a grey model
+            for s in sinks:
+                s.write(i, a, todo)
+            done += len(todo.intersection(range(i, i + len(a))))
+            bar.update(task, completed=done, info=f"{done / (time.perf_counter() - t0):.1f} img/s")
+    seconds = time.perf_counter() - t0
+    for s in sinks:
+        s.finish(n, index_labels(0, n, ncls, class_))
+    return {"n": n, "new": len(todo), "seconds": seconds, "images_per_s": len(todo) / max(seconds, 1e-9), "nfe": nfe,
+            "written": [str(p) for p in (outdir, npz) if p]}
+
+
+# ---- inversion ------------------------------------------------------------------------------------
+
+def load_models(checkpoint: str, teacher: str | None = None) -> tuple[Generator, Denoiser]:
+    """The generator of `checkpoint` and its teacher (`teacher`, else the run's), checked to share the latent shape."""
+    G = resolve_generator(checkpoint)
+    D = load_teacher(teacher or resolve_teacher_path(checkpoint))
+    if D.resolution != G.base_resolution or D.channels != G.channels:
+        raise ValueError(f"teacher ({D.resolution}px, {D.channels} ch) does not match the generator's latent "
+                         f"({G.base_resolution}px, {G.channels} ch): pass the run's own teacher")
+    return G, D
+
+
+def read_image(image: str, resolution: int, channels: int) -> torch.Tensor:
+    """One image file (any mode/size/aspect, ADM centre crop) as a 1×C×R×R batch in [−1, 1]."""
+    if Path(image).is_dir():
+        raise ValueError(f"{image} is a directory: pass one image file")
+    return load_image(image, resolution, channels)[None]
+
+
+@torch.no_grad()
+def encode_images(G: Generator, D: Denoiser, x: torch.Tensor, class_: int | None = None, steps: int = 40
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(z, y): z = E(↓x, y) by the teacher's PF-ODE at its resolution, y = `class_` or, per image, the class whose
+    G(z, y) reconstructs ↓x best there (every class encoded in one batch)."""
+    R, ncls, B = D.resolution, G.unet.config.num_classes, len(x)
+    check_class(ncls, class_)
+    x_lo = downsample(x, R)
+    enc = Encoder(D, R, steps=steps, sigma_min=D.sigma_min, sigma_max=D.sigma_max)
+    if ncls is None or class_ is not None:
+        y = None if ncls is None else torch.full((B,), class_)
+        return enc.encode(x_lo, y), y
+    if ncls > CLASS_SEARCH_MAX:
+        raise ValueError(f"the model has {ncls} classes: pass --class C (0..{ncls - 1})")
+    ys, xs = torch.arange(ncls).repeat(B), x_lo.repeat_interleave(ncls, 0)  # image b, class c at b·ncls + c
+    z = enc.encode(xs, ys)
+    best = psnr(downsample(G(z, ys).clamp(-1, 1), R), xs).view(B, ncls).argmax(1)
+    return z[torch.arange(B) * ncls + best], best
 
 
 @torch.no_grad()
 def invert_image(image: str, checkpoint: str = "runs/demo", teacher: str | None = None, class_: int | None = None,
                  out: str = "inverted", steps: int = 40) -> dict:
     """Encode `image` with the teacher (at its resolution), decode with G at full resolution; write PNGs, return PSNRs."""
-    if Path(image).is_dir():
-        raise ValueError(f"{image} is a directory: pass one image file")
-    G = resolve_generator(checkpoint)
-    D = load_teacher(teacher or resolve_teacher_path(checkpoint))
-    if D.resolution != G.base_resolution or D.channels != G.channels:
-        raise ValueError(f"teacher ({D.resolution}px, {D.channels} ch) does not match the generator's latent "
-                         f"({G.base_resolution}px, {G.channels} ch): pass the run's own teacher")
-    x_full = load_image(image, G.resolution, G.channels)[None]  # any mode/size/aspect -> model channels, ADM crop
+    G, D = load_models(checkpoint, teacher)
+    x_full = read_image(image, G.resolution, G.channels)  # any mode/size/aspect -> model channels, ADM crop
     x_lo = downsample(x_full, D.resolution)
-    enc = Encoder(D, D.resolution, steps=steps, sigma_min=D.sigma_min, sigma_max=D.sigma_max)
-    ncls = G.unet.config.num_classes
-    if ncls is not None and class_ is None:
-        if ncls > CLASS_SEARCH_MAX:
-            raise ValueError(f"the model has {ncls} classes: pass --class C (0..{ncls - 1})")
-        ys = torch.arange(ncls)  # try every class, keep the one that reconstructs best at the teacher resolution
-        z = enc.encode(x_lo.expand(ncls, -1, -1, -1), ys)
-        rec = G(z, ys).clamp(-1, 1)  # an image: PSNRs are those of the written PNG
-        best = int(psnr(downsample(rec, D.resolution), x_lo.expand(ncls, -1, -1, -1)).argmax())
-        label, z, rec = best, z[best:best + 1], rec[best:best + 1]
-    else:
-        y = _labels(1, ncls, class_)
-        label = None if y is None else int(y[0])
-        z = enc.encode(x_lo, y)
-        rec = G(z, y).clamp(-1, 1)
+    z, y = encode_images(G, D, x_full, class_, steps)
+    rec = G(z, y).clamp(-1, 1)  # an image: PSNRs are those of the written PNG
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(image).stem
@@ -101,8 +295,8 @@ def invert_image(image: str, checkpoint: str = "runs/demo", teacher: str | None 
     tensor_to_pil(rec[0]).save(rec_path)
     up = torch.nn.functional.interpolate(x_lo, size=x_full.shape[-2:], mode="nearest")
     save_image_grid(torch.cat([x_full, up, rec]), sbs_path, nrow=3, scale=max(1, 128 // G.resolution))
-    result = {"image": str(image), "label": label, "teacher_res": D.resolution, "full_res": G.resolution,
-              "psnr_teacher_res": float(psnr(downsample(rec, D.resolution), x_lo)[0]),
+    result = {"image": str(image), "label": None if y is None else int(y[0]), "teacher_res": D.resolution,
+              "full_res": G.resolution, "psnr_teacher_res": float(psnr(downsample(rec, D.resolution), x_lo)[0]),
               "psnr_full_res": float(psnr(rec, x_full)[0]),
               "reconstruction": str(rec_path), "side_by_side": str(sbs_path)}
     save_json(result, out_dir / f"{stem}_psnr.json")

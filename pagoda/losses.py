@@ -1,18 +1,18 @@
-"""PaGoDA stage-2/3 losses: reconstruction distances, DiffAugment, discriminators, hinge losses,
-the adaptive (VQGAN) weight, and the distillation loss with its teacher-sample cache.
+"""PaGoDA's stage-2/3 losses: reconstruction distances, DiffAugment, the hinge losses and the held-out margin,
+the adaptive (VQGAN) weight, and the distillation teacher-sample cache (the discriminators: pagoda/discriminators.py).
 
 Everything here takes tensors / modules / parameters; nothing knows about the decoder or the solvers.
-How one stage step uses them (pagoda/stage.py, per micro-batch; z from the latent cache, z' fresh):
+How one stage step uses them (pagoda/stage.py, per micro-batch; z from the latent cache, z' fresh; D is a
+discriminators.make_discriminator, its heads' logits a list):
 
-    d, D = make_distance(DEFAULT_DISTANCE, channels=1), make_discriminator("multiscale", 32, 1, 10)
-    rec = d(G(z, y), x).mean()                                   # L_rec = d(G(E(x_lo), y), x_hi)
-    adv = g_hinge_loss(D(diff_augment(G(z2, y2), policy, g), y2))  # L_adv = −E D(G(z'))
+    d = make_distance("lite0", channels=1, input_size=32)
+    rec = d(G(z, y), x).mean()                                       # L_rec = d(G(E(x_lo), y), x_hi)
+    adv = g_hinge_loss(D(diff_augment(G(z2, y2), policy, gens), y2))  # L_adv = −mean_h E D_h(G(z'))
     loss = rec + lam * adaptive_weight(rec, adv, G.last_layer_weight) * adv
-    L_D = d_hinge_loss(D(diff_augment(x_real, policy, g), y), D(diff_augment(G(z3, y3).detach(), policy, g), y3))
+    L_D = d_hinge_loss(D(diff_augment(x_real, policy, gens), y), D(diff_augment(G(z3, y3).detach(), policy, gens), y3))
 """
 from __future__ import annotations
 
-import copy
 import importlib.util
 import math
 import os
@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pagoda.backbone import EfficientNetLite0
 from pagoda.io import load_checkpoint, save_checkpoint
 
 # Default reconstruction distance, offline: "features" = pseudo-Huber of (pyramid pixel MSE + MSE of a
@@ -189,32 +190,68 @@ class LPIPSDistance(nn.Module):
         return self.model(a, b).flatten()
 
 
+class Lite0Distance(nn.Module):
+    """Perceptual distance on frozen ImageNet EfficientNet-Lite0 features (sony/pagoda's `cnn_vit` distance, Lite0 half):
+    both images resized (bilinear) to `input_size`, the 4 feature maps f_l normalised to unit length over channels at
+    every position, d = Σ_l mean_{h,w} ‖f̂_l(fake) − f̂_l(real)‖². Official: also DeiT features (weights not
+    obtainable offline) and DiffAugment applied identically to both inputs (ours: none, so d stays deterministic)."""
+
+    def __init__(self, input_size: int = 64, pretrained: bool = True):
+        super().__init__()
+        self.input_size, self.net = input_size, EfficientNetLite0("default" if pretrained else None).fold_batchnorm()
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x = EfficientNetLite0.normalize(x)
+        if x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        return [f / (f.norm(dim=1, keepdim=True) + 1e-10) for f in self.net.features(x)]
+
+    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        _check_pair(fake, real)
+        with torch.no_grad():
+            target = self.features(real)
+        return sum((a - b).square().sum(1).flatten(1).mean(1) for a, b in zip(self.features(fake), target))
+
+
 _DISTANCES = {"l2": L2Distance, "pseudo_huber": PseudoHuberDistance, "multiscale": MultiscaleDistance,
-              "features": RandomFeatureDistance, "lpips": LPIPSDistance}
+              "features": RandomFeatureDistance, "lite0": Lite0Distance, "lpips": LPIPSDistance}
 
 
-def make_distance(name: str = DEFAULT_DISTANCE, channels: int = 3) -> nn.Module:
-    """Reconstruction distance by name for images of `channels` channels: a module d(fake, real) -> (B,)."""
+def make_distance(name: str = DEFAULT_DISTANCE, channels: int = 3, input_size: int = 64,
+                  pretrained: bool = True) -> nn.Module:
+    """Reconstruction distance by name for images of `channels` channels: a module d(fake, real) -> (B,).
+    `input_size` / `pretrained`: the Lite0 distance's backbone input and weights (False: random, e.g. on meta)."""
     if name not in _DISTANCES:
         raise LossConfigError(f"unknown distance {name!r}: choose one of {', '.join(_DISTANCES)}")
-    return RandomFeatureDistance(in_channels=channels) if name == "features" else _DISTANCES[name]()
+    if name == "features":
+        return RandomFeatureDistance(in_channels=channels)
+    return Lite0Distance(input_size, pretrained) if name == "lite0" else _DISTANCES[name]()
 
 
 # ---------------------------------------------------------------------------------------------------
 # DiffAugment (Zhao et al. 2020): per-sample random colour, translation and cutout, differentiable.
 
 
-def _rand(shape: tuple[int, ...], x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+Generators = torch.Generator | list[torch.Generator] | None  # one for the batch, or one per sample
+
+
+def _draw(fn, shape: tuple[int, ...], x: torch.Tensor, generator: Generators, **kw) -> torch.Tensor:
+    """fn(shape) from one generator, or sample i's row from generator i (as if each sample were augmented alone)."""
+    if isinstance(generator, list):
+        return torch.cat([fn((1, *shape[1:]), generator=g, device=g.device, **kw) for g in generator]).to(x.device)
     dev = generator.device if generator is not None else x.device
-    return torch.rand(shape, generator=generator, device=dev, dtype=x.dtype).to(x.device)
+    return fn(shape, generator=generator, device=dev, **kw).to(x.device)
 
 
-def _randint(low: int, high: int, shape: tuple[int, ...], x: torch.Tensor, generator: torch.Generator | None):
-    dev = generator.device if generator is not None else x.device
-    return torch.randint(low, high, shape, generator=generator, device=dev).to(x.device)
+def _rand(shape: tuple[int, ...], x: torch.Tensor, generator: Generators) -> torch.Tensor:
+    return _draw(torch.rand, shape, x, generator, dtype=x.dtype)
 
 
-def _color(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
+def _randint(low: int, high: int, shape: tuple[int, ...], x: torch.Tensor, generator: Generators):
+    return _draw(lambda sh, **kw: torch.randint(low, high, sh, **kw), shape, x, generator)
+
+
+def _color(x: torch.Tensor, g: Generators) -> torch.Tensor:
     B = x.shape[0]
     x = x + (_rand((B, 1, 1, 1), x, g) - 0.5)                                       # brightness
     mean = x.mean(dim=1, keepdim=True)
@@ -223,7 +260,7 @@ def _color(x: torch.Tensor, g: torch.Generator | None) -> torch.Tensor:
     return (x - mean) * (_rand((B, 1, 1, 1), x, g) + 0.5) + mean                    # contrast
 
 
-def _translation(x: torch.Tensor, g: torch.Generator | None, ratio: float = 0.125) -> torch.Tensor:
+def _translation(x: torch.Tensor, g: Generators, ratio: float = 0.125) -> torch.Tensor:
     B, _, H, W = x.shape
     sh, sw = int(H * ratio + 0.5), int(W * ratio + 0.5)
     ty, tx = _randint(-sh, sh + 1, (B, 1, 1), x, g), _randint(-sw, sw + 1, (B, 1, 1), x, g)
@@ -234,7 +271,7 @@ def _translation(x: torch.Tensor, g: torch.Generator | None, ratio: float = 0.12
     return x_pad.permute(0, 2, 3, 1)[gb, gy, gx].permute(0, 3, 1, 2)
 
 
-def _cutout(x: torch.Tensor, g: torch.Generator | None, ratio: float = 0.2) -> torch.Tensor:
+def _cutout(x: torch.Tensor, g: Generators, ratio: float = 0.2) -> torch.Tensor:
     B, _, H, W = x.shape
     ch, cw = int(H * ratio + 0.5), int(W * ratio + 0.5)
     oy, ox = _randint(0, H + (1 - ch % 2), (B, 1, 1), x, g), _randint(0, W + (1 - cw % 2), (B, 1, 1), x, g)
@@ -249,9 +286,9 @@ def _cutout(x: torch.Tensor, g: torch.Generator | None, ratio: float = 0.2) -> t
 _AUGMENTS = {"color": _color, "translation": _translation, "cutout": _cutout}
 
 
-def diff_augment(x: torch.Tensor, policy: str = "color,translation,cutout",
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """DiffAugment: each sample gets its own random colour/translation(1/8)/cutout(0.2) draw."""
+def diff_augment(x: torch.Tensor, policy: str = "color,translation,cutout", generator: Generators = None) -> torch.Tensor:
+    """DiffAugment: each sample gets its own random colour/translation(1/8)/cutout(0.2) draw (from its own
+    generator when `generator` is a list, one per sample)."""
     for name in filter(None, (p.strip() for p in policy.split(","))):
         if name not in _AUGMENTS:
             raise LossConfigError(f"unknown DiffAugment op {name!r}: use a comma list of {', '.join(_AUGMENTS)}")
@@ -260,145 +297,31 @@ def diff_augment(x: torch.Tensor, policy: str = "color,translation,cutout",
 
 
 # ---------------------------------------------------------------------------------------------------
-# Discriminators.
-
-
-def _sn(module: nn.Module, on: bool) -> nn.Module:
-    return nn.utils.parametrizations.spectral_norm(module) if on else module
-
-
-class _Head(nn.Module):
-    """Conv trunk -> sum-pooled h -> logit = psi(h) + <embed(y), h> (projection D, Miyato & Koyama 2018)."""
-
-    def __init__(self, in_channels: int, resolution: int, num_classes: int | None, base_channels: int,
-                 max_channels: int, spectral_norm: bool, downs: int | None = None):
-        super().__init__()
-        width = lambda k: min(max_channels, base_channels * 2 ** k)  # noqa: E731
-        conv = lambda *a, **k: _sn(nn.Conv2d(*a, **k), spectral_norm)  # noqa: E731
-        layers: list[nn.Module] = [conv(in_channels, width(0), 3, padding=1), nn.LeakyReLU(0.2)]
-        k, res = 0, resolution
-        while (k < downs) if downs is not None else (res > 4):       # 3x3 stride-2 convs down to 4 px
-            layers += [conv(width(k), width(k + 1), 3, 2, 1), nn.LeakyReLU(0.2)]
-            k, res = k + 1, res // 2
-        layers += [conv(width(k), width(k), 3, padding=1), nn.LeakyReLU(0.2)]
-        self.trunk = nn.Sequential(*layers)
-        self.psi = _sn(nn.Linear(width(k), 1), spectral_norm)
-        self.embed = _sn(nn.Embedding(num_classes, width(k)), spectral_norm) if num_classes else None
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        h = self.trunk(x).sum(dim=(2, 3))
-        logit = self.psi(h).squeeze(1)
-        if labels is not None and self.embed is not None:
-            logit = logit + (self.embed(labels) * h).sum(1)
-        return logit
-
-
-def _check_labels(labels: torch.Tensor | None, num_classes: int | None, batch: int) -> None:
-    if labels is None:
-        return
-    if not num_classes:
-        raise LossConfigError("labels given to an unconditional discriminator: build it with num_classes=N")
-    if labels.shape != (batch,) or labels.dtype != torch.long or labels.min() < 0 or labels.max() >= num_classes:
-        raise LossConfigError(f"labels must be a LongTensor of shape ({batch},) with values in [0, {num_classes})")
-
-
-class Discriminator(nn.Module):
-    """From-scratch multi-scale projection discriminator: D(x, y) = sum_s gain_s * head_s(x downsampled to r_s).
-
-    Scales r_s = resolution, /2, /4, ... down to 8 px (or `scales` of them), each with its own head
-    (spectral-normed convs, 3x3 stride-2 down to 4 px, sum pooling, class projection). Logits are
-    summed, not averaged, so grow() is exact: the grown D at 2R reuses every old head on the same
-    downsampled inputs and adds a new full-resolution head whose learnable gain starts at 0, hence
-    D.grow()(x) == D(avg_pool2d(x, 2)) at initialisation (same labels, eval mode). Spectral norm is on
-    by default: PaGoDA uses no R1 and no gradient clipping, so a from-scratch hinge D needs SN for its
-    Lipschitz control (SNGAN/BigGAN practice). The trainer applies DiffAugment to the inputs.
-    """
-
-    def __init__(self, resolution: int, in_channels: int, num_classes: int | None = None, base_channels: int = 64,
-                 max_channels: int = 256, scales: int | None = None, spectral_norm: bool = True):
-        super().__init__()
-        if resolution < 4:
-            raise LossConfigError(f"discriminator resolution must be >= 4 px, got {resolution}")
-        auto = len(pyramid(torch.empty(1, 1, resolution, resolution)))
-        scales = auto if scales is None else scales
-        if not 1 <= scales or resolution >> (scales - 1) < 4:
-            raise LossConfigError(f"{scales} scales at {resolution} px would go below 4 px: use scales <= {auto}")
-        self.resolution, self.in_channels, self.num_classes = resolution, in_channels, num_classes
-        self.cfg = dict(base_channels=base_channels, max_channels=max_channels, spectral_norm=spectral_norm)
-        self.resolutions = [resolution >> s for s in range(scales)]
-        self.heads = nn.ModuleDict({str(r): _Head(in_channels, r, num_classes, **self.cfg) for r in self.resolutions})
-        self.gain = nn.Parameter(torch.ones(scales))                  # per-scale logit gain, [0] = full res
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1:] != (self.in_channels, self.resolution, self.resolution):
-            r = self.resolution
-            raise LossConfigError(f"discriminator expects (B, {self.in_channels}, {r}, {r}) images, got "
-                                  f"{tuple(x.shape)}: grow() or rebuild it for this resolution")
-        _check_labels(labels, self.num_classes, x.shape[0])
-        levels = pyramid(x, levels=len(self.resolutions))
-        # sum over scales s of gain_s * head_s(x downsampled to r_s)
-        return sum(self.gain[s] * self.heads[str(r)](xs, labels)
-                   for s, (r, xs) in enumerate(zip(self.resolutions, levels)))
-
-    def grow(self) -> Discriminator:
-        """A discriminator for 2x resolution: old heads copied for the downsampled scales, new head gated at 0."""
-        new = Discriminator(2 * self.resolution, self.in_channels, self.num_classes, scales=len(self.resolutions) + 1,
-                            **self.cfg).to(self.gain.device)
-        for r, head in self.heads.items():
-            new.heads[r] = copy.deepcopy(head)
-        with torch.no_grad():
-            new.gain.copy_(torch.cat([torch.zeros_like(self.gain[:1]), self.gain]))
-        return new
-
-
-class ProjectedDiscriminator(nn.Module):
-    """Projected GAN (Sauer et al. 2021) structure over a user-supplied frozen pretrained backbone.
-
-    backbone(x) maps images in [-1, 1] to a list of feature maps with `feature_channels` channels;
-    fixed random 1x1 projections (as Projected GAN's CCM, untrained) feed small trainable projection heads.
-    """
-
-    def __init__(self, backbone: nn.Module, feature_channels: list[int], num_classes: int | None = None,
-                 proj_channels: int = 64, spectral_norm: bool = True, seed: int = 0):
-        super().__init__()
-        self.backbone, self.num_classes = backbone.eval().requires_grad_(False), num_classes
-        g = torch.Generator().manual_seed(seed)
-        for i, c in enumerate(feature_channels):
-            self.register_buffer(f"proj{i}", torch.randn(proj_channels, c, 1, 1, generator=g) / math.sqrt(c))
-        self.heads = nn.ModuleList(_Head(proj_channels, 0, num_classes, proj_channels, 4 * proj_channels,
-                                         spectral_norm, downs=1) for _ in feature_channels)
-
-    def train(self, mode: bool = True) -> ProjectedDiscriminator:
-        super().train(mode)
-        self.backbone.eval()                                          # frozen backbone stays in eval
-        return self
-
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        _check_labels(labels, self.num_classes, x.shape[0])
-        feats = self.backbone(x)
-        return sum(h(F.conv2d(f, getattr(self, f"proj{i}")), labels) for i, (h, f) in enumerate(zip(self.heads, feats)))
-
-
-def make_discriminator(kind: str, resolution: int, channels: int, num_classes: int | None, width: int = 64
-                       ) -> nn.Module:
-    """Discriminator by name: "multiscale" (from scratch; `width` = first layer, doubling per level, capped at 4x)."""
-    if kind == "multiscale":
-        return Discriminator(resolution, channels, num_classes, base_channels=width, max_channels=4 * width)
-    raise LossConfigError(f"unknown discriminator {kind!r}: choose multiscale")
-
-
-# ---------------------------------------------------------------------------------------------------
 # Adversarial and generator objectives.
 
 
-def d_hinge_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """L_D = E relu(1 - D(x)) + E relu(1 + D(G(z'))) (PaGoDA "Losses", hinge GAN)."""
-    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+Logits = torch.Tensor | list[torch.Tensor]  # a discriminator's output: one tensor, or one per head
 
 
-def g_hinge_loss(fake_logits: torch.Tensor) -> torch.Tensor:
-    """L_adv = -E D(G(z')) for fresh z' ~ N(0, sigma_max^2 I)."""
-    return -fake_logits.mean()
+def _heads(logits: Logits) -> list[torch.Tensor]:
+    return [logits] if torch.is_tensor(logits) else list(logits)
+
+
+def d_hinge_loss(real_logits: Logits, fake_logits: Logits) -> torch.Tensor:
+    """L_D = E relu(1 - D(x)) + E relu(1 + D(G(z'))) (PaGoDA "Losses", hinge GAN), per head, averaged over heads
+    (sony/pagoda: the mean over every head's logits)."""
+    return torch.stack([F.relu(1 - r).mean() + F.relu(1 + f).mean()
+                        for r, f in zip(_heads(real_logits), _heads(fake_logits), strict=True)]).mean()
+
+
+def g_hinge_loss(fake_logits: Logits) -> torch.Tensor:
+    """L_adv = -E D(G(z')) for fresh z' ~ N(0, sigma_max^2 I), averaged over heads."""
+    return -torch.stack([f.mean() for f in _heads(fake_logits)]).mean()
+
+
+def margin(real_logits: Logits, fake_logits: Logits) -> float:
+    """E D(x) − E D(G(z')), averaged over heads: > 0 when D tells them apart (logged on a held-out batch)."""
+    return float(torch.stack([r.mean() - f.mean() for r, f in zip(_heads(real_logits), _heads(fake_logits))]).mean())
 
 
 def _grad(loss: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -432,53 +355,59 @@ def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer_w
 
 
 class TeacherSampleCache:
-    """A fixed pool of z ~ N(0, sigma_max^2 I) (and labels), keyed by index, with teacher samples
-    x0 = sample_fn(z, labels) computed at most once per index, in memory and (optionally) on disk.
+    """A fixed pool of z ~ N(0, sigma_max^2 I) (and labels, and guidance scales ω ~ U[1, guidance_max] when
+    guidance_max > 1), keyed by index, with teacher samples x0 = sample_fn(z, labels, ω) computed at most once per
+    index, in memory and (optionally) on disk.
 
-    The pool is drawn from `seed`, so the file is checked against (size, shape, classes, sigma_max, seed).
+    The pool is drawn from `seed`, so the file is checked against (size, shape, classes, sigma_max, seed, ω_max).
     With `path`, the cache is saved atomically (pagoda.io.save_checkpoint) after every call that computed
     new samples (the teacher ODE solve costs far more than the write); a full cache is never rewritten.
     """
 
-    def __init__(self, sample_fn: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], pool_size: int,
-                 shape: tuple[int, int, int], num_classes: int | None, sigma_max: float,
-                 seed: int = 0, path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, sample_fn: Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor | None], torch.Tensor],
+                 pool_size: int, shape: tuple[int, int, int], num_classes: int | None, sigma_max: float,
+                 seed: int = 0, path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
+                 guidance_max: float = 1.0):
         self.sample_fn, self.device = sample_fn, torch.device(device)
         self.path = Path(path) if path is not None else None
         self.meta = {"pool_size": pool_size, "shape": list(shape), "num_classes": num_classes,
-                     "sigma_max": float(sigma_max), "seed": seed}
+                     "sigma_max": float(sigma_max), "seed": seed, "guidance_max": float(guidance_max)}
         if self.path is not None and self.path.is_file():
             ckpt = load_checkpoint(self.path)
             if ckpt.get("meta") != self.meta:
                 raise LossConfigError(f"teacher-sample cache {self.path} was made with {ckpt.get('meta')}, not "
                                       f"{self.meta}: delete it or pass another path")
             self.z, self.labels, self.x0, self.done = ckpt["z"], ckpt["labels"], ckpt["x0"], ckpt["done"]
+            self.omega = ckpt["omega"]
             return
         g = torch.Generator().manual_seed(seed)
         self.z = sigma_max * torch.randn(pool_size, *shape, generator=g)
         self.labels = torch.randint(0, num_classes, (pool_size,), generator=g) if num_classes else None
+        self.omega = 1 + (guidance_max - 1) * torch.rand(pool_size, generator=g) if guidance_max > 1 else None
         self.x0: torch.Tensor | None = None                           # allocated at the first fill
         self.done = torch.zeros(pool_size, dtype=torch.bool)
 
     def __len__(self) -> int:
         return self.z.shape[0]
 
-    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(z, labels, x0) for pool indices; missing teacher samples computed in one sample_fn call."""
+    def get(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        """(z, labels, ω, x0) for pool indices; missing teacher samples computed in one sample_fn call."""
         indices = torch.as_tensor(indices, dtype=torch.long).cpu()
         if indices.numel() and (indices.min() < 0 or indices.max() >= len(self)):
             raise LossConfigError(f"cache indices must lie in [0, {len(self)}): draw them from the pool size")
         todo = indices[~self.done[indices]].unique()
         if todo.numel():
-            labels = self.labels[todo].to(self.device) if self.labels is not None else None
             with torch.no_grad():
-                x0 = self.sample_fn(self.z[todo].to(self.device), labels)
+                x0 = self.sample_fn(*self._pool(todo)[:3])
             if self.x0 is None:
                 self.x0 = torch.zeros(len(self), *x0.shape[1:])
             self.x0[todo], self.done[todo] = x0.detach().float().cpu(), True
             if self.path is not None:
-                save_checkpoint({"meta": self.meta, "z": self.z, "labels": self.labels, "x0": self.x0,
-                                 "done": self.done}, self.path)
-        labels = self.labels[indices].to(self.device) if self.labels is not None else None
+                save_checkpoint({"meta": self.meta, "z": self.z, "labels": self.labels, "omega": self.omega,
+                                 "x0": self.x0, "done": self.done}, self.path)
         x0 = self.x0[indices] if self.x0 is not None else torch.zeros(0, *self.z.shape[1:])
-        return self.z[indices].to(self.device), labels, x0.to(self.device)
+        return (*self._pool(indices), x0.to(self.device))
+
+    def _pool(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(z, labels, ω) of pool entries, on the device."""
+        return tuple(None if t is None else t[indices].to(self.device) for t in (self.z, self.labels, self.omega))

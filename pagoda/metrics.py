@@ -365,11 +365,13 @@ def evaluate(generate: Generate, ref: str = "fashion-mnist", n: int = 10_000,
              batch: int = 64, split: str = "train", device: str | torch.device = "cpu",
              extractor: FeatureExtractor | None = None, max_ref_images: int | None = None,
              cache_dir: Path | None = None, kid_subsets: int = 100, with_precision_recall: bool = False,
-             progress: Callable[[str, int, int], None] | None = None, info: DistInfo | None = None) -> dict:
+             progress: Callable[[str, int, int], None] | None = None, info: DistInfo | None = None,
+             on_images: Callable[[int, torch.Tensor], None] | None = None) -> dict:
     """FID (and KID, precision/recall when the reference keeps features) of images 0 … n−1 of generate(i, b).
 
     Under torch.distributed (info) each rank scores a contiguous share of the n images (and of an uncached
-    reference); rank 0 gathers the features in order, computes the numbers and every rank returns them."""
+    reference); rank 0 gathers the features in order, computes the numbers and every rank returns them.
+    on_images(i, images) sees each of this rank's samples once, as generated (e.g. to score them otherwise too)."""
     start, info = time.perf_counter(), info or DistInfo()
     if n < 2:
         raise MetricsError(f"n={n}: FID needs at least 2 images; fix: pass n ≥ 2 (≥ 10000 for paper-like numbers)")
@@ -389,8 +391,13 @@ def evaluate(generate: Generate, ref: str = "fashion-mnist", n: int = 10_000,
     with torch.no_grad():
         pending = [generate(mine.start, min(batch, len(mine)))] if len(mine) else []
         resolution = (pending[0] if pending else generate(0, 1)).shape[-1]
-    fake = extractor.features_from_generator(lambda i, b: pending.pop() if pending else generate(i, b), len(mine),
-                                             batch, report("samples"), start=mine.start)
+
+    def sampled(i: int, b: int) -> torch.Tensor:  # the first batch from `pending`, each batch shown to on_images
+        images = pending.pop() if pending else generate(i, b)
+        on_images and on_images(i, images)
+        return images
+
+    fake = extractor.features_from_generator(sampled, len(mine), batch, report("samples"), start=mine.start)
     fake = gather_array(fake, info)
     stats = stats or dataset_reference(ref, resolution, extractor, split, max_ref_images, cache_dir,
                                        report("reference"), info)

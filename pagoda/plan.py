@@ -34,7 +34,7 @@ from pagoda.decoder import Generator
 from pagoda.encoder import LatentPairs
 from pagoda.grow import get_preset, plan_stages
 from pagoda.losses import DEFAULT_DISTANCE, LossConfigError, diff_augment, g_hinge_loss, make_distance
-from pagoda.stage import StageTrainer, build_discriminators, distance_name
+from pagoda.stage import StageTrainer, build_discriminators
 from pagoda.teacher import Denoiser, load_teacher
 from pagoda.train import TEACHER_PRESETS, TrainConfig
 from pagoda.unet import PRESETS as UNET_PRESETS, UNet, UNetConfig
@@ -105,7 +105,7 @@ def _distance_module(name: str, channels: int) -> torch.nn.Module:
                 x = torch.cat([fake, real]).expand(-1, 3, -1, -1)
                 return self.trunk(x).mean()
         return _Trunk()
-    return make_distance(name, channels).to("meta")
+    return make_distance(name, channels, pretrained=False).to("meta")
 
 
 def _meta_stage(cfg: TrainConfig, stage, g_cfg: UNetConfig, micro: int, distance: str) -> dict:
@@ -113,7 +113,7 @@ def _meta_stage(cfg: TrainConfig, stage, g_cfg: UNetConfig, micro: int, distance
     C, R0, ncls, augment = g_cfg.in_channels, g_cfg.resolution, g_cfg.num_classes, cfg.augment
     with torch.device("meta"):
         G = Generator(UNet(g_cfg))
-        Ds = [D for D in build_discriminators(cfg, stage, C, ncls) if D is not None]  # as StageTrainer builds them
+        Ds = [D for D in build_discriminators(stage, C, ncls, pretrained=False) if D is not None]  # as the stage does
     G.set_trainable(stage.activate_from)
     d = _distance_module(distance, C)
     out = {"G_params": sum(p.numel() for p in G.parameters()),
@@ -164,12 +164,12 @@ def _reduced_steps(cfg: TrainConfig, stages, t_cfg: UNetConfig, width: int | Non
     C, R0, ncls = t_cfg.in_channels, t_cfg.resolution, t_cfg.num_classes
     z = teacher.sigma_max * torch.randn(16, 2, C, R0, R0, generator=torch.Generator().manual_seed(1))  # 'latent cache'
     labels = torch.randint(0, ncls or 1, (16,), generator=torch.Generator().manual_seed(2))
-    rcfg = replace(cfg, distance=distance, accumulate=1)
+    rcfg = replace(cfg, accumulate=1)
     info, results, G = dist.DistInfo(device=device), [], None
     with tempfile.TemporaryDirectory(prefix="pagoda-dry-run-") as tmp:
         for k, stage in enumerate(stages):
             b = batch if width is not None else micro[k]
-            rstage = replace(stage, batch=max(1, b), adv_start=0,
+            rstage = replace(stage, batch=max(1, b), adv_start=0, distance=distance or stage.distance, d_continue=False,
                              grow_channels=width if (width is not None and stage.grow) else stage.grow_channels)
             res = {"batch": rstage.batch}
             if device.type == "cuda":
@@ -204,7 +204,7 @@ def dry_run(cfg: TrainConfig, ranks: int, width: int | None = None, steps: int =
     if ranks < 1:
         raise ValueError(f"--dry-run plans for at least 1 rank, got {ranks}: pass --gpus N (N >= 1)")
     t_cfg, t_source = teacher_config(cfg)
-    stages = plan_stages(t_cfg.resolution, cfg.res, cfg.preset)
+    stages = plan_stages(t_cfg.resolution, cfg.res, cfg.preset, cfg.discriminator, cfg.distance)
     data = data_facts(cfg, t_cfg)
     n_enc = get_preset(cfg.preset).encode_images if cfg.encode_images is None else cfg.encode_images
     n_enc = min(n_enc or data["images"], data["images"])  # 0 = all
@@ -212,7 +212,7 @@ def dry_run(cfg: TrainConfig, ranks: int, width: int | None = None, steps: int =
     A = cfg.accumulate
     try:  # LPIPS needs local weights; the reduced steps then use the default distance (said in the plan)
         for s in stages:
-            if distance_name(cfg, s) == "lpips":
+            if s.distance == "lpips":
                 make_distance("lpips")
         substitute = None
     except LossConfigError:
@@ -232,7 +232,7 @@ def dry_run(cfg: TrainConfig, ranks: int, width: int | None = None, steps: int =
         row = {"name": stage.name, "resolution": stage.resolution, "steps": stage.steps, "global_batch": stage.batch,
                "per_rank_batch": stage.batch // ranks if stage.batch % ranks == 0 else None, "micro_batch": m or None,
                "accumulate": A, "lr_G": stage.lr_G, "lr_D": stage.lr_D, "lam": stage.lam,
-               "distance": distance_name(cfg, stage)}
+               "distance": stage.distance, "discriminator": stage.discriminator}
         row.update(_meta_stage(cfg, stage, g_cfg, m, row["distance"]))
         row["total_bytes"] = row["activation_bytes"] + row["state_bytes"] + teacher_bytes
         row["fits"] = row["total_bytes"] <= gpu_memory_gib * 2**30

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 
 from pagoda.io import atomic_write_bytes
 from pagoda.loop import METRICS_FILE, TIMING_FILE
-from pagoda.rundir import RunDir, grid_name
+from pagoda.rundir import CONFIG_FILE, RunDir, grid_name
 
 matplotlib.use("Agg")  # headless: never opens a window
 
@@ -74,22 +74,30 @@ def _series(log: list[dict], key: str, max_points: int = 2000) -> tuple[list[int
 
 
 def plot_curves(teacher_log: list[dict], stage_logs: dict[str, list[dict]]) -> dict[str, bytes]:
-    """PNGs: 'losses' (teacher loss; per stage L_rec, L_adv and L_D) and 'weights' (per stage w and α)."""
+    """PNGs: 'losses' (teacher loss; per stage L_rec, L_adv and L_D with chance level 2, and the D margin on the
+    held-out batch) and 'weights' (per stage w and α)."""
     names, plots = list(stage_logs) or ["(no stage yet)"], {}
-    fig = Figure(figsize=(3.6 * (len(names) + 1), 5.4))
-    axes = fig.subplots(2, len(names) + 1, squeeze=False)
+    fig = Figure(figsize=(3.6 * (len(names) + 1), 8.1))
+    axes = fig.subplots(3, len(names) + 1, squeeze=False)
     s, v, sm = _series(teacher_log, "loss")
     axes[0][0].plot(s, v, alpha=0.3, color="C0")
     axes[0][0].plot(s, sm, color="C0")
     axes[0][0].set(title="teacher: EDM loss", xlabel="step", yscale="log" if v and min(v) > 0 else "linear")
     axes[1][0].axis("off")
+    axes[2][0].axis("off")
     for j, name in enumerate(names, start=1):
+        log = stage_logs.get(name, [])
         for row, key, label in [(0, "rec", "L_rec"), (1, "adv", "L_adv (G)"), (1, "d", "L_D")]:
-            s, v, sm = _series(stage_logs.get(name, []), key)
+            s, v, sm = _series(log, key)
             line, = axes[row][j].plot(s, sm, label=label)  # smoothed, over the raw values in the same colour
             axes[row][j].plot(s, v, alpha=0.25, color=line.get_color())
+        axes[1][j].axhline(2.0, color="grey", ls=":", lw=1, label="L_D at chance (2)")
+        probed = [r for r in log if "margin" in r]  # measured every few steps
+        axes[2][j].plot([r["step"] for r in probed], [r["margin"] for r in probed], color="C4", marker=".")
+        axes[2][j].axhline(0.0, color="grey", ls=":", lw=1)
         axes[0][j].set(title=f"{name}: reconstruction", xlabel="step")
         axes[1][j].set(title=f"{name}: adversarial", xlabel="step")
+        axes[2][j].set(title=f"{name}: D(real) − D(fake), held out", xlabel="step")
         axes[1][j].legend(fontsize=8)
     fig.tight_layout()
     plots["losses"] = _png(fig)
@@ -113,7 +121,7 @@ def collect(run_dir: Path) -> dict:
     run = RunDir(run_dir)
     load = lambda p: json.loads(p.read_text()) if p.is_file() else {}  # noqa: E731
     tdir, stages = run.teacher_dir, run.stages()
-    tcfg = load(tdir / "config.json").get("teacher", {})
+    tcfg = load(tdir / CONFIG_FILE).get("teacher", {})
     tlog = read_jsonl(tdir / METRICS_FILE)
     tgrids = sorted(tdir.glob(grid_name("*")))
     timings, t = [], load(tdir / TIMING_FILE)
@@ -158,7 +166,8 @@ def _tables(info: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
     timings = (["part", "steps", "seconds", "CPU seconds", "images/s", "source"],
                [[t["part"], _fmt(t.get("steps")), _fmt(t.get("seconds"), ".1f"), _fmt(t.get("cpu_seconds"), ".1f"),
                  _fmt(t.get("img_per_s"), ".1f"), t["source"]] for t in info["timings"]])
-    keys = ["name", "resolution", "steps", "batch", "lr_G", "lr_D", "lam", "activate_from", "fade_steps", "ema"]
+    keys = ["name", "resolution", "steps", "batch", "lr_G", "lr_D", "lam", "activate_from", "fade_steps", "ema",
+            "discriminator", "distance"]
     stages = (keys, [[_fmt(s.get(k)) for k in keys] for s in info["config"].get("stages", [])])
     return {"fid": fid, "timings": timings, "stages": stages}
 

@@ -22,6 +22,7 @@ from pagoda.io import ADM, GENERATOR, TEACHER, CheckpointError, open_checkpoint
 from pagoda.teacher import Denoiser, load_teacher
 
 TEACHER_FILE, GENERATOR_FILE, CHECKPOINT_FILE = "teacher.pt", "generator.pt", "checkpoint.pt"
+CONFIG_FILE = "config.json"  # RUN/config.json (every stage) and RUN/teacher/config.json (the teacher job)
 
 
 def stage_dir_name(res: int) -> str:
@@ -43,7 +44,7 @@ class RunDir:
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
 
-    config = property(lambda self: self.root / "config.json")
+    config = property(lambda self: self.root / CONFIG_FILE)
     teacher_dir = property(lambda self: self.root / "teacher")
     teacher = property(lambda self: self.root / "teacher" / TEACHER_FILE)
     latents = property(lambda self: self.root / "latents")

@@ -164,3 +164,12 @@ def sample(denoiser: Denoiser, z: Tensor, steps: int = 18, method: str = "heun",
     """x0 = PF-ODE solve from z ~ N(0, σ_max² I) on a Karras grid of `steps` points plus a final 0, in [−1, 1]."""
     sigmas = torch.cat([karras_sigmas(steps, sigma_min, sigma_max, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
     return solve(denoiser, z, sigmas, method, labels).clamp(-1, 1)
+
+
+def solver_steps(method: str, calls: int) -> int:
+    """Karras grid points (a final σ = 0 appended) on which `method` makes exactly `calls` denoiser calls (NFE)."""
+    steps = (calls + 1) // 2 if method == "heun" else calls  # Heun: 2(n−1) − 1 calls; Euler, DPM-Solver++: n − 1
+    if steps < 2 or nfe(method, torch.cat([karras_sigmas(steps), torch.zeros(1)])) != calls:
+        raise ValueError(f"{method} cannot take {calls} NFE; fix: heun takes odd NFE >= 3 (e.g. 35, 79), "
+                         f"euler and dpmpp_2m any NFE >= 2")
+    return steps

@@ -3,7 +3,9 @@
     G step:  L_G = L_rec + λ·w·L_adv  [+ β·L_dstl] [+ 0.5·w·L_adv,rec]   (rec on (x, z, y) from the cache;
              L_rec = d(G(E(x_lo), y), x_hi),  L_adv = −E D(G(z', y')),    adv on fresh z' ~ N(0, σ_max² I))
              w = ‖∇_W L_rec‖ / (‖∇_W L_adv‖ + 1e-4) clipped to [0.01, 10], W = G's last-layer weight
-    D step:  L_D = E relu(1 − D(x)) + E relu(1 + D(G(z')))              (separate real batch, DiffAugment)
+    D step:  L_D = E relu(1 − D(x)) + E relu(1 + D(G(z')))              (separate real batch, h-flipped with p = 0.5;
+             per-head hinge, mean over heads; the same DiffAugment draw for real sample i and fake sample i)
+    probe:   margin = E D(x) − E D(G(z')) on a fixed held-out batch, no augmentation (logged, not trained on)
 
 Randomness of step k is drawn from a generator seeded by (seed, stage, k): one *global* batch per step,
 identical on every rank, of which each rank takes its slice. Hence `--resume` is bit-exact and N ranks
@@ -12,6 +14,7 @@ images and latents of each step are read ahead by `data.loader` (worker processe
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,17 +24,20 @@ from torch import nn
 from pagoda import dist
 from pagoda.data import default_workers, downsample, loader, save_image_grid
 from pagoda.decoder import Generator
+from pagoda.discriminators import make_discriminator
 from pagoda.encoder import LatentPairs
 from pagoda.grow import StageConfig
 from pagoda.io import load_checkpoint, save_checkpoint
-from pagoda.losses import (DEFAULT_DISTANCE, TeacherSampleCache, adaptive_weight, d_hinge_loss, diff_augment,
-                           g_hinge_loss, make_discriminator, make_distance)
+from pagoda.losses import (TeacherSampleCache, adaptive_weight, d_hinge_loss, diff_augment, g_hinge_loss, make_distance,
+                           margin)
 from pagoda.loop import EMA, LoopSpec, check_finite, fixed_labels, run_loop, step_generator
 from pagoda.rundir import CHECKPOINT_FILE, GENERATOR_FILE, grid_name, stage_dir_name
 from pagoda.solvers import sample
-from pagoda.teacher import Denoiser
+from pagoda.teacher import Denoiser, guided
 
 DISTILL_POOL = 4096  # size of the fixed z pool whose teacher samples the distillation loss uses
+TEACHER_SAMPLES = "teacher-samples.pt"  # that pool's cache, in the run directory (shared by the stages)
+PROBE_BATCH, PROBE_EVERY = 64, 10  # the held-out batch of the D margin, and how often (steps) it is measured
 
 
 def _opt(name: str, params, lr: float, betas=(0.9, 0.999)):
@@ -39,20 +45,25 @@ def _opt(name: str, params, lr: float, betas=(0.9, 0.999)):
     return cls(params, lr=lr, betas=betas, weight_decay=0.0)
 
 
-def build_discriminators(cfg, stage: StageConfig, channels: int, num_classes: int | None
-                         ) -> tuple[nn.Module, nn.Module | None]:
-    """(D, D_recon) of a stage: the discriminator and the second one on reconstructions (official at 512, else
-    None). The one builder of the stage and of the dry-run plan."""
+def build_discriminators(stage: StageConfig, channels: int, num_classes: int | None, pretrained: bool = True,
+                         resolution: int | None = None) -> tuple[nn.Module, nn.Module | None]:
+    """(D, D_recon) of a stage (at `resolution`, default the stage's): the discriminator and the second one on
+    reconstructions (official at 512, else None). The one builder of the stage and of the dry-run plan."""
     def make_D():
-        return make_discriminator(cfg.discriminator, resolution=stage.resolution, channels=channels,
-                                  num_classes=num_classes, width=stage.d_channels)
+        return make_discriminator(stage.discriminator, resolution or stage.resolution, channels, num_classes,
+                                  stage.d_channels, stage.d_input, pretrained)
     D_recon = make_D() if stage.rec_disc_weight > 0 else None
     return make_D(), D_recon
 
 
-def distance_name(cfg, stage: StageConfig) -> str:
-    """The reconstruction distance d of a stage: --distance, else the preset's, else losses.DEFAULT_DISTANCE."""
-    return cfg.distance or stage.distance or DEFAULT_DISTANCE
+def continued_discriminators(stage: StageConfig, channels: int, num_classes: int | None, prev_ckpt: Path
+                             ) -> tuple[nn.Module, nn.Module | None]:
+    """D continuity: the previous stage's final discriminator(s) (its checkpoint), grown to this stage."""
+    Ds = build_discriminators(stage, channels, num_classes, resolution=stage.resolution // 2)
+    states = load_checkpoint(prev_ckpt)["D"]
+    for D, sd in zip([D for D in Ds if D is not None], states):
+        D.load_state_dict(sd)
+    return tuple(None if D is None else D.grow() for D in Ds)
 
 
 @dataclass
@@ -63,10 +74,11 @@ class Draws:
     flips: torch.Tensor  # (B,) bool: use the h-flipped image and latent
     z_fresh: torch.Tensor  # (B, C, R0, R0) fresh z' for L_adv
     y_fresh: torch.Tensor | None  # (B,) their labels
+    w_fresh: torch.Tensor | None  # (B,) their guidance scales ω' ~ U[1, ω_max] (None: an unguided G)
     aug_seed: int  # DiffAugment seed of this step
     pool: torch.Tensor  # (B,) distillation-pool indices
-    d_batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]  # per D step: real
-    # entries, reconstruction-D entries, fresh z', their labels
+    d_batches: list[tuple]  # per D step: real entries, reconstruction-D entries, fresh z', their labels, their ω',
+    # real h-flips
 
 
 class StageTrainer:
@@ -79,8 +91,9 @@ class StageTrainer:
         self.entries = len(pairs.indices)
         torch.manual_seed(step_generator(cfg.seed, 1000 + k).initial_seed())  # fresh blocks and D: f(seed, stage)
         # G: stage 2 copies the teacher network; stage 3 grows the previous stage's EMA generator.
+        self.guidance_max = cfg.guidance_max if cfg.guidance_max > 1 else 0.0  # ω-conditioned G (PaGoDA §guidance)
         if not stage.grow:
-            G = Generator.from_teacher(teacher)
+            G = Generator.from_teacher(teacher, guidance=bool(self.guidance_max))
         else:
             if G_prev is None:
                 G_prev = Generator.from_checkpoint(self.sdir.parent / stage_dir_name(stage.resolution // 2) / GENERATOR_FILE)
@@ -90,21 +103,32 @@ class StageTrainer:
         self.params_G = [p for p in self.G.parameters() if p.requires_grad]
         C, R, ncls = self.G.channels, stage.resolution, self.G.unet.config.num_classes
         self.C, self.R, self.ncls = C, R, ncls
-        D, D_recon = build_discriminators(cfg, stage, C, ncls)
+        prev_ckpt = self.sdir.parent / stage_dir_name(stage.resolution // 2) / CHECKPOINT_FILE
+        if stage.d_continue and not prev_ckpt.is_file():
+            warnings.warn(f"{prev_ckpt} is missing: {self.sdir.name} starts a fresh discriminator", stacklevel=2)
+        D, D_recon = (continued_discriminators(stage, C, ncls, prev_ckpt) if stage.d_continue and prev_ckpt.is_file()
+                      else build_discriminators(stage, C, ncls))
         self.D, self.D_recon = D.to(self.dev), D_recon and D_recon.to(self.dev)
-        self.distance = make_distance(distance_name(cfg, stage), C).to(self.dev)
+        self.distance = make_distance(stage.distance, C, stage.d_input).to(self.dev)
         self.opt_G = _opt(stage.optimizer, self.params_G, stage.lr_G)
         self.Ds = [self.D] + ([self.D_recon] if self.D_recon is not None else [])
-        self.opt_D = _opt(stage.optimizer, [p for D in self.Ds for p in D.parameters()], stage.lr_D, betas=(0.0, 0.99))
+        self.params_D = [p for D in self.Ds for p in D.parameters() if p.requires_grad]  # not a frozen backbone
+        self.opt_D = _opt(stage.optimizer, self.params_D, stage.lr_D, betas=(0.0, 0.99))
         self.ema, self.step = EMA(self.G, stage.ema), 0
         self.rng = lambda *keys: step_generator(cfg.seed, 1000 + k, *keys)
-        self.cache = None  # distillation: teacher ODE samples for a fixed z pool, computed once, kept on disk
-        if cfg.distill > 0:
+        # Distillation: guided teacher ODE samples (Heun 35 NFE; ω = 1: plain) for a fixed pool of (z, y, ω), computed
+        # once and kept on disk for every stage. On with --distill β, and always with --guidance-max (β = 1 if unset).
+        self.distill = cfg.distill or (1.0 if self.guidance_max else 0.0)
+        self.cache = None
+        if self.distill > 0:
             t_res = self.G.base_resolution
-            self.cache = TeacherSampleCache(
-                lambda z, y: sample(teacher, z, 18, "heun", y, teacher.sigma_min, teacher.sigma_max), DISTILL_POOL,
-                (C, t_res, t_res), ncls, sigma_max=self.G.sigma_max, seed=cfg.seed,
-                path=self.sdir / "teacher-samples.pt", device=self.dev)
+
+            def teacher_ode(z, y, omega):  # D_ω = D(x,σ,∅) + ω (D(x,σ,y) − D(x,σ,∅)), one batched call per step
+                D = teacher if omega is None else guided(teacher, omega)
+                return sample(D, z, 18, "heun", y, teacher.sigma_min, teacher.sigma_max)
+            self.cache = TeacherSampleCache(teacher_ode, DISTILL_POOL, (C, t_res, t_res), ncls, self.G.sigma_max,
+                                            seed=cfg.seed, path=self.sdir.parent / TEACHER_SAMPLES, device=self.dev,
+                                            guidance_max=self.guidance_max or 1.0)
         W, A = info.world_size, cfg.accumulate
         if stage.batch % (W * A):
             raise ValueError(f"global batch {stage.batch} of {self.sdir.name} is not divisible by ranks {W} x "
@@ -113,6 +137,7 @@ class StageTrainer:
         self.amp = (torch.autocast("cuda", dtype=torch.bfloat16) if self.dev.type == "cuda"
                     else torch.autocast("cpu", enabled=False))
         self.batches = None  # the data loader, started by run() (or the first train_step) at self.step
+        self._probe = None  # the held-out batch of probe(), read on first use
 
     # ---- state -------------------------------------------------------------------------------------
     @property
@@ -148,24 +173,27 @@ class StageTrainer:
 
     # ---- randomness and data -----------------------------------------------------------------------
     def _fresh(self, g: torch.Generator, n: int):
+        """Fresh (z', y', ω') for the adversarial terms; ω' only for an ω-conditioned G (else None, nothing drawn)."""
         z = self.G.sigma_max * torch.randn(n, self.C, self.G.base_resolution, self.G.base_resolution, generator=g)
         y = torch.randint(0, self.ncls, (n,), generator=g) if self.ncls else None
-        return z, y
+        w = 1 + (self.guidance_max - 1) * torch.rand(n, generator=g) if self.guidance_max else None
+        return z, y, w
 
     def draws(self, step: int) -> Draws:
         """The random draws of step k, from generators seeded by (seed, stage, k[, D step j + 1])."""
         st, N = self.stage, self.entries
         g = self.rng(step)
         entries, flips = torch.randint(0, N, (st.batch,), generator=g), torch.rand(st.batch, generator=g) < 0.5
-        z_fresh, y_fresh = self._fresh(g, st.batch)
+        z_fresh, y_fresh, w_fresh = self._fresh(g, st.batch)
         aug_seed = int(torch.randint(0, 2**62, (1,), generator=g))
         pool = torch.randint(0, DISTILL_POOL, (st.batch,), generator=g)
         d_batches = []
         for j in range(st.d_steps_per_g):
             gj = self.rng(step, j + 1)
             real, recon = torch.randint(0, N, (st.batch,), generator=gj), torch.randint(0, N, (st.batch,), generator=gj)
-            d_batches.append((real, recon, *self._fresh(gj, st.batch)))
-        return Draws(entries, flips, z_fresh, y_fresh, aug_seed, pool, d_batches)
+            z_d, y_d, w_d = self._fresh(gj, st.batch)
+            d_batches.append((real, recon, z_d, y_d, w_d, torch.rand(st.batch, generator=gj) < 0.5))
+        return Draws(entries, flips, z_fresh, y_fresh, w_fresh, aug_seed, pool, d_batches)
 
     def _slices(self) -> list[slice]:
         """This rank's micro-batches: slices of the global batch."""
@@ -177,8 +205,8 @@ class StageTrainer:
         real batch of each D step (and the reconstruction-D batch), each as this rank's slices."""
         d, mine = self.draws(step), self._slices()
         groups = [2 * d.entries + d.flips.long()]
-        for real, recon, _, _ in d.d_batches if self.adv_on(step) else []:
-            groups += [2 * real] + ([2 * recon] if self.D_recon is not None else [])
+        for real, recon, _, _, _, flips in d.d_batches if self.adv_on(step) else []:
+            groups += [2 * real + flips.long()] + ([2 * recon] if self.D_recon is not None else [])
         return torch.cat([grp[sl] for grp in groups for sl in mine])
 
     def adv_on(self, step: int) -> bool:
@@ -205,21 +233,21 @@ class StageTrainer:
         augmentation however the batch is split over ranks and accumulation steps."""
         if not self.cfg.augment:
             return x
-        return torch.cat([diff_augment(x[i:i + 1], self.cfg.augment, step_generator(seed, first + i))
-                          for i in range(len(x))])
+        return diff_augment(x, self.cfg.augment, [step_generator(seed, first + i) for i in range(len(x))])
 
     # ---- one step ----------------------------------------------------------------------------------
-    def _adv(self, z_f, y_f, x_rec, y, aug_seed: int, first: int) -> torch.Tensor:
-        """L_adv = −E D(G(z', y')) on fresh z' (not the reconstruction) [+ the reconstruction D's term]."""
+    def _adv(self, z_f, y_f, w_f, x_rec, y, aug_seed: int, first: int) -> torch.Tensor:
+        """L_adv = −E D(G(z', y'[, ω'])) on fresh z' (not the reconstruction) [+ the reconstruction D's term]."""
         with self.amp:
-            adv = g_hinge_loss(self.D(self._aug(self.G(z_f, y_f).float(), aug_seed, first), y_f))
+            adv = g_hinge_loss(self.D(self._aug(self.G(z_f, y_f, w_f).float(), aug_seed, first), y_f))
             if self.D_recon is not None:  # official 512 px: a 2nd discriminator judges reconstructions
                 adv = adv + self.stage.rec_disc_weight * g_hinge_loss(self.D_recon(self._aug(x_rec, aug_seed + 7, first), y))
         return adv
 
     def _weight(self, rec, adv) -> torch.Tensor:
         """Adaptive weight w from ∇_W of both losses, averaged over ranks (so w is the global batch's)."""
-        return adaptive_weight(rec, adv, self.G.last_layer_weight, reduce=lambda g: dist.all_reduce_mean_(g, self.info))
+        return adaptive_weight(rec, adv, self.G.last_layer_weight, max=self.stage.w_max,
+                               reduce=lambda g: dist.all_reduce_mean_(g, self.info))
 
     def train_step(self) -> dict[str, float]:
         """One G step and d_steps_per_g D steps on the global batch of this step."""
@@ -238,24 +266,24 @@ class StageTrainer:
         split = st.split_g_step and adv_on  # official 256/512 px: the rec and the adv updates are separate steps
         later = []  # (slice, z, y, w) of each micro-batch, for the adversarial pass of a split step
         for sl, (x_hi, z, y) in zip(self._slices(), g_parts):
-            z_f, y_f = d.z_fresh[sl].to(dev), None if d.y_fresh is None else d.y_fresh[sl].to(dev)
+            z_f, y_f, w_f = (None if t is None else t[sl].to(dev) for t in (d.z_fresh, d.y_fresh, d.w_fresh))
             with self.amp:
                 x_rec = self.G(z, y).float()
                 rec = self.distance(x_rec, x_hi).mean()  # L_rec = d(G(E(x_lo), y), x_hi)
-                if self.cache is not None:  # L_dstl = d(↓G(z), ODE_teacher(z)) at the teacher resolution
-                    zc, yc, x0 = self.cache.get(d.pool[sl])
-                    out = self.G(zc.to(dev), None if yc is None else yc.to(dev)).float()
-                    rec = rec + self.cfg.distill * self.distance(downsample(out, x0.shape[-1]), x0.to(dev)).mean()
+                if self.cache is not None:  # L_dstl = d(↓G(z, y, ω), ODE_teacher,ω(z, y)) at the teacher resolution
+                    zc, yc, wc, x0 = self.cache.get(d.pool[sl])
+                    out = self.G(zc, yc, wc).float()
+                    rec = rec + self.distill * self.distance(downsample(out, x0.shape[-1]), x0).mean()
             if not adv_on:
                 loss, adv, w = rec, torch.zeros(()), torch.zeros(())
             else:
-                adv = self._adv(z_f, y_f, x_rec, y, d.aug_seed, sl.start)
+                adv = self._adv(z_f, y_f, w_f, x_rec, y, d.aug_seed, sl.start)
                 w = self._weight(rec, adv)
                 loss = rec + st.lam * w * adv
             check_finite(step, rec=rec.item(), adv=adv.item())
             if split:
                 (rec / self.A).backward()
-                later.append((sl, z, y, w, z_f, y_f))
+                later.append((sl, z, y, w, z_f, y_f, w_f))
             else:
                 (loss / self.A).backward()
             stats["rec"] += rec.item() / self.A
@@ -263,19 +291,21 @@ class StageTrainer:
             stats["w"] += w.item() / self.A
         if split:  # one rec update on the whole global batch, then the adversarial term through the new weights
             self._step_G()
-            for sl, z, y, w, z_f, y_f in later:
+            for sl, z, y, w, z_f, y_f, w_f in later:
                 with self.amp:
                     x_rec = self.G(z, y).float() if self.D_recon is not None else None
-                    (st.lam * w * self._adv(z_f, y_f, x_rec, y, d.aug_seed, sl.start) / self.A).backward()
+                    (st.lam * w * self._adv(z_f, y_f, w_f, x_rec, y, d.aug_seed, sl.start) / self.A).backward()
         self._step_G()
         # ---- D steps, each on a separate real batch
         if adv_on:
             per_step = len(d_parts) // st.d_steps_per_g
-            for j, (_, _, z_d, y_d) in enumerate(d.d_batches):
+            for j, (_, _, z_d, y_d, w_d, _) in enumerate(d.d_batches):
                 parts = d_parts[j * per_step:(j + 1) * per_step]
-                stats["d"] += self.d_step(parts, z_d, y_d, d.aug_seed + 100 * (j + 1)) / st.d_steps_per_g
+                stats["d"] += self.d_step(parts, z_d, y_d, w_d, d.aug_seed + 100 * (j + 1)) / st.d_steps_per_g
         self.ema.update(self.G)
         self.step += 1
+        if self.step % PROBE_EVERY == 0 or self.step == st.steps:
+            stats["margin"] = self.probe()
         return stats
 
     def _step_G(self) -> None:
@@ -284,19 +314,20 @@ class StageTrainer:
             self.opt_G.step()
             self.opt_G.zero_grad(set_to_none=True)
 
-    def d_step(self, parts, z_d: torch.Tensor, y_d: torch.Tensor | None, aug_seed: int) -> float:
-        """L_D = E relu(1 − D(x)) + E relu(1 + D(G(z'))) [+ the same for D_recon on reconstructions]."""
+    def d_step(self, parts, z_d: torch.Tensor, y_d: torch.Tensor | None, w_d: torch.Tensor | None, aug_seed: int
+               ) -> float:
+        """L_D = E relu(1 − D(x)) + E relu(1 + D(G(z'[, ω']))) [+ the same for D_recon on reconstructions]."""
         dev, A = self.dev, self.A
         reals, recons = (parts[:A], parts[A:]) if self.D_recon is not None else (parts, [None] * A)
         self.opt_D.zero_grad(set_to_none=True)
         total = 0.0
         for sl, (x_r, _, y_r), recon in zip(self._slices(), reals, recons):
-            yd = None if y_d is None else y_d[sl].to(dev)
+            yd, wd = (None if t is None else t[sl].to(dev) for t in (y_d, w_d))
             with torch.no_grad(), self.amp:
-                fake = self.G(z_d[sl].to(dev), yd).float()
-            with self.amp:
+                fake = self.G(z_d[sl].to(dev), yd, wd).float()
+            with self.amp:  # real sample i and fake sample i get the same DiffAugment draw (as the official code)
                 loss = d_hinge_loss(self.D(self._aug(x_r, aug_seed, sl.start), y_r),
-                                    self.D(self._aug(fake, aug_seed + 1, sl.start), yd))
+                                    self.D(self._aug(fake, aug_seed, sl.start), yd))
                 if recon is not None:  # reconstructions of another real batch vs that batch
                     x_hi, z, y = recon
                     with torch.no_grad():
@@ -306,9 +337,36 @@ class StageTrainer:
             check_finite(self.step, d=loss.item())
             (loss / A).backward()
             total += loss.item() / A
-        dist.average_gradients([p for D in self.Ds for p in D.parameters()], self.info)
+        dist.average_gradients(self.params_D, self.info)
         self.opt_D.step()
         return total
+
+    def _probe_batch(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        """A fixed held-out batch: real images of the data set outside the latent cache (the cache itself if it
+        holds the whole data set) with their labels, and fixed fresh z' with labels."""
+        images, cached = self.pairs.images, set(self.pairs.indices.tolist())
+        g = step_generator(self.cfg.seed, 98)
+        order = torch.randperm(len(images), generator=g).tolist()
+        held = [i for i in order if i not in cached][:PROBE_BATCH] or order[:PROBE_BATCH]
+        x, y = next(loader(images, [held], 0))
+        z, y_f, _ = self._fresh(g, len(held))
+        dev = self.dev
+        return x.to(dev), (y.to(dev) if self.ncls else None), z.to(dev), (None if y_f is None else y_f.to(dev))
+
+    @torch.no_grad()
+    def probe(self) -> float:
+        """margin = E D(x) − E D(G(z')) on the held-out batch, no augmentation, D and G in eval mode."""
+        if self._probe is None:
+            self._probe = self._probe_batch()
+        x, y, z, y_f = self._probe
+        for m in (self.G, *self.Ds):
+            m.eval()
+        try:
+            with self.amp:
+                return margin(self.D(x, y), self.D(self.G(z, y_f).float(), y_f))
+        finally:
+            for m in (self.G, *self.Ds):
+                m.train()
 
     # ---- the loop ----------------------------------------------------------------------------------
     def grid(self, tag: str | int) -> None:

@@ -103,17 +103,19 @@ def edm_loss(denoiser: Denoiser, x: torch.Tensor, labels: torch.Tensor | None = 
     return weight * ((D_x - x) ** 2).flatten(1).mean(1)
 
 
-def guided(denoiser: Denoiser, scale: float):
-    """Classifier-free guidance: D_w = D(x, σ, ∅) + w (D(x, σ, y) − D(x, σ, ∅)); returns a denoiser callable."""
+def guided(denoiser: Denoiser, scale: float | torch.Tensor):
+    """Classifier-free guidance: D_ω = D(x, σ, ∅) + ω (D(x, σ, y) − D(x, σ, ∅)), one batched call (cond and uncond
+    stacked); ω a float or one per sample (B,). Returns a denoiser callable; ω = 1 is the plain conditional model."""
     num_classes = denoiser.unet.config.num_classes
 
     def D(x, sigma, labels=None):
-        if labels is None or num_classes is None or scale == 1.0:
+        if labels is None or num_classes is None or (not torch.is_tensor(scale) and scale == 1.0):
             return denoiser(x, sigma, labels)
         y = torch.nn.functional.one_hot(labels.long(), num_classes).float() if not labels.dtype.is_floating_point else labels
         both = denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([y, torch.zeros_like(y)]))
         cond, uncond = both.chunk(2)
-        return uncond + scale * (cond - uncond)
+        w = scale.to(x.device).view(-1, *[1] * (x.ndim - 1)) if torch.is_tensor(scale) else scale
+        return uncond + w * (cond - uncond)
 
     return D
 

@@ -22,7 +22,7 @@ from pagoda.encoder import Encoder, LatentPairs, LatentStore, build_latent_cache
 from pagoda.grow import get_preset, plan_stages
 from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
 from pagoda.loop import EMA, LoopSpec, TIMING_FILE, check_finite, fixed_labels, progress_bar, run_loop, step_generator
-from pagoda.rundir import CHECKPOINT_FILE, GENERATOR_FILE, TEACHER_FILE, RunDir, grid_name, is_finished
+from pagoda.rundir import CHECKPOINT_FILE, CONFIG_FILE, GENERATOR_FILE, TEACHER_FILE, RunDir, grid_name, is_finished
 from pagoda.solvers import sample
 from pagoda.stage import StageTrainer
 from pagoda.teacher import Denoiser, edm_loss, load_teacher, teacher_checkpoint
@@ -81,7 +81,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, progress: bool = True, de
             raise CheckpointError(f"{ckpt_path} was trained with another config; use another --out or delete it")
         D.load_state_dict(ck["model"]), ema.module.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
         step = ck["step"]
-    save_json({"teacher": asdict(cfg), "unet": unet_cfg.to_dict()}, out / "config.json")
+    save_json({"teacher": asdict(cfg), "unet": unet_cfg.to_dict()}, out / CONFIG_FILE)
     n_grid = 10 * (ncls or 10) if ncls else 64
     zg = D.sigma_max * torch.randn(n_grid, data.channels, cfg.resolution, cfg.resolution,
                                    generator=step_generator(cfg.seed, 7))
@@ -144,10 +144,11 @@ class TrainConfig:
     encode_images: int | None = None  # data-set images to encode (each also flipped); None = preset's, 0 = all
     encode_steps: int | None = None  # encoder Karras grid points; None = preset's (paper: 40 -> 78 NFE, Heun)
     encode_method: str = "heun"
-    distance: str | None = None  # reconstruction distance (None = the preset's / losses.DEFAULT_DISTANCE)
-    discriminator: str = "multiscale"  # 'multiscale' (offline default) or 'projected' (needs weights)
+    distance: str | None = None  # reconstruction distance (pagoda.losses); None = the preset's
+    discriminator: str | None = None  # 'projected' (frozen EfficientNet-Lite0) or 'multiscale'; None = the preset's
     augment: str = "color,translation,cutout"  # DiffAugment policy for D inputs ('' = none)
-    distill: float = 0.0  # weight of the distillation loss d(G(z), ODE_teacher(z)) (paper's ablation)
+    distill: float = 0.0  # weight β of the distillation loss d(G(z), ODE_teacher(z)) (paper's ablation; 0 = off)
+    guidance_max: float = 0.0  # > 1: ω-conditioned G(z, y, ω), distilled from the guided teacher for ω ~ U[1, ω_max]
     ckpt_every: int = 100  # resumable checkpoint every N steps
     grid_every: int = 0  # extra grids every N steps (0 = only at the end of a stage)
     seed: int = 0
@@ -173,7 +174,7 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
         dist.barrier(info)
     teacher = load_teacher(teacher_path, info.device)
     t_res = teacher.resolution
-    stages = plan_stages(t_res, cfg.res, cfg.preset)
+    stages = plan_stages(t_res, cfg.res, cfg.preset, cfg.discriminator, cfg.distance)
     data = make_dataset(cfg.data, cfg.res, channels=teacher.channels)
     if data.channels != teacher.channels:
         raise ValueError(f"the data has {data.channels} channels but the teacher {teacher.channels}: pass matching --data")

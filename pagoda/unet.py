@@ -3,8 +3,10 @@
 Parameter names and shapes follow guided-diffusion's `UNetModel` exactly (`time_embed`, `label_emb`,
 `input_blocks`, `middle_block`, `output_blocks`, `out`), so the public `edm_imagenet64_ema.pt`
 teacher (preset `imagenet64`) loads with `load_state_dict(strict=True)`. PaGoDA's growth (paper §3.3)
-appends, per doubling, one up-sampling res block + `grow_res_blocks` res blocks after the trunk's
-output blocks, continuing the `output_blocks.N` numbering, before the shared `out` head.
+appends, per doubling, one up-sampling block + `grow_res_blocks` res blocks after the trunk's output
+blocks, continuing the `output_blocks.N` numbering, before the shared `out` head. The up-sampling block is
+the trunk's own kind, as in sony/pagoda: a `ResBlock(up=True)` when `resblock_updown`, else `Upsample`
+(nearest ×2, then a 3×3 conv to the growth width: state-dict names `output_blocks.N.0.conv.*`).
 
 The network is called `unet(x, noise_labels, class_labels)`; noise_labels = c_noise(σ) is the caller's
 business (see `pagoda.teacher`). This file knows nothing of noise schedules or losses.
@@ -39,6 +41,7 @@ class UNetConfig:
     grow_channels: tuple[int, ...] = ()  # width of each appended doubling; empty for a teacher
     grow_res_blocks: int = 2  # plain res blocks after the up-sampling block, per doubling
     grow_scale_shift_norm: bool = False  # scale-shift norm in growth blocks (official: no)
+    guidance_embed: bool = False  # ω-conditioning (PaGoDA's guided one-step G): an embedding of the guidance scale ω
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
@@ -240,6 +243,9 @@ class UNet(nn.Module):
         self.time_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), nn.Linear(ted, ted))
         if cfg.num_classes is not None:
             self.label_emb = nn.Embedding(cfg.num_classes, ted)
+        if cfg.guidance_embed:  # ω enters like c_noise: sinusoidal embedding of 250·ln ω, MLP, added to the time embedding;
+            # the last layer starts at zero, so a network grown this way computes what it did for every ω
+            self.guidance_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), zero_module(nn.Linear(ted, ted)))
         res_kw = dict(emb_channels=ted, dropout=cfg.dropout, use_scale_shift_norm=cfg.use_scale_shift_norm)
 
         def attn(ch):
@@ -280,20 +286,23 @@ class UNet(nn.Module):
                     res *= 2
                 self.output_blocks.append(EmbedSequential(*layers))
         self.num_trunk_output_blocks = len(self.output_blocks)
-        # PaGoDA growth: per doubling, 1 up-sampling res block + grow_res_blocks res blocks (no skips, no attention).
+        # PaGoDA growth: per doubling, 1 up-sampling block + grow_res_blocks res blocks (no skips, no attention).
         grow_kw = dict(emb_channels=ted, dropout=cfg.dropout, use_scale_shift_norm=cfg.grow_scale_shift_norm)
         self.grow_slices: list[tuple[int, int]] = []  # [start, end) indices into output_blocks per doubling
         for gch in cfg.grow_channels:
             start = len(self.output_blocks)
-            self.output_blocks.append(EmbedSequential(ResBlock(ch, out_channels=gch, up=True, **grow_kw)))
+            up = ResBlock(ch, out_channels=gch, up=True, **grow_kw) if cfg.resblock_updown else Upsample(ch, True, gch)
+            self.output_blocks.append(EmbedSequential(up))
             ch = gch
             for _ in range(cfg.grow_res_blocks):
                 self.output_blocks.append(EmbedSequential(ResBlock(ch, **grow_kw)))
             self.grow_slices.append((start, len(self.output_blocks)))
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), zero_module(nn.Conv2d(ch, cfg.out_channels, 3, padding=1)))
 
-    def embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """Time embedding of c_noise(σ) plus the class embedding (labels: int (B,), or weights (B, classes))."""
+    def embed(self, noise_labels: torch.Tensor, class_labels: torch.Tensor | None, batch: int,
+              guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """Time embedding of c_noise(σ) plus the class embedding (labels: int (B,), or weights (B, classes)) plus, with
+        `guidance_embed`, the embedding of the guidance scale ω (B,) (None = ω = 1, the unguided model)."""
         noise_labels = torch.as_tensor(noise_labels, device=self.time_embed[0].weight.device)
         if noise_labels.ndim == 0:
             noise_labels = noise_labels.expand(batch)
@@ -305,14 +314,20 @@ class UNet(nn.Module):
                 if class_labels.min() < 0 or class_labels.max() >= self.config.num_classes:
                     raise ValueError(f"class labels must lie in [0, {self.config.num_classes}), got {class_labels.tolist()}")
                 emb = emb + self.label_emb(class_labels)
+        if self.config.guidance_embed:  # None = ω = 1 (the unguided model)
+            w = torch.as_tensor(1.0 if guidance is None else guidance, dtype=torch.float32, device=emb.device).expand(batch)
+            emb = emb + self.guidance_embed(timestep_embedding(250.0 * torch.log(w), self.config.model_channels).to(emb.dtype))
+        elif guidance is not None:
+            raise ValueError("this network has no guidance embedding: train it with --guidance-max, or drop --guidance")
         return emb
 
-    def features(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None):
+    def features(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
+                 guidance: torch.Tensor | None = None):
         """Feature maps before the head: [trunk output, after doubling 1, after doubling 2, ...] and the embedding."""
         cfg = self.config
         if x.shape[1] != cfg.in_channels or x.shape[-1] != cfg.resolution or x.shape[-2] != cfg.resolution:
             raise ValueError(f"UNet expects (B, {cfg.in_channels}, {cfg.resolution}, {cfg.resolution}) input, got {tuple(x.shape)}")
-        emb = self.embed(noise_labels, class_labels, x.shape[0])
+        emb = self.embed(noise_labels, class_labels, x.shape[0], guidance)
         h, skips = x.type(self.out[2].weight.dtype), []
         for block in self.input_blocks:
             h = block(h, emb)
@@ -327,6 +342,7 @@ class UNet(nn.Module):
             feats.append(h)
         return feats, emb
 
-    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        feats, _ = self.features(x, noise_labels, class_labels)
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
+        feats, _ = self.features(x, noise_labels, class_labels, guidance)
         return self.out(feats[-1])

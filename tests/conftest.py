@@ -37,7 +37,7 @@ def toy_configs():
     teacher = replace(TEACHER_PRESETS["tiny"], steps=200, batch=32, lr=6e-3, ema=0.95, grid_every=200,
                       ckpt_every=200, sample_steps=6)
     grow = replace(PRESETS["tiny"], name="toy", steps=(40, 20), batch=(8,), lr_G=2e-3, lr_D=1e-3,
-                   fade_steps=(0, 10), optimizer="adam", adv_start=10, encode_images=64, encode_steps=10)
+                   fade_steps=(0, 10), optimizer="adam", adv_start=(10,), encode_images=64, encode_steps=10)
     return teacher, grow
 
 

@@ -16,36 +16,13 @@ import skimage.data
 import torch
 from PIL import Image
 from typer.main import get_command
-from typer.testing import CliRunner
 
 from pagoda.cli import app
 from pagoda.data import downsample, load_fashion_mnist, load_image, make_dataset, tensor_to_pil
 from pagoda.encoder import Encoder, psnr
 from pagoda.teacher import load_teacher
 
-from helpers import read_cache
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def ok(result) -> str:
-    assert result.exit_code == 0, f"exit {result.exit_code}: {result.output}"
-    return result.output
-
-
-def one_line_error(result, *needles: str) -> str:
-    """Exit code 2 and exactly one printed line, `error: ...`, that names the problem."""
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output and len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
+from helpers import invoke, ok, one_line_error, read_cache
 
 def png(path) -> np.ndarray:
     """A grayscale PNG as a float array in [-1, 1] (the writers' 8-bit mapping inverted)."""
@@ -90,6 +67,14 @@ COMMANDS = list(_commands(get_command(app)))
 def test_all_commands_are_listed():
     names = {" ".join(c) for c in COMMANDS}
     assert {"train", "sample", "invert", "encode", "teacher train", "teacher sample"} <= names
+
+
+def test_export_and_control_commands_are_listed():
+    assert {"superres", "edit", "interpolate", "inpaint"} <= {" ".join(c) for c in COMMANDS}
+    for command in (["sample"], ["teacher", "sample"]):
+        out = ok(invoke(*command, "--help"))
+        assert all(flag in out for flag in ("--outdir", "--npz", "--batch", "--rgb")), out
+        assert "grey images have C = 1" in re.sub(r"[│\s]+", " ", out), out  # help text rewrapped in a box
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=" ".join)

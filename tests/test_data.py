@@ -460,6 +460,37 @@ def test_dataloader_two_workers(tmp_path):
         assert torch.equal(images[-1], ds[len(ds) - 1][0])
 
 
+def test_step_loader_same_batches_in_order_for_any_workers(tmp_path):
+    """data.loader: the batches of the given index lists, in that order, whether 0 or 2 processes decode them (so a
+    run and its resume do not depend on --workers); in-memory data gathers each batch at once."""
+    folder = D.make_dataset(_folder(tmp_path / "imgs"), 8)
+    steps = [[3, 0, 0], [1, 2], [2, 3, 1, 0]]
+    ref = [(torch.stack([folder[i][0] for i in b]), torch.tensor([folder.labels[i] for i in b])) for b in steps]
+    for workers in (0, 2):
+        got = list(D.loader(folder, iter(steps), workers))
+        assert len(got) == 3 and all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(got, ref))
+    fm = D.make_dataset("fashion-mnist", 16)
+    assert D.default_workers(fm) == 0 and D.default_workers(folder, ranks=1) >= 1
+    x, y = next(D.loader(fm, [[5, 7]], 0))
+    assert torch.equal(x, fm.images[[5, 7]]) and torch.equal(y, fm.labels[[5, 7]])
+    with pytest.raises(ValueError, match="workers"):
+        D.loader(fm, [[0]], -1)
+
+
+def test_latent_pairs_flip_image_and_latent_together():
+    """LatentPairs key 2e + f: the stage-resolution image of entry e (h-flipped when f = 1), latent z[e, f], label."""
+    from pagoda.encoder import LatentPairs
+    fm = D.make_dataset("fashion-mnist", 16)
+    z, idx, labels = torch.randn(4, 2, 1, 8, 8), torch.tensor([10, 3, 7, 0]), torch.tensor([1, 2, 3, 4])
+    pairs = LatentPairs(z, idx, labels, fm)
+    keys = torch.tensor([0, 3, 5, 5, 6])
+    x, zz, y = pairs.batch(keys)
+    assert torch.equal(x[0], fm.images[10]) and torch.equal(x[1], fm.images[3].flip(-1)) and torch.equal(x[3], x[2])
+    assert torch.equal(zz[1], z[1, 1]) and torch.equal(zz[4], z[3, 0]) and y.tolist() == [1, 2, 3, 3, 4]
+    item = pairs[3]
+    assert torch.equal(item[0], x[1]) and torch.equal(item[1], zz[1]) and int(item[2]) == 2 and len(pairs) == 8
+
+
 # ---- writing images ----------------------------------------------------------------------------
 
 def test_save_image_grid_and_tensor_to_pil(tmp_path):

@@ -42,7 +42,7 @@ def test_generator_is_the_network_at_sigma_max():
     ref = G.unet(z / (80**2 + 0.25) ** 0.5, 250 * torch.log(sigma), y)
     torch.testing.assert_close(G(z, y), ref, atol=0, rtol=0)
     assert (G.resolution, G.base_resolution, G.channels) == (8, 8, 1)
-    assert G.last_layer_weight is G.unet.out[2].weight
+    assert G.last_layer_weight is G.unet.output_blocks[-1][0].out_layers[3].weight  # sony/pagoda's W
     with pytest.raises(ValueError, match=r"G expects latents z of shape \(B, 1, 8, 8\)"):
         G(torch.zeros(2, 1, 16, 16))
 
@@ -198,3 +198,47 @@ def test_checkpoint_mismatch_errors():
     bad["state_dict"] = {k: v for k, v in bad["state_dict"].items() if not k.startswith("out.")}
     with pytest.raises(ValueError, match="does not match its unet_config"):
         Generator.from_checkpoint(bad)
+
+
+def test_conv_updown_unconditional_growth_twice_is_function_preserving():
+    """Issue 9 §7: conv up/down, no scale-shift norm, unconditional, two doublings: at α = 0 each grown G equals the
+    nearest up-sampling of the previous one, the saved layout has the official Upsample blocks and reloads exactly."""
+    cfg = replace(PRESETS["tiny"], resblock_updown=False, use_scale_shift_norm=False, num_classes=None)
+    torch.manual_seed(0)
+    G8 = Generator(UNet(cfg))
+    for p in G8.parameters():  # a non-trivial function (zero-init layers broken)
+        torch.nn.init.normal_(p, std=0.05)
+    z = 80 * torch.randn(3, 1, 8, 8)
+    G16 = G8.grow(fade=True)
+    torch.testing.assert_close(G16(z), F.interpolate(G8(z), scale_factor=2, mode="nearest"), rtol=0, atol=0)
+    for p in G16.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))  # "trained" a little
+    G16.set_alpha(1.0)
+    G32 = G16.grow(fade=True)
+    torch.testing.assert_close(G32(z), F.interpolate(G16(z), scale_factor=2, mode="nearest"), rtol=0, atol=0)
+    n = G8.unet.num_trunk_output_blocks
+    assert {f"output_blocks.{n}.0.conv.weight", f"output_blocks.{n + 3}.0.conv.weight"} <= set(G32.state_dict())
+    G32.set_alpha(1.0)
+    again = Generator.from_checkpoint(G32.to_checkpoint())
+    torch.testing.assert_close(again(z), G32(z), rtol=0, atol=0)
+    assert G32.last_layer_weight is G32.unet.output_blocks[-1][0].out_layers[3].weight
+
+
+def test_guidance_embedding_starts_as_the_unguided_generator():
+    """G(z, y, ω) (PaGoDA's guided one-step G): the ω embedding starts at zero, so for every ω the generator is the
+    teacher copy / its growth (function-preserving); after a change of its last layer ω matters; plain G refuses ω."""
+    torch.manual_seed(0)
+    teacher = Denoiser(UNet(PRESETS["tiny"]))
+    for p in teacher.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    G, Gw = Generator.from_teacher(teacher), Generator.from_teacher(teacher, guidance=True)
+    z, y, w = 80 * torch.randn(4, 1, 8, 8), torch.arange(4), torch.tensor([1.0, 1.5, 3.0, 4.0])
+    assert torch.equal(Gw(z, y, w), G(z, y)) and torch.equal(Gw(z, y), G(z, y))
+    G16 = Gw.grow(fade=True)
+    torch.testing.assert_close(G16(z, y, w), F.interpolate(G(z, y), scale_factor=2, mode="nearest"), rtol=0, atol=0)
+    torch.nn.init.normal_(Gw.unet.guidance_embed[2].weight, std=0.1)
+    assert not torch.allclose(Gw(z, y, torch.full((4,), 3.0)), Gw(z, y, torch.ones(4)))
+    again = Generator.from_checkpoint(Gw.to_checkpoint())
+    assert torch.equal(again(z, y, w), Gw(z, y, w))
+    with pytest.raises(ValueError, match="no guidance embedding"):
+        G(z, y, w)

@@ -233,3 +233,46 @@ def test_split_g_step_takes_one_rec_and_one_adv_update_whatever_the_accumulation
                           dist.DistInfo())
         tr.train_step()
         assert {int(s["step"]) for s in tr.opt_G.state.values()} == {2}, A
+
+
+# ---- the CPU thread policy ---------------------------------------------------------------------------
+
+def test_thread_policy_follows_the_cores_others_leave_free(monkeypatch):
+    """threads = clamp(round(cpus − others' CPU seconds per second), 1, cpus), re-measured every `every` seconds."""
+    clock, busy, own = [0.0], [0.0], [0.0]
+    monkeypatch.delenv("PAGODA_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(dist, "available_cpus", lambda: 4)
+    monkeypatch.setattr(dist.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(dist.time, "process_time", lambda: own[0])
+    monkeypatch.setattr(dist, "_busy_seconds", lambda: busy[0])
+    before = torch.get_num_threads()
+    with dist.thread_policy() as tp:
+        assert tp.threads == 4 and torch.get_num_threads() == 4
+
+        def tick(seconds: float, ours: float, others: float) -> int:
+            clock[0] += seconds
+            own[0] += ours
+            busy[0] += ours + others
+            return dist.update_threads()
+        assert tick(1.0, 4.0, 3.0) == 4                            # not yet `every` (5 s) since the last look
+        assert tick(5.0, 10.0, 15.0) == 1                          # others use 3 of 4 cores over the last 6 s
+        assert torch.get_num_threads() == 1
+        assert tick(5.0, 5.0, 0.2) == 4                            # they stopped
+        assert tick(5.0, 10.0, 7.0) == 3                           # 1.4 cores busy elsewhere
+        assert tick(5.0, 10.0, 3.5) == 4                           # 0.7 of a core: not taken yet
+    assert torch.get_num_threads() == before and dist.update_threads() == before  # no policy outside a command
+
+
+def test_thread_policy_fixed_by_option_or_environment(monkeypatch):
+    monkeypatch.delenv("PAGODA_THREADS", raising=False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with dist.thread_policy() as tp:
+        assert tp.fixed == 3 and torch.get_num_threads() == 3 and tp.update() == 3
+    with dist.thread_policy(1) as tp:  # the option wins, and reaches spawned workers through PAGODA_THREADS
+        assert tp.threads == 1 and os.environ["PAGODA_THREADS"] == "1"
+    assert "PAGODA_THREADS" not in os.environ
+    monkeypatch.setenv("PAGODA_THREADS", "two")
+    with pytest.raises(ValueError, match="not a number of threads"):
+        with dist.thread_policy():
+            pass

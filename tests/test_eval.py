@@ -21,12 +21,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 from typer.testing import CliRunner
 
-from helpers import StandInInception, build_tiny_run
+from helpers import StandInInception, build_tiny_run, quick_classifier
 
 from pagoda import metrics as M
 from pagoda.cli import app
 from pagoda.data import downsample, load_fashion_mnist
-from pagoda.evaluate import make_sampler, resample, solver_steps
+from pagoda.data import resample
+from pagoda.inference import make_sampler
+from pagoda.solvers import solver_steps
 from pagoda.rundir import open_model
 from pagoda.solvers import METHODS, karras_sigmas, nfe as count_nfe
 
@@ -93,6 +95,28 @@ def test_eval_all_stages(run):
     assert res.exit_code == 0, res.output
     got = [(r["kind"], r["resolution"]) for r in rows(run / "eval.json")]
     assert got == [("teacher", 8), ("generator", 8), ("generator", 16)]
+
+
+def test_eval_accuracy_uses_the_cached_classifier_and_teacher_guidance(run, monkeypatch):
+    from pagoda import classifier as C
+    clf = quick_classifier(16)
+    C.save_classifier(clf, run / C.CLASSIFIER_DIR / C.classifier_file(16), 0.84)
+    monkeypatch.setattr(C, "train_classifier", lambda *a, **k: pytest.fail("retrained a cached classifier"))
+    base = ["--n", "40", "--ref-n", "40", "--batch", "16", "--no-progress", "--device", "cpu", "--accuracy"]
+    res = runner.invoke(app, ["eval", "--checkpoint", str(run), *base])
+    assert res.exit_code == 0, res.output
+    [row] = rows(run / "eval.json")
+    _, G, _ = open_model(run, "cpu")
+    x = make_sampler("generator", G)(0, 40)
+    assert row["accuracy"] == pytest.approx(clf.accuracy(x, torch.arange(40) % 10)) and "accuracy" in res.output
+    teacher = str(run / "teacher" / "teacher.pt")
+    for w in ("1", "3"):
+        res = runner.invoke(app, ["eval", "--checkpoint", teacher, "--nfe", "3", "--resize", "16", "--guidance", w, *base])
+        assert res.exit_code == 0, res.output
+    t1, t3 = rows(run / "eval.json")[1:]
+    assert (t1["guidance"], t3["guidance"]) == (1.0, 3.0) and "ω=3" in t3["model"] and t1["fid"] != t3["fid"]
+    res = runner.invoke(app, ["eval", "--checkpoint", str(run), "--guidance", "2", *base])
+    assert res.exit_code != 0 and "no guidance embedding" in res.output
 
 
 @pytest.mark.parametrize("args, message", [

@@ -11,12 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagoda.losses import (
-    DEFAULT_DISTANCE, PSEUDO_HUBER_C, Discriminator, LossConfigError, ProjectedDiscriminator, RandomFeatureDistance,
-    TeacherSampleCache, adaptive_weight, d_hinge_loss, diff_augment, g_hinge_loss, make_discriminator, make_distance,
-    pseudo_huber, pyramid,
+    DEFAULT_DISTANCE, PSEUDO_HUBER_C, LossConfigError, RandomFeatureDistance, TeacherSampleCache, adaptive_weight,
+    d_hinge_loss, diff_augment, g_hinge_loss, make_distance, pseudo_huber, pyramid,
 )
 
-OFFLINE = ["l2", "pseudo_huber", "multiscale", "features"]
+OFFLINE = ["l2", "pseudo_huber", "multiscale", "features", "lite0"]
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5, atol: float = 1e-6) -> None:
@@ -236,129 +235,25 @@ def test_color_draws_differ_per_sample():
     assert len({round(v, 5) for v in y.mean(dim=(1, 2, 3)).tolist()}) == 6
 
 
-# --- discriminators --------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("channels,res", [(1, 8), (3, 16), (1, 32)])
-def test_discriminator_shapes_and_projection(channels, res):
-    D = Discriminator(res, channels, num_classes=5, base_channels=8, max_channels=32).eval()
-    x = torch.randn(4, channels, res, res)
-    y = torch.tensor([0, 1, 2, 3])
-    out = D(x, y)
-    assert out.shape == (4,) and D.resolutions == [r for r in (32, 16, 8) if r <= res]
-    assert not torch.allclose(out, D(x, (y + 1) % 5))            # labels enter through the projection
-    assert D(x).shape == (4,)                                    # unconditional path: psi only
-    with pytest.raises(LossConfigError, match="labels must be"):
-        D(x, torch.tensor([0, 1, 2, 5]))
-    with pytest.raises(LossConfigError, match="grow"):
-        D(torch.randn(4, channels, 2 * res, 2 * res), y)
-
-
-def test_unconditional_discriminator_rejects_labels():
-    D = Discriminator(8, 1, base_channels=8)
-    with pytest.raises(LossConfigError, match="num_classes"):
-        D(torch.randn(2, 1, 8, 8), torch.tensor([0, 1]))
-
-
-def test_grow_reuses_heads_and_preserves_function():
-    """Property: D.grow()(x) == D(avg_pool2d(x, 2)) at initialisation, for any x and labels (eval mode)."""
-    D = Discriminator(8, 3, num_classes=4, base_channels=8, max_channels=32)
-    D(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])).sum().backward()   # a train step's power iteration
-    D.eval()
-    D2 = D.grow().eval()
-    assert D2.resolution == 16 and D2.resolutions == [16, 8] and D2.gain.tolist() == [0.0, 1.0]
-    x, y = torch.randn(5, 3, 16, 16), torch.tensor([0, 1, 2, 3, 0])
-    assert_close(D2(x, y), D(F.avg_pool2d(x, 2), y))
-    D4 = D2.grow().eval()
-    x4 = torch.randn(5, 3, 32, 32)
-    assert_close(D4(x4, y), D(F.avg_pool2d(x4, 4), y))
-    # the grown head is trainable: its gain receives gradient, and old weights are copies, not shared
-    D2.train()
-    D2(x, y).sum().backward()
-    assert D2.gain.grad[0] != 0
-    assert D2.heads["8"].psi.parametrizations.weight.original is not D.heads["8"].psi.parametrizations.weight.original
-
-
-def _blobs(n: int, side: str, g: torch.Generator) -> torch.Tensor:
-    """Gaussian blobs on a 16 px canvas, centred in the left or right half."""
-    cy = torch.rand(n, 1, 1, generator=g) * 10 + 3
-    cx = torch.rand(n, 1, 1, generator=g) * 4 + (2 if side == "left" else 10)
-    ii, jj = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
-    img = torch.exp(-((ii - cy) ** 2 + (jj - cx) ** 2) / 4.0)
-    return (img * 2 - 1).unsqueeze(1)
-
-
-def test_hinge_training_separates_toy_distributions():
-    torch.manual_seed(0)
-    D = Discriminator(16, 1, base_channels=8, max_channels=16)
-    params = list(D.parameters())
-    v = [torch.zeros_like(p) for p in params]                  # Adam(betas=(0, 0.99)) by hand: torch.optim
-    g = torch.Generator().manual_seed(0)
-    real_test, fake_test = _blobs(64, "left", g), _blobs(64, "right", g)
-
-    def auc() -> tuple[float, torch.Tensor, torch.Tensor]:
-        """P(D(real) > D(fake)) over held-out pairs."""
-        with torch.no_grad():
-            r, f = D.eval()(real_test), D(fake_test)
-        D.train()
-        return (r[:, None] > f[None, :]).float().mean().item(), r, f
-
-    assert auc()[0] < 0.5                                        # at init this D orders them the wrong way
-    for step in range(1, 13):                                    # imports torch._dynamo (seconds) on first use
-        x = diff_augment(torch.cat([_blobs(24, "left", g), _blobs(24, "right", g)]), "color", g)
-        real_logits, fake_logits = D(x).chunk(2)
-        grads = torch.autograd.grad(d_hinge_loss(real_logits, fake_logits), params)
-        with torch.no_grad():
-            for p, gr, vi in zip(params, grads, v):
-                vi.mul_(0.99).add_(0.01 * gr.square())
-                p.sub_(2e-3 * gr / ((vi / (1 - 0.99 ** step)).sqrt() + 1e-8))
-    after, r, f = auc()
-    assert after > 0.95 and r.mean() > f.mean()
-
-
-def test_make_discriminator_factory():
-    D = make_discriminator("multiscale", resolution=8, channels=1, num_classes=None, width=8)
-    assert isinstance(D, Discriminator)
-    with pytest.raises(LossConfigError, match="unknown discriminator"):
-        make_discriminator("stylegan", resolution=8, channels=1, num_classes=None)
-
-
-def test_projected_structure_over_a_given_backbone():
-    class TwoLevel(nn.Module):                                   # stands in for a user's pretrained network
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Conv2d(3, 6, 3, 2, 1), nn.Conv2d(6, 10, 3, 2, 1)
-
-        def forward(self, x):
-            f1 = self.a(x)
-            return [f1, self.b(f1)]
-
-    backbone = TwoLevel()
-    D = ProjectedDiscriminator(backbone, feature_channels=[6, 10], num_classes=3, proj_channels=8)
-    x, y = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
-    out = D(x, y)
-    assert out.shape == (2,) and not torch.allclose(out, D(x, torch.tensor([1, 1])))
-    out.sum().backward()
-    assert all(p.grad is None for p in backbone.parameters())   # the backbone stays frozen
-    assert D.train().backbone.training is False
-
-
 # --- teacher-sample cache --------------------------------------------------------------------------
 
 class _CountingTeacher:
     def __init__(self):
         self.calls, self.seen = 0, 0
 
-    def __call__(self, z, labels):
+    def __call__(self, z, labels, omega=None):
         self.calls += 1
         self.seen += z.shape[0]
-        return torch.tanh(z / 80.0) + (0 if labels is None else labels.view(-1, 1, 1, 1).float())
+        x = torch.tanh(z / 80.0) + (0 if labels is None else labels.view(-1, 1, 1, 1).float())
+        return x if omega is None else x * omega.view(-1, 1, 1, 1)
 
 
 def test_teacher_cache_computes_each_z_once_and_reloads(tmp_path):
     path = tmp_path / "teacher.pt"
     teacher = _CountingTeacher()
     cache = TeacherSampleCache(teacher, pool_size=10, shape=(1, 4, 4), num_classes=3, sigma_max=80.0, seed=7, path=path)
-    z, y, x0 = cache.get(torch.tensor([0, 1, 2, 1]))
+    z, y, w, x0 = cache.get(torch.tensor([0, 1, 2, 1]))
+    assert w is None  # no guidance: ω is not drawn
     assert (teacher.calls, teacher.seen) == (1, 3)               # duplicates computed once
     assert_close(x0, teacher(z, y))
     teacher.calls = teacher.seen = 0
@@ -368,12 +263,12 @@ def test_teacher_cache_computes_each_z_once_and_reloads(tmp_path):
     assert teacher.calls == 1                                    # nothing new
     assert 40 < cache.z.std().item() < 120                       # z ~ N(0, sigma_max^2)
 
-    def refuse(z, labels):
+    def refuse(z, labels, omega):
         raise AssertionError("sample_fn called for a cached z")
 
     again = TeacherSampleCache(refuse, pool_size=10, shape=(1, 4, 4), num_classes=3, sigma_max=80.0, seed=7, path=path)
-    z2, y2, x2 = again.get(torch.tensor([0, 1, 2, 3]))
-    z1, y1, x1 = cache.get(torch.tensor([0, 1, 2, 3]))
+    z2, y2, _, x2 = again.get(torch.tensor([0, 1, 2, 3]))
+    z1, y1, _, x1 = cache.get(torch.tensor([0, 1, 2, 3]))
     assert torch.equal(z1, z2) and torch.equal(y1, y2) and torch.equal(x1, x2)
     with pytest.raises(LossConfigError, match="delete it"):
         TeacherSampleCache(refuse, pool_size=10, shape=(1, 4, 4), num_classes=3, sigma_max=80.0, seed=8, path=path)
@@ -384,7 +279,18 @@ def test_teacher_cache_computes_each_z_once_and_reloads(tmp_path):
 def test_teacher_cache_in_memory_unconditional():
     teacher = _CountingTeacher()
     cache = TeacherSampleCache(teacher, pool_size=4, shape=(3, 2, 2), num_classes=None, sigma_max=80.0)
-    z, y, x0 = cache.get([3, 0])
+    z, y, _, x0 = cache.get([3, 0])
     assert y is None and z.shape == (2, 3, 2, 2) and teacher.calls == 1
     assert_close(x0, torch.tanh(z / 80.0))
     assert torch.equal(TeacherSampleCache(teacher, 4, (3, 2, 2), None, 80.0).z, cache.z)   # pool fixed by the seed
+
+
+def test_teacher_cache_draws_a_fixed_guidance_scale_per_entry(tmp_path):
+    teacher = _CountingTeacher()
+    cache = TeacherSampleCache(teacher, pool_size=64, shape=(1, 2, 2), num_classes=3, sigma_max=80.0, seed=3,
+                               path=tmp_path / "t.pt", guidance_max=4.0)
+    z, y, w, x0 = cache.get(torch.arange(64))
+    assert w.shape == (64,) and 1 <= w.min() and w.max() <= 4 and w.std() > 0.5  # ω ~ U[1, ω_max] per entry
+    assert_close(x0, teacher(z, y, w))  # the teacher sample is the guided one, at that entry's ω
+    again = TeacherSampleCache(teacher, 64, (1, 2, 2), 3, 80.0, seed=3, path=tmp_path / "t.pt", guidance_max=4.0)
+    assert torch.equal(again.get(torch.arange(64))[2], w)

@@ -83,3 +83,18 @@ def test_shapes_and_onehot_labels(grow, updown, batch):
     torch.testing.assert_close(net(x, t, onehot), out, atol=1e-5, rtol=1e-5)
     # an all-zero label row is the unconditional model: differs from the labelled one
     assert not torch.allclose(net(x, t, torch.zeros_like(onehot)), out)
+
+
+def test_growth_up_block_is_the_official_one_for_conv_updown():
+    """resblock_updown=False: each doubling starts with ADM's Upsample (nearest ×2, 3×3 conv to the growth width),
+    state-dict names output_blocks.N.0.conv.*; with resblock_updown=True it is a ResBlock(up=True)."""
+    cfg = replace(PRESETS["tiny"], resblock_updown=False, use_scale_shift_norm=False, num_classes=None,
+                  grow_channels=(64, 32))
+    sd = UNet(cfg).state_dict()
+    n = UNet(replace(cfg, grow_channels=())).num_trunk_output_blocks
+    first, second = n, n + 1 + cfg.grow_res_blocks  # the two up-sampling blocks
+    assert sd[f"output_blocks.{first}.0.conv.weight"].shape == (64, 32, 3, 3)
+    assert sd[f"output_blocks.{second}.0.conv.weight"].shape == (32, 64, 3, 3)
+    assert not any(k.startswith(f"output_blocks.{first}.0.in_layers") for k in sd)
+    res = UNet(replace(cfg, resblock_updown=True)).state_dict()
+    assert f"output_blocks.{first}.0.in_layers.2.weight" in res and f"output_blocks.{first}.0.conv.weight" not in res

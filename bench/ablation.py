@@ -1,0 +1,154 @@
+"""The growth recipe, one change at a time: retrain the growth stages of a run with a variant, score FID/KID.
+
+    .venv/bin/python bench/ablation.py --base runs/demo --out results/ablation --rows baseline projected rec-only
+    .venv/bin/python bench/ablation.py --base runs/demo --out results/ablation --table      # the table so far
+
+Every row reuses the base run's teacher, latent cache and (unless the row retrains it) stage-08, trains the
+growth stages 16 and 32 with its variant of the demo preset (pagoda.grow.GrowPreset fields and TrainConfig
+fields, see ROWS), and scores each stage it trained: FID/KID of n one-step samples (seeded by (seed, i)) against
+the Fashion-MNIST test split (bench/quality.py's Scorer, the same reference for every row). Per row it also
+reads the stages' logs: wall time, L_rec at the start and end, the last L_D and the held-out D margin. A row is
+trained once (OUT/runs/<row>) and scored once (OUT/<row>.json): rerunning skips what exists.
+Time it alone on the machine (it trains and runs Inception on the CPU).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from common import device, environment, print_table, read_json, write_results
+from quality import Scorer, score_generator
+
+import argparse
+
+from pagoda.grow import GrowPreset, plan_stages
+from pagoda.rundir import GENERATOR_FILE, RunDir, resolve_generator
+from pagoda.train import TrainConfig, train
+
+# The demo preset before this study (2026-11, pagoda/grow.py history): every row is a change from it.
+BASE = GrowPreset(name="demo-before", steps=(300, 250, 200), batch=(64, 64, 32), lr_G=2e-4, lr_D=2e-4, lam=(0.2, 1.0),
+                  activate_from=3, fade_steps=(0, 60), ema=0.99, d_channels=32, encode_images=2000, encode_steps=20,
+                  grow_optimizer="adam")
+PROJ = dict(discriminator="projected", lr_D=2e-3, d_input=32)  # projected D, lr_D 10x lr_G, backbone input 32 px
+# name -> (GrowPreset changes, TrainConfig changes, stage-08: "base" = the base run's, "train" = as the row says).
+# Steps are (stage-08, stage-16, stage-32).
+ROWS: dict[str, tuple[dict, dict, str]] = {
+    "rec-only": (dict(lam=(0.2, 0.0)), {}, "base"),
+    # as many CPU-seconds per stage as "projected" took (1 thread: 69 -> 252 s at 16 px, 90 -> 238 s at 32 px)
+    "rec-only, equal CPU time": (dict(lam=(0.2, 0.0), steps=(300, 900, 530)), {}, "base"),
+    "projected": (PROJ, {}, "base"),
+    "projected, no aug": (PROJ, dict(augment=""), "base"),
+    "projected, lite0 distance": ({**PROJ, "distance": "lite0"}, {}, "base"),
+    "projected, D continues": ({**PROJ, "d_continue": True}, {}, "train"),
+    "multiscale, no aug": ({}, dict(augment=""), "base"),
+    "projected, 64 px": ({**PROJ, "d_input": 64}, {}, "base"),
+    # stage-08 (the decoder at the teacher resolution) rows: train it as the row says
+    "stage-08: projected": (PROJ, {}, "train"),
+    "stage-08: projected, lite0 distance": ({**PROJ, "distance": "lite0"}, {}, "train"),
+    "stage-08: projected, 600 steps": ({**PROJ, "steps": (600, 250, 200)}, {}, "train"),
+    "projected, lite0 distance, 2x steps": ({**PROJ, "distance": "lite0", "steps": (300, 500, 400)}, {}, "base"),
+    # L_rec alone for about the CPU time of the row below (a Lite0-distance step costs ≈ 0.54 CPU s at 16 px,
+    # ≈ 2x a `features` step; a GAN step ≈ 1 CPU s)
+    "rec-only, lite0 distance, 900-600 steps": (dict(lam=(0.2, 0.0), distance="lite0", steps=(300, 900, 600)), {}, "base"),
+    # L_rec alone for the first 450 steps of each growth stage (cheap), then the GAN term: 350 / 150 GAN steps
+    "projected, lite0 distance, rec warm-up 450": ({**PROJ, "distance": "lite0", "steps": (300, 800, 600),
+                                                    "adv_start": (0, 450)}, {}, "base"),
+}
+
+
+KEY_FIELDS = ("augment", "seed", "distill", "guidance_max")  # the TrainConfig fields that change how stage-08 trains
+
+
+def _stage08_key(run: RunDir) -> tuple | None:
+    """What stage-08 of a finished run was trained with: (its StageConfig, the KEY_FIELDS of its TrainConfig)."""
+    cfg = read_json(run.config)
+    if not (run.stage(8) / GENERATOR_FILE).is_file() or not cfg:
+        return None
+    return json.dumps(cfg["stages"][0], sort_keys=True), *(cfg["train"].get(f) for f in KEY_FIELDS)
+
+
+def train_row(name: str, base: RunDir, out: Path, stages: int | None = None) -> RunDir:
+    """OUT/runs/<name>: the base run's teacher and cache; stage-08 copied from the base run ("base" rows: a growth
+    ablation) or from any run that trained it exactly as this row would (same stage config, augmentation, seed);
+    then train() for the rest."""
+    preset_changes, cfg_changes, first = ROWS[name]
+    run = RunDir(out / "runs" / name)
+    run.root.mkdir(parents=True, exist_ok=True)
+    for sub in (base.teacher_dir, base.latents):
+        if not (run.root / sub.name).exists():
+            (run.root / sub.name).symlink_to(sub.resolve(), target_is_directory=True)
+    cfg = TrainConfig(out=str(run.root), preset=replace(BASE, name=f"ablation-{name}", **preset_changes),
+                      max_stages=stages, **cfg_changes)
+    stage08 = plan_stages(8, cfg.res, cfg.preset, cfg.discriminator, cfg.distance)[0]
+    key = json.dumps(asdict(stage08), sort_keys=True), *(getattr(cfg, f) for f in KEY_FIELDS)
+    if not run.stage(8).exists():
+        trained = [RunDir(out / "runs" / r) for r, (_, _, f) in ROWS.items() if f == "train" and r != name]
+        donor = base if first == "base" else next((r for r in trained if _stage08_key(r) == key), None)
+        if donor is not None:
+            shutil.copytree(donor.stage(8), run.stage(8))
+    train(cfg, progress=False)
+    return run
+
+
+def stage_log(stage_dir: Path) -> dict:
+    log = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    q = max(1, len(log) // 10)
+    probes = [r["margin"] for r in log if "margin" in r]
+    timing = read_json(stage_dir / "timing.json")
+    return {"seconds": timing.get("seconds"), "cpu_seconds": timing.get("cpu_seconds"), "steps": len(log),
+            "rec_start": statistics.mean(r["rec"] for r in log[:q]), "rec_end": statistics.mean(r["rec"] for r in log[-q:]),
+            "d_end": statistics.mean(r["d"] for r in log[-q:]), "margin_end": probes[-1] if probes else None}
+
+
+def score_row(name: str, run: RunDir, scorer: Scorer, n: int, seed: int, dev) -> dict:
+    """FID/KID and log summary of every stage this row trained (a copied base stage-08 is not scored again)."""
+    rows = {}
+    for sdir in run.finished()[1 if ROWS[name][2] == "base" else 0:]:
+        G = resolve_generator(sdir / GENERATOR_FILE, dev)
+        rows[G.resolution] = {**score_generator(scorer, G, n, seed, dev), **stage_log(sdir)}
+        print(f"{name} {sdir.name}: FID {rows[G.resolution]['fid']:.2f}", flush=True)
+    preset_changes, cfg_changes, _ = ROWS[name]
+    return {"row": name, "preset": preset_changes, "config": cfg_changes, "n": n, "seed": seed, "stages": rows}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", default="runs/demo", help="the run whose teacher, cache and stage-08 every row reuses")
+    p.add_argument("--out", default="results/ablation")
+    p.add_argument("--rows", nargs="*", default=[], choices=list(ROWS))
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--ref-n", type=int, default=2000, help="test images in the FID reference (bench/quality.py's)")
+    p.add_argument("--table", action="store_true", help="print the table of every scored row")
+    p.add_argument("--train-only", action="store_true", help="train the rows, score nothing")
+    p.add_argument("--stages", type=int, default=None, help="train (and score) only the first N stages of each row")
+    a = p.parse_args()
+    out, base, dev = Path(a.out), RunDir(a.base), device(a.device)
+    scorer = Scorer(dev, ref_n=a.ref_n)
+    for name in a.rows:
+        result = out / f"{name}.json"
+        if result.is_file():
+            continue
+        run = train_row(name, base, out, a.stages)
+        if not a.train_only:
+            write_results(out, name, {**score_row(name, run, scorer, a.n, a.seed, dev), "env": environment(dev),
+                                      "ref_n": a.ref_n, "preset": asdict(replace(BASE, **ROWS[name][0]))})
+    rows = []
+    for name in ROWS:
+        r = read_json(out / f"{name}.json")
+        for res, s in sorted(r.get("stages", {}).items(), key=lambda kv: int(kv[0])):
+            sdir = RunDir(out / "runs" / name).stage(int(res))  # the log summary re-read (rows scored before it grew)
+            rows.append({"row": name, **s, **(stage_log(sdir) if (sdir / "timing.json").is_file() else {})})
+    if a.table or a.rows:
+        print_table(f"growth recipe ablation, n = {a.n}, vs the test split", rows,
+                    [("row", "row", ""), ("resolution", "px", "d"), ("steps", "steps", "d"), ("seconds", "s", ".0f"), ("cpu_seconds", "CPU s", ".0f"),
+                     ("fid", "FID", ".2f"), ("kid_x1e3", "KID×10³", ".2f"), ("rec_start", "L_rec first", ".4f"),
+                     ("rec_end", "L_rec last", ".4f"), ("d_end", "L_D last", ".3f"), ("margin_end", "margin", ".3f")])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Inverse problems and control with the one-step generator: super-resolution, class transfer, interpolation,
+inpainting, the applications the PaGoDA paper shows for its encoder + one-step decoder.
+
+Each starts from z = E(↓x, y) (pagoda.inference.encode_images: the teacher's PF-ODE at its resolution R, y given
+or the class that reconstructs best) and decodes with G at G's resolution; each writes the result, a side-by-side
+PNG and a JSON of its numbers into `out` (`_save`). docs/method.md §7 says why inpainting optimises z.
+
+    pagoda superres low.png --reference high.png     # -> superres
+    pagoda edit shirt.png --to-class 3                # -> edit_class
+    pagoda interpolate a.png b.png --steps 8          # -> interpolate
+    pagoda inpaint shirt.png --mask mask.png          # -> inpaint
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pagoda.data import downsample, load_mask, resample, save_image_grid, tensor_to_pil
+from pagoda.decoder import Generator
+from pagoda.encoder import psnr
+from pagoda.inference import check_class, encode_images, load_models, read_image
+from pagoda.io import save_json
+
+
+def _save(out: str, stem: str, name: str, image: torch.Tensor, panels: list[torch.Tensor], result: dict) -> dict:
+    """Write OUT/stem_name.png (the result), OUT/stem_name_side_by_side.png (panels, ×scale) and OUT/stem_name.json."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path, sbs = out_dir / f"{stem}_{name}.png", out_dir / f"{stem}_{name}_side_by_side.png"
+    tensor_to_pil(image).save(path)
+    x = torch.cat(panels)
+    save_image_grid(x, sbs, nrow=len(x), scale=max(1, 128 // x.shape[-1]))
+    result = {**result, "output": str(path), "side_by_side": str(sbs)}
+    save_json(result, out_dir / f"{stem}_{name}.json")
+    return result
+
+
+def _label(y: torch.Tensor | None, i: int = 0) -> int | None:
+    return None if y is None else int(y[i])
+
+
+@torch.no_grad()
+def superres(image: str, checkpoint: str = "runs/demo", teacher: str | None = None, class_: int | None = None,
+             reference: str | None = None, out: str = "superres", steps: int = 40) -> dict:
+    """x_R (the image at the teacher resolution R) -> G(E(x_R, y), y) at G's resolution: one encode, one G call;
+    with `reference`, PSNR against it of G's output and of bicubic up-sampling."""
+    G, D = load_models(checkpoint, teacher)
+    x_lo = read_image(image, D.resolution, D.channels)  # any size: ADM resize to R
+    z, y = encode_images(G, D, x_lo, class_, steps)
+    sr = G(z, y).clamp(-1, 1)
+    bicubic = resample(x_lo, G.resolution)
+    result = {"image": str(image), "label": _label(y), "teacher_res": D.resolution, "full_res": G.resolution,
+              "psnr_teacher_res": float(psnr(downsample(sr, D.resolution), x_lo)[0])}
+    panels = [F.interpolate(x_lo, size=sr.shape[-2:], mode="nearest"), bicubic, sr]
+    if reference is not None:
+        ref = read_image(reference, G.resolution, G.channels)
+        result.update(reference=str(reference), psnr=float(psnr(sr, ref)[0]), psnr_bicubic=float(psnr(bicubic, ref)[0]))
+        panels.append(ref)
+    return _save(out, Path(image).stem, "superres", sr[0], panels, result)
+
+
+@torch.no_grad()
+def edit_class(image: str, to_class: int, checkpoint: str = "runs/demo", teacher: str | None = None,
+               class_: int | None = None, out: str = "edited", steps: int = 40) -> dict:
+    """Class transfer: z = E(↓x, y) under the image's class y (given or best), decoded as G(z, to_class)."""
+    G, D = load_models(checkpoint, teacher)
+    ncls = G.unet.config.num_classes
+    if ncls is None:
+        raise ValueError("this generator is unconditional: class transfer needs a class-conditional run")
+    check_class(ncls, to_class)
+    x = read_image(image, G.resolution, G.channels)
+    z, y = encode_images(G, D, x, class_, steps)
+    rec, edited = G(z, y).clamp(-1, 1), G(z, torch.full_like(y, to_class)).clamp(-1, 1)
+    result = {"image": str(image), "label": _label(y), "to_class": to_class,
+              "psnr_reconstruction": float(psnr(rec, x)[0]), "psnr_edit_vs_input": float(psnr(edited, x)[0]),
+              "psnr_edit_vs_reconstruction": float(psnr(edited, rec)[0])}
+    return _save(out, Path(image).stem, f"to{to_class}", edited[0], [x, rec, edited], result)
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation of two latents at times t (T,): slerp of z/σ_max, times σ_max (σ_max cancels: the
+    coefficients sin((1−t)θ)/sin θ, sin(tθ)/sin θ only see the angle θ); t = 0 gives a and t = 1 gives b exactly."""
+    theta = torch.arccos(F.cosine_similarity(a.flatten(), b.flatten(), dim=0).clamp(-1, 1))
+    t = t.reshape(-1, *[1] * a.ndim).to(a.dtype)
+    if theta < 1e-4:  # (anti)parallel: the straight line
+        return (1 - t) * a + t * b
+    return torch.sin((1 - t) * theta) / torch.sin(theta) * a + torch.sin(t * theta) / torch.sin(theta) * b
+
+
+@torch.no_grad()
+def interpolate(a: str, b: str, frames: int = 8, checkpoint: str = "runs/demo", teacher: str | None = None,
+                class_: int | None = None, out: str = "interpolated", steps: int = 40) -> dict:
+    """Frames G(slerp(z_a, z_b, t), y_t), t = 0 … 1, z = E(↓x, y) of each image under its class (or `class_`).
+    Different classes: y_t = (1 − t)·onehot(y_a) + t·onehot(y_b), soft labels (the UNet embeds a label row as its
+    weighted mix of class embeddings). The end frames are the two reconstructions, exactly."""
+    if frames < 2:
+        raise ValueError(f"--steps {frames}: an interpolation needs at least 2 frames")
+    G, D = load_models(checkpoint, teacher)
+    x = torch.cat([read_image(p, G.resolution, G.channels) for p in (a, b)])
+    z, y = encode_images(G, D, x, class_, steps)
+    t = torch.linspace(0, 1, frames)
+    zt = slerp(z[0], z[1], t)
+    if y is None or y[0] == y[1]:
+        yt = None if y is None else y[:1].expand(frames)
+    else:
+        onehot = F.one_hot(y, G.unet.config.num_classes).float()
+        yt = (1 - t)[:, None] * onehot[0] + t[:, None] * onehot[1]
+    # one frame per call: a frame's pixels do not depend on how many frames there are
+    xt = torch.cat([G(zt[k:k + 1], None if yt is None else yt[k:k + 1]) for k in range(frames)]).clamp(-1, 1)
+    rec = torch.cat([G(z[k:k + 1], None if y is None else y[k:k + 1]) for k in range(2)]).clamp(-1, 1)
+    result = {"images": [str(a), str(b)], "labels": [_label(y, 0), _label(y, 1)], "frames": frames,
+              "psnr_reconstruction": [float(p) for p in psnr(rec, x)]}
+    strip = xt.permute(1, 2, 0, 3).reshape(1, xt.shape[1], xt.shape[2], -1)[0]  # C × H × (frames·W)
+    return _save(out, f"{Path(a).stem}_{Path(b).stem}", "interpolation", strip, [x[:1], *xt.split(1), x[1:]], result)
+
+
+def blur_fill(x: torch.Tensor, m: torch.Tensor, iters: int = 40) -> torch.Tensor:
+    """Baseline fill of the hole (m = 0) from its border: coarse to fine over 2× pyramids, at each level `iters`
+    Jacobi sweeps of 3×3 means (≈ the harmonic fill); known pixels are kept exactly."""
+    if x.shape[-1] % 2 == 0 and x.shape[-1] > 4:
+        ms = F.avg_pool2d(m, 2)
+        coarse = blur_fill(F.avg_pool2d(x * m, 2) / ms.clamp_min(1e-8), (ms > 0).float(), iters)
+        y = F.interpolate(coarse, scale_factor=2, mode="nearest")
+    else:
+        y = ((x * m).sum((-2, -1), keepdim=True) / m.sum((-2, -1), keepdim=True).clamp_min(1)).expand_as(x)
+    for _ in range(iters):
+        y = m * x + (1 - m) * F.avg_pool2d(F.pad(m * x + (1 - m) * y, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    return m * x + (1 - m) * y
+
+
+def hole_psnr(a: torch.Tensor, b: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR (dB, images in [−1, 1]) over the hole pixels (m = 0) only."""
+    h = (1 - m).expand_as(a)
+    mse = ((a.float() - b.float()) ** 2 * h).flatten(1).sum(1) / h.flatten(1).sum(1).clamp_min(1)
+    return 10 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
+def inpaint_images(G: Generator, D, x: torch.Tensor, m: torch.Tensor, class_: int | None = None, iters: int = 50,
+                   lr: float = 0.05, steps: int = 40) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(m ⊙ x + (1 − m) ⊙ G(z*, y), y): z* = argmin_z ½‖m ⊙ (G(z, y) − x)‖² + ½‖z/σ_max‖² (MAP under the
+    latent prior N(0, σ_max² I)), Adam(lr) for `iters` steps from z₀ = E(↓blur_fill(x), y), y = `class_` or the
+    best class of the filled image. Known pixels (m = 1) come out exactly as given."""
+    z, y = encode_images(G, D, blur_fill(x, m), class_, steps)
+    u = (z / G.sigma_max).requires_grad_(True)
+    opt = torch.optim.Adam([u], lr=lr)
+    with torch.enable_grad():
+        for _ in range(iters):
+            loss = ((m * (G(G.sigma_max * u, y) - x)).square().sum() + u.square().sum()) / 2  # images independent
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return m * x + (1 - m) * G(G.sigma_max * u, y).clamp(-1, 1), y
+
+
+def inpaint(image: str, mask: str, checkpoint: str = "runs/demo", teacher: str | None = None,
+            class_: int | None = None, out: str = "inpainted", iters: int = 50, steps: int = 40) -> dict:
+    """Fill the black pixels of `mask` (any size: nearest-resized to G's resolution) in `image` by inpaint_images;
+    PSNRs over the hole are against the input's own pixels there (meaningful when the input is complete)."""
+    G, D = load_models(checkpoint, teacher)
+    x = read_image(image, G.resolution, G.channels)
+    m = load_mask(mask, G.resolution)[None]
+    if m.min() == 1 or m.max() == 0:
+        raise ValueError(f"{mask} is all {'white' if m.min() == 1 else 'black'} at {G.resolution}px: paint the hole "
+                         f"black and the pixels to keep white")
+    filled, y = inpaint_images(G, D, x, m, class_, iters, steps=steps)
+    blurred = blur_fill(x, m)
+    result = {"image": str(image), "mask": str(mask), "label": _label(y), "resolution": G.resolution,
+              "hole_fraction": float(1 - m.mean()), "iters": iters,
+              "psnr_hole": float(hole_psnr(filled, x, m)[0]), "psnr_hole_blur_fill": float(hole_psnr(blurred, x, m)[0])}
+    return _save(out, Path(image).stem, "inpainted", filled[0], [m * x, blurred, filled, x], result)
