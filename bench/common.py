@@ -43,6 +43,11 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[torch
     return teacher, gens
 
 
+def draw(generate, n: int, batch: int) -> torch.Tensor:
+    """Images 0 … n−1 of a sampler generate(i, b) (pagoda.inference.make_sampler), in batches of `batch`."""
+    return torch.cat([generate(i, min(batch, n - i)) for i in range(0, n, batch)])
+
+
 class OnnxInception:
     """The FID Inception (pagoda.metrics.load_inception) run by ONNX Runtime on the CPU: the same features (measured
     1.2e-6 relative) about 2x faster than torch there. Used by the benches when `onnxruntime` and `onnx` are

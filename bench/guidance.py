@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from common import device, environment, figure, load_run, parser, print_table, write_results
+from common import device, draw, environment, figure, load_run, parser, print_table, write_results
 from quality import Scorer
 
 from pagoda.classifier import CLASSIFIER_DIR, NUM_CLASSES, classifier_for, classifier_file
@@ -27,11 +27,6 @@ from pagoda.io import load_checkpoint
 from pagoda.rundir import RunDir
 
 OMEGAS = (1.0, 1.5, 2.0, 3.0, 4.0)
-
-
-def draw(generate, n: int, batch: int) -> torch.Tensor:
-    """Images 0 … n−1 of generate(i, b)."""
-    return torch.cat([generate(i, min(batch, n - i)) for i in range(0, n, batch)])
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import device, environment, figure, inception_model, load_run, parser, print_table, read_json, write_results
+from common import device, draw, environment, figure, inception_model, load_run, parser, print_table, read_json, write_results
 from pagoda import metrics as M
 from pagoda.data import downsample, make_dataset, resample
 from pagoda.inference import make_sampler
@@ -103,7 +103,7 @@ def main() -> None:
             scorer.score(scorer.sampled("teacher", teacher, a.n, a.seed, dev, solver, nfe), R))
     if grown and "upsampled teacher" in todo:  # one set of Heun-35 samples, up-sampled to each grown resolution
         generate = make_sampler("teacher", teacher, "heun", 35, seed=a.seed, device=dev)
-        x_t = torch.cat([generate(i, min(a.batch, a.n - i)) for i in range(0, a.n, a.batch)])
+        x_t = draw(generate, a.n, a.batch)
         for res in grown:
             add(f"teacher {R}px heun 35 NFE → bicubic {res}px", "upsampled teacher", 35,
                 scorer.score(scorer.ext.features(resample(x_t, res)), res))
