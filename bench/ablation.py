@@ -32,6 +32,9 @@ from pagoda.train import TrainConfig, train
 BASE = GrowPreset(name="demo-before", steps=(300, 250, 200), batch=(64, 64, 32), lr_G=2e-4, lr_D=2e-4, lam=(0.2, 1.0),
                   activate_from=3, fade_steps=(0, 60), ema=0.99, d_channels=32, encode_images=2000, encode_steps=20,
                   grow_optimizer="adam")
+# The demo preset of the first study (d6f0f4e: Lite0 distance, stage-08 400 steps) as changes from BASE; rows "demo: …"
+# start there and are run with --base runs/demo-lite0 (a default run of that preset, whose stage-08 is the "base" one).
+DEMO = dict(steps=(400, 800, 600), lr_D=2e-3, distance="lite0", adv_start=(0, 450), discriminator="projected", d_input=32)
 PROJ = dict(discriminator="projected", lr_D=2e-3, d_input=32)  # projected D, lr_D 10x lr_G, backbone input 32 px
 # name -> (GrowPreset changes, TrainConfig changes, stage-08: "base" = the base run's, "train" = as the row says).
 # Steps are (stage-08, stage-16, stage-32).
@@ -56,6 +59,12 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     # L_rec alone for the first 450 steps of each growth stage (cheap), then the GAN term: 350 / 150 GAN steps
     "projected, lite0 distance, rec warm-up 450": ({**PROJ, "distance": "lite0", "steps": (300, 800, 600),
                                                     "adv_start": (0, 450)}, {}, "base"),
+    # from the final demo preset: a pixel pyramid beside the Lite0 features (objects stay in place: consistency and
+    # inversion PSNR), and a longer stage-08 (G8 vs the teacher's FID)
+    "demo: lite0+multiscale distance": ({**DEMO, "distance": "lite0+multiscale"}, {}, "base"),
+    "demo: stage-08 700 steps, lite0+multiscale": ({**DEMO, "distance": "lite0+multiscale", "steps": (700, 800, 600)},
+                                                  {}, "train"),
+    "demo: lite0+4*multiscale distance": ({**DEMO, "distance": "lite0+4*multiscale"}, {}, "base"),
 }
 
 

@@ -19,9 +19,9 @@ import torch
 
 from common import device, environment, parser, print_table, write_results
 from pagoda.control import blur_fill, hole_psnr, inpaint_images
-from pagoda.data import downsample, make_dataset
+from pagoda.data import make_dataset
+from pagoda.images import downsample, resample
 from pagoda.encoder import Encoder, psnr
-from pagoda.data import resample
 from pagoda.inference import encode_images, load_models
 
 

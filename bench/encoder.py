@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from common import device, environment, figure, load_run, parser, print_table, sync, write_results
-from pagoda.data import downsample, make_dataset
+from pagoda.data import make_dataset
+from pagoda.images import downsample
 from pagoda.encoder import Encoder, psnr
 
 

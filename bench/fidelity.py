@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 
 from common import device, environment, load_run, parser, print_table, write_results
-from pagoda.data import downsample, make_dataset
+from pagoda.data import make_dataset
+from pagoda.images import downsample, resample
 from pagoda.encoder import Encoder, psnr
-from pagoda.data import resample
 from pagoda.loop import step_generator
 
 

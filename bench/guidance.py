@@ -21,7 +21,7 @@ from common import device, draw, environment, figure, load_run, parser, print_ta
 from quality import Scorer
 
 from pagoda.classifier import CLASSIFIER_DIR, NUM_CLASSES, classifier_for, classifier_file
-from pagoda.data import resample
+from pagoda.images import resample
 from pagoda.inference import index_labels, make_sampler
 from pagoda.io import load_checkpoint
 from pagoda.rundir import RunDir

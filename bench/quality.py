@@ -24,7 +24,8 @@ import torch
 
 from common import device, draw, environment, figure, inception_model, load_run, parser, print_table, read_json, write_results
 from pagoda import metrics as M
-from pagoda.data import downsample, make_dataset, resample
+from pagoda.data import make_dataset
+from pagoda.images import downsample, resample
 from pagoda.inference import make_sampler
 from pagoda.solvers import solver_steps
 

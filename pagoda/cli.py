@@ -62,7 +62,7 @@ def train(
     encode_images: Optional[int] = typer.Option(None, help="Images to encode into the latent cache (each also flipped); 0 = all; default: the preset's."),
     encode_steps: Optional[int] = typer.Option(None, help="Encoder Karras grid points (paper: 40, Heun); default: the preset's."),
     distance: Optional[str] = typer.Option(None, help="Reconstruction distance: lite0 | features | multiscale | pseudo_huber | l2 | "
-                                           "lpips (default: the preset's)."),
+                                           "lpips, or a sum a+b (e.g. lite0+multiscale) (default: the preset's)."),
     discriminator: Optional[str] = typer.Option(None, help="projected (frozen EfficientNet-Lite0 features) | multiscale "
                                                 "(from scratch) (default: the preset's)."),
     distill: float = typer.Option(0.0, help="Weight of the distillation loss (paper's ablation; 0 = off)."),

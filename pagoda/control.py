@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pagoda.data import downsample, load_mask, resample, save_image_grid, tensor_to_pil
+from pagoda.images import downsample, load_mask, resample, save_image_grid, tensor_to_pil
 from pagoda.decoder import Generator
 from pagoda.encoder import psnr
 from pagoda.inference import check_class, encode_images, load_models, read_image

@@ -21,7 +21,8 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
-from pagoda.data import downsample, loader
+from pagoda.data import loader
+from pagoda.images import downsample
 from pagoda.dist import update_threads
 from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
 from pagoda.solvers import SIGMA_MAX, SIGMA_MIN, karras_sigmas, nfe, solve

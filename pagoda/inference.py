@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pagoda.data import default_workers, downsample, resample, load_image, make_dataset, save_image_grid, tensor_to_pil, to_uint8
+from pagoda.data import default_workers, make_dataset
+from pagoda.images import downsample, load_image, resample, save_image_grid, tensor_to_pil, to_uint8
 from pagoda.decoder import Generator
 from pagoda.encoder import Encoder, build_latent_cache, psnr, teacher_fingerprint
 from pagoda.io import atomic_write_bytes, save_json

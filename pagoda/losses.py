@@ -213,14 +213,46 @@ class Lite0Distance(nn.Module):
         return sum((a - b).square().sum(1).flatten(1).mean(1) for a, b in zip(self.features(fake), target))
 
 
+class SumDistance(nn.Module):
+    """d = Σ_i d_i, named 'a+b' (e.g. 'lite0+multiscale': Lite0 features for texture, the pixel pyramid for where
+    things are; features normalised per position alone leave the low frequencies loose)."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        return sum(d(fake, real) for d in self.parts)
+
+
+class ScaledDistance(nn.Module):
+    """d = k · d_part, named 'k*part' (e.g. 'lite0+4*multiscale')."""
+
+    def __init__(self, k: float, part: nn.Module):
+        super().__init__()
+        self.k, self.part = k, part
+
+    def forward(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        return self.k * self.part(fake, real)
+
+
 _DISTANCES = {"l2": L2Distance, "pseudo_huber": PseudoHuberDistance, "multiscale": MultiscaleDistance,
               "features": RandomFeatureDistance, "lite0": Lite0Distance, "lpips": LPIPSDistance}
 
 
 def make_distance(name: str = DEFAULT_DISTANCE, channels: int = 3, input_size: int = 64,
                   pretrained: bool = True) -> nn.Module:
-    """Reconstruction distance by name for images of `channels` channels: a module d(fake, real) -> (B,).
-    `input_size` / `pretrained`: the Lite0 distance's backbone input and weights (False: random, e.g. on meta)."""
+    """Reconstruction distance by name for images of `channels` channels: a module d(fake, real) -> (B,); 'a+b' sums
+    two, 'k*a' scales one. `input_size` / `pretrained`: the Lite0 distance's backbone input and weights (False: random, e.g. on meta)."""
+    if "+" in name:
+        return SumDistance([make_distance(part, channels, input_size, pretrained) for part in name.split("+")])
+    if "*" in name:  # 'k*name': the distance times k
+        k, _, part = name.partition("*")
+        try:
+            k = float(k)
+        except ValueError:
+            raise LossConfigError(f"bad distance weight in {name!r}: write k*name with a number k, e.g. 2*multiscale") from None
+        return ScaledDistance(k, make_distance(part, channels, input_size, pretrained))
     if name not in _DISTANCES:
         raise LossConfigError(f"unknown distance {name!r}: choose one of {', '.join(_DISTANCES)}")
     if name == "features":

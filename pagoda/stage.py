@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from pagoda import dist
-from pagoda.data import default_workers, downsample, loader, save_image_grid
+from pagoda.data import default_workers, loader
+from pagoda.images import downsample, save_image_grid
 from pagoda.decoder import Generator
 from pagoda.discriminators import make_discriminator
 from pagoda.encoder import LatentPairs

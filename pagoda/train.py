@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from pagoda import dist
-from pagoda.data import default_workers, loader, make_dataset, save_image_grid
+from pagoda.data import default_workers, loader, make_dataset
+from pagoda.images import save_image_grid
 from pagoda.decoder import Generator
 from pagoda.encoder import Encoder, LatentPairs, LatentStore, build_latent_cache
 from pagoda.grow import get_preset, plan_stages

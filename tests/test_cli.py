@@ -18,7 +18,8 @@ from PIL import Image
 from typer.main import get_command
 
 from pagoda.cli import app
-from pagoda.data import downsample, load_fashion_mnist, load_image, make_dataset, tensor_to_pil
+from pagoda.data import load_fashion_mnist, make_dataset
+from pagoda.images import downsample, load_image, tensor_to_pil
 from pagoda.encoder import Encoder, psnr
 from pagoda.teacher import load_teacher
 

@@ -14,9 +14,9 @@ from PIL import Image
 
 import pagoda.control as control
 from pagoda.control import blur_fill, hole_psnr, inpaint_images, slerp
-from pagoda.data import load_fashion_mnist, load_image, load_mask, tensor_to_pil, to_uint8
+from pagoda.data import load_fashion_mnist
+from pagoda.images import load_image, load_mask, resample, tensor_to_pil, to_uint8
 from pagoda.encoder import Encoder, psnr
-from pagoda.data import resample
 from pagoda.inference import NpzExport, encode_images, load_models
 
 from helpers import build_tiny_run, invoke, ok, one_line_error

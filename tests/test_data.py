@@ -23,6 +23,7 @@ from skimage import data as skdata
 from torch.utils.data import DataLoader
 
 from pagoda import data as D
+from pagoda import images as IM
 
 FMNIST = D.FASHION_MNIST_SYSTEM_DIR
 NAMES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
@@ -181,7 +182,7 @@ PHOTOS = {"astronaut": skdata.astronaut(), "coffee": skdata.coffee(), "chelsea":
 @pytest.mark.parametrize("resolution", [16, 64, 100, 256])
 def test_adm_resize_matches_guided_diffusion(name, resolution):
     img = Image.fromarray(PHOTOS[name])
-    out = D.adm_resize(img, resolution)
+    out = IM.adm_resize(img, resolution)
     assert out.size == (resolution, resolution) and out.mode == "RGB"
     assert np.array_equal(np.asarray(out), center_crop_arr(img, resolution))
 
@@ -190,7 +191,7 @@ def test_adm_resize_coffee_is_box_halving_then_center_crop():
     a = PHOTOS["coffee"].astype(np.float64)  # 400×600: halve to 200×300, scale 1, crop columns 50:250
     assert a.shape == (400, 600, 3)
     halved = a.reshape(200, 2, 300, 2, 3).mean(axis=(1, 3))
-    out = np.asarray(D.adm_resize(Image.fromarray(PHOTOS["coffee"]), 200)).astype(np.float64)
+    out = np.asarray(IM.adm_resize(Image.fromarray(PHOTOS["coffee"]), 200)).astype(np.float64)
     assert np.abs(out - halved[:, 50:250]).max() <= 1.0  # uint8 rounding only
     assert np.abs(out - halved[:, 49:249]).max() > 10  # a one-pixel shift is detected
 
@@ -199,7 +200,7 @@ def test_adm_resize_coffee_is_box_halving_then_center_crop():
 @given(w=st.integers(1, 300), h=st.integers(1, 300), r=st.integers(1, 64), seed=st.integers(0, 2**16))
 def test_adm_resize_any_size_matches_reference(w, h, r, seed):
     img = _noise(w, h, seed)  # odd and even crop offsets, up- and down-scaling
-    out = D.adm_resize(img, r)
+    out = IM.adm_resize(img, r)
     assert out.size == (r, r) and np.array_equal(np.asarray(out), center_crop_arr(img, r))
 
 
@@ -207,29 +208,29 @@ def test_adm_resize_any_size_matches_reference(w, h, r, seed):
 def test_downsample_power_of_two_is_block_mean(size, res, block):
     x = torch.randn(3, 2, size, size)
     expect = x.reshape(3, 2, res, block, res, block).mean(dim=(3, 5))
-    assert torch.allclose(D.downsample(x, res), expect, atol=1e-6)
-    assert torch.equal(D.downsample(x, size), x)
+    assert torch.allclose(IM.downsample(x, res), expect, atol=1e-6)
+    assert torch.equal(IM.downsample(x, size), x)
 
 
 def test_downsample_general_ratio_differentiable_deterministic():
     x = torch.randn(2, 3, 32, 32)
-    out = D.downsample(x, 12)  # 32 -> 16 (box) -> 12 (antialiased bicubic)
+    out = IM.downsample(x, 12)  # 32 -> 16 (box) -> 12 (antialiased bicubic)
     expect = F.interpolate(F.avg_pool2d(x, 2), size=(12, 12), mode="bicubic", antialias=True)
     assert out.shape == (2, 3, 12, 12) and torch.allclose(out, expect, atol=1e-6)
-    assert torch.equal(out, D.downsample(x, 12))
+    assert torch.equal(out, IM.downsample(x, 12))
     xd = torch.randn(1, 1, 12, 12, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: D.downsample(t, 5), (xd,))
+    assert torch.autograd.gradcheck(lambda t: IM.downsample(t, 5), (xd,))
     with pytest.raises(ValueError, match="square"):
-        D.downsample(torch.zeros(1, 1, 8, 16), 4)
+        IM.downsample(torch.zeros(1, 1, 8, 16), 4)
     with pytest.raises(ValueError, match="lower"):
-        D.downsample(torch.zeros(1, 1, 8, 8), 16)
+        IM.downsample(torch.zeros(1, 1, 8, 8), 16)
 
 
 def test_downsample_agrees_with_pil_adm_path():
     img = PHOTOS["astronaut"]  # 512×512 -> 64: three box halvings either way
-    ref = torch.from_numpy(np.array(D.adm_resize(Image.fromarray(img), 64))).permute(2, 0, 1).float()
+    ref = torch.from_numpy(np.array(IM.adm_resize(Image.fromarray(img), 64))).permute(2, 0, 1).float()
     x = torch.from_numpy(img).permute(2, 0, 1).float()[None]
-    assert (D.downsample(x, 64)[0] - ref).abs().max() <= 3.0  # PIL rounds to uint8 after each of 3 halvings
+    assert (IM.downsample(x, 64)[0] - ref).abs().max() <= 3.0  # PIL rounds to uint8 after each of 3 halvings
 
 
 # ---- single images: modes and bad files ------------------------------------------------------
@@ -247,16 +248,16 @@ def _save(img: Image.Image, path: Path, **kw) -> Path:
     return path
 
 
-@pytest.mark.parametrize("w,h,max_pixels", [(20000, 20000, D.DEFAULT_MAX_PIXELS),  # PIL's bomb guard
-                                            (8000, 8000, D.DEFAULT_MAX_PIXELS),  # our size guard
+@pytest.mark.parametrize("w,h,max_pixels", [(20000, 20000, IM.DEFAULT_MAX_PIXELS),  # PIL's bomb guard
+                                            (8000, 8000, IM.DEFAULT_MAX_PIXELS),  # our size guard
                                             (100, 100, 5000)])
 def test_huge_image_refused_before_decoding(tmp_path, w, h, max_pixels):
     path = tmp_path / "huge.png"
     path.write_bytes(_png_header(w, h))
     assert path.stat().st_size < 100
     t = time.perf_counter()
-    with pytest.raises(D.ImageError, match=r"huge\.png.*refused before decoding") as e:
-        D.load_image(path, 32, 3, max_pixels=max_pixels)
+    with pytest.raises(IM.ImageError, match=r"huge\.png.*refused before decoding") as e:
+        IM.load_image(path, 32, 3, max_pixels=max_pixels)
     assert time.perf_counter() - t < 1.0 and "\n" not in str(e.value)
 
 
@@ -270,8 +271,8 @@ def test_bad_files_name_the_file(tmp_path, kind):
                "zero_size": _png_header(0, 5)}[kind]
     path = tmp_path / f"{kind}.{'jpg' if 'jpeg' in kind else 'png'}"
     path.write_bytes(content)
-    with pytest.raises(D.ImageError, match=f"{kind}.*fix:") as e:
-        D.load_image(path, 16, 3)
+    with pytest.raises(IM.ImageError, match=f"{kind}.*fix:") as e:
+        IM.load_image(path, 16, 3)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
@@ -281,11 +282,11 @@ def test_rgba_composited_over_white_and_la(tmp_path):
     a[0, :, 3] = 0      # transparent row -> white
     a[1, :, 3] = 255    # opaque red
     a[2:, :, 3] = 128   # half red over white
-    x = D.load_image(_save(Image.fromarray(a, "RGBA"), tmp_path / "a.png"), 4, 3)
+    x = IM.load_image(_save(Image.fromarray(a, "RGBA"), tmp_path / "a.png"), 4, 3)
     assert torch.allclose(x[:, 0], torch.ones(3, 4)) and torch.allclose(x[:, 1], torch.tensor([[1.0], [-1], [-1]]))
     assert x[1, 2].sub(127 / 127.5 - 1).abs().max() < 0.02  # green of half red over white
     la = np.stack([np.full((4, 4), 0, np.uint8), np.full((4, 4), 0, np.uint8)], -1)  # black, transparent
-    x = D.load_image(_save(Image.fromarray(la, "LA"), tmp_path / "la.png"), 4, 1)
+    x = IM.load_image(_save(Image.fromarray(la, "LA"), tmp_path / "la.png"), 4, 1)
     assert x.shape == (1, 4, 4) and (x == 1.0).all()
 
 
@@ -293,35 +294,35 @@ def test_16bit_png_scaled_not_clipped(tmp_path):
     v = np.array([[0, 257 * 100, 65535, 30000]], np.uint16).repeat(4, 0)
     img = Image.fromarray(v)
     assert img.mode == "I;16"
-    x = D.load_image(_save(img, tmp_path / "deep.png"), 4, 1)
+    x = IM.load_image(_save(img, tmp_path / "deep.png"), 4, 1)
     # resize to 4 is a bicubic no-op; columns map to 0, 100, 255, round(30000/257)=117
     expect = torch.tensor([0, 100, 255, 117]) / 127.5 - 1
     assert torch.allclose(x[0], expect.expand(4, 4), atol=1e-6)
     for mode_arr in (v.astype(">u2"), v.astype(np.int32)):  # I;16B and I in memory
-        out = np.asarray(D.to_channels(Image.fromarray(mode_arr), 3))
+        out = np.asarray(IM.to_channels(Image.fromarray(mode_arr), 3))
         assert out.shape == (4, 4, 3) and (out[0, :, 0] == [0, 100, 255, 117]).all()
 
 
 def test_palette_mono_float_cmyk_modes(tmp_path):
     p = Image.new("P", (6, 6), 1)
     p.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
-    x = D.load_image(_save(p, tmp_path / "p.png"), 6, 3)
+    x = IM.load_image(_save(p, tmp_path / "p.png"), 6, 3)
     assert torch.allclose(x[:, 0, 0], torch.tensor([-1.0, -1, 1]))  # blue, no transparency
-    x = D.load_image(_save(p, tmp_path / "pt.png", transparency=1), 6, 3)
+    x = IM.load_image(_save(p, tmp_path / "pt.png", transparency=1), 6, 3)
     assert (x == 1.0).all()  # transparent palette entry -> white
-    assert np.asarray(D.to_channels(Image.new("1", (3, 3), 1), 1)).max() == 255
+    assert np.asarray(IM.to_channels(Image.new("1", (3, 3), 1), 1)).max() == 255
     f = Image.fromarray(np.full((3, 3), 0.5, np.float32))
-    assert (np.asarray(D.to_channels(f, 1)) == 128).all()
-    cmyk = D.to_channels(Image.new("CMYK", (3, 3), (0, 0, 0, 0)), 3)
+    assert (np.asarray(IM.to_channels(f, 1)) == 128).all()
+    cmyk = IM.to_channels(Image.new("CMYK", (3, 3), (0, 0, 0, 0)), 3)
     assert cmyk.mode == "RGB" and (np.asarray(cmyk) == 255).all()
     with pytest.raises(ValueError, match="channels"):
-        D.to_channels(p, 2)
+        IM.to_channels(p, 2)
 
 
 def test_one_pixel_and_non_square(tmp_path):
-    x = D.load_image(_save(Image.new("RGB", (1, 1), (255, 0, 0)), tmp_path / "one.bmp"), 8, 3)
+    x = IM.load_image(_save(Image.new("RGB", (1, 1), (255, 0, 0)), tmp_path / "one.bmp"), 8, 3)
     assert x.shape == (3, 8, 8) and torch.allclose(x, torch.tensor([1.0, -1, -1])[:, None, None].expand(3, 8, 8))
-    x = D.load_image(_save(_noise(50, 30), tmp_path / "wide.webp"), 16, 1)
+    x = IM.load_image(_save(_noise(50, 30), tmp_path / "wide.webp"), 16, 1)
     assert x.shape == (1, 16, 16) and x.dtype == torch.float32 and -1 <= x.min() <= x.max() <= 1
 
 
@@ -349,7 +350,7 @@ def test_image_folder_classes_nested(tmp_path):
     assert ds.labels == [0, 0, 1, 1] and len(ds) == 4
     img, label = ds[3]
     assert img.shape == (3, 16, 16) and label == 1
-    assert torch.equal(img, D.load_image(tmp_path / "imgs" / "dog" / "deep" / "er" / "d.bmp", 16, 3))
+    assert torch.equal(img, IM.load_image(tmp_path / "imgs" / "dog" / "deep" / "er" / "d.bmp", 16, 3))
     flat = tmp_path / "flat"
     flat.mkdir()
     for i in range(3):
@@ -362,7 +363,7 @@ def test_image_folder_bad_file_error_and_skip(tmp_path):
     root = _folder(tmp_path / "imgs")
     bad = root / "dog" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
-    with pytest.raises(D.ImageError, match="broken.png"):
+    with pytest.raises(IM.ImageError, match="broken.png"):
         D.ImageFolderDataset(root, 8)
     with pytest.warns(UserWarning, match=r"skipped 1 unreadable.*broken\.png"):
         ds = D.ImageFolderDataset(root, 8, skip_bad=True)
@@ -370,7 +371,7 @@ def test_image_folder_bad_file_error_and_skip(tmp_path):
     buf = io.BytesIO()
     _noise().save(buf, "PNG")
     bad.write_bytes(buf.getvalue()[:-40])  # valid header, truncated data: found by the header scan
-    with pytest.raises(D.ImageError, match=r"broken\.png: corrupt or truncated"):
+    with pytest.raises(IM.ImageError, match=r"broken\.png: corrupt or truncated"):
         D.ImageFolderDataset(root, 8)
 
 
@@ -382,13 +383,13 @@ def test_truncated_jpeg_found_at_load_or_full_scan(tmp_path):
     (root / "0.jpg").write_bytes(buf.getvalue()[:-300])  # passes the header scan
     _save(_noise(seed=9), root / "1.png")
     ds = D.ImageFolderDataset(root, 8)
-    with pytest.raises(D.ImageError, match=r"0\.jpg: corrupt or truncated"):
+    with pytest.raises(IM.ImageError, match=r"0\.jpg: corrupt or truncated"):
         ds[0]
     ds = D.ImageFolderDataset(root, 8, skip_bad=True)
     with pytest.warns(UserWarning, match=r"0\.jpg.*next image"):
         img, _ = ds[0]
     assert torch.equal(img, ds[1][0])
-    with pytest.raises(D.ImageError, match=r"0\.jpg"):
+    with pytest.raises(IM.ImageError, match=r"0\.jpg"):
         D.ImageFolderDataset(root, 8, scan="full")
 
 
@@ -425,7 +426,7 @@ def test_zip_dataset_labels_pickling_and_errors(tmp_path):
     assert isinstance(ds, D.ZipDataset) and len(ds) == 6 and ds.num_classes == 3
     assert ds.labels == [0, 1, 2, 0, 1, 2] and ds.class_names == ["0", "1", "2"]
     img, label = ds[4]
-    ref = D.adm_resize(D.to_channels(_noise(seed=4), 3), 16)
+    ref = IM.adm_resize(IM.to_channels(_noise(seed=4), 3), 16)
     assert label == 1 and torch.allclose(img, torch.from_numpy(np.asarray(ref, np.float32)).permute(2, 0, 1) / 127.5 - 1)
     clone = pickle.loads(pickle.dumps(ds))  # after the zip was opened in this process
     assert torch.equal(clone[4][0], img)
@@ -444,7 +445,7 @@ def test_zip_dataset_labels_pickling_and_errors(tmp_path):
         D.ZipDataset(tmp_path / "junk.zip", 8)
     with zipfile.ZipFile(tmp_path / "bad.zip", "w") as zf:
         zf.writestr("a.png", b"\x89PNG garbage")
-    with pytest.raises(D.ImageError, match=r"bad\.zip:a\.png"):
+    with pytest.raises(IM.ImageError, match=r"bad\.zip:a\.png"):
         D.ZipDataset(tmp_path / "bad.zip", 8)
 
 
@@ -495,15 +496,15 @@ def test_latent_pairs_flip_image_and_latent_together():
 
 def test_save_image_grid_and_tensor_to_pil(tmp_path):
     x = (torch.randint(0, 256, (10, 3, 8, 8)).float() / 127.5 - 1)
-    path = D.save_image_grid(x, tmp_path / "out" / "grid.png", nrow=4, scale=3)
+    path = IM.save_image_grid(x, tmp_path / "out" / "grid.png", nrow=4, scale=3)
     grid = np.asarray(Image.open(path))
     assert grid.shape == (3 * 8 * 3, 4 * 8 * 3, 3) and list(path.parent.iterdir()) == [path]
     tile = grid[8 * 3: 16 * 3, 8 * 3: 16 * 3]  # row 1, column 1 = image 5, upscaled ×3
-    assert np.array_equal(tile[::3, ::3], np.asarray(D.tensor_to_pil(x[5]))) and np.array_equal(tile[1::3, 2::3], tile[::3, ::3])
+    assert np.array_equal(tile[::3, ::3], np.asarray(IM.tensor_to_pil(x[5]))) and np.array_equal(tile[1::3, 2::3], tile[::3, ::3])
     assert (grid[16 * 3:, 16 * 3:] == 0).all()  # cells past the 10th image are black
-    assert torch.allclose(torch.from_numpy(np.asarray(D.tensor_to_pil(x[0]), np.float32)).permute(2, 0, 1) / 127.5 - 1, x[0])
-    gray = D.save_image_grid(torch.zeros(4, 1, 8, 8), tmp_path / "g.png")
+    assert torch.allclose(torch.from_numpy(np.asarray(IM.tensor_to_pil(x[0]), np.float32)).permute(2, 0, 1) / 127.5 - 1, x[0])
+    gray = IM.save_image_grid(torch.zeros(4, 1, 8, 8), tmp_path / "g.png")
     assert Image.open(gray).mode == "L" and Image.open(gray).size == (16, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert D.tensor_to_pil(torch.full((1, 2, 2), float("nan"))).getpixel((0, 0)) == 128
+        assert IM.tensor_to_pil(torch.full((1, 2, 2), float("nan"))).getpixel((0, 0)) == 128

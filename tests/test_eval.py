@@ -25,8 +25,8 @@ from helpers import StandInInception, build_tiny_run, quick_classifier
 
 from pagoda import metrics as M
 from pagoda.cli import app
-from pagoda.data import downsample, load_fashion_mnist
-from pagoda.data import resample
+from pagoda.data import load_fashion_mnist
+from pagoda.images import downsample, resample
 from pagoda.inference import make_sampler
 from pagoda.solvers import solver_steps
 from pagoda.rundir import open_model

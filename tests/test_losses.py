@@ -136,6 +136,21 @@ def test_distances_at_4px_and_default_is_offline():
         make_distance("ssim")
 
 
+def test_sum_of_distances():
+    a, b = torch.rand(3, 1, 16, 16) * 2 - 1, torch.rand(3, 1, 16, 16) * 2 - 1
+    total = make_distance("lite0+multiscale", channels=1, input_size=32)(a, b)
+    parts = make_distance("lite0", channels=1, input_size=32)(a, b) + make_distance("multiscale")(a, b)
+    assert_close(total, parts)
+    assert_close(make_distance("l2+l2+multiscale")(a, b), 2 * make_distance("l2")(a, b) + make_distance("multiscale")(a, b))
+    assert_close(make_distance("lite0+0.5*l2", 1, 32)(a, b), make_distance("lite0", 1, 32)(a, b) + 0.5 * make_distance("l2")(a, b))
+    with pytest.raises(LossConfigError, match="unknown distance 'ssim'"):
+        make_distance("l2+ssim")
+    with pytest.raises(LossConfigError, match="unknown distance 'ssim'"):
+        make_distance("2*ssim")
+    with pytest.raises(LossConfigError, match="bad distance weight in 'x\\*l2'"):
+        make_distance("x*l2")
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.floats(-1.0, 1.0), st.sampled_from([4, 8, 16, 32]), st.integers(1, 3))
 def test_distances_on_constant_offset(delta, res, channels):

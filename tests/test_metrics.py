@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pagoda import metrics as M
-from pagoda.data import load_fashion_mnist, tensor_to_pil
+from pagoda.data import load_fashion_mnist
+from pagoda.images import tensor_to_pil
 
 
 class CountingModel(torch.nn.Module):

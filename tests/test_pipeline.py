@@ -15,7 +15,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pagoda.data import downsample, load_fashion_mnist
+from pagoda.data import load_fashion_mnist
+from pagoda.images import downsample
 from pagoda.decoder import Generator
 from pagoda.encoder import Encoder, psnr
 from pagoda.grow import PRESETS
