@@ -59,8 +59,8 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     # L_rec alone for the first 450 steps of each growth stage (cheap), then the GAN term: 350 / 150 GAN steps
     "projected, lite0 distance, rec warm-up 450": ({**PROJ, "distance": "lite0", "steps": (300, 800, 600),
                                                     "adv_start": (0, 450)}, {}, "base"),
-    # from the final demo preset: a pixel pyramid beside the Lite0 features (objects stay in place: consistency and
-    # inversion PSNR), and a longer stage-08 (G8 vs the teacher's FID)
+    # from DEMO (the first Lite0 default): a pixel pyramid beside the Lite0 features (objects stay in place:
+    # consistency and inversion PSNR), and a longer stage-08 (G8 vs the teacher's FID)
     "demo: lite0+multiscale distance": ({**DEMO, "distance": "lite0+multiscale"}, {}, "base"),
     "demo: stage-08 700 steps, lite0+multiscale": ({**DEMO, "distance": "lite0+multiscale", "steps": (700, 800, 600)},
                                                   {}, "train"),

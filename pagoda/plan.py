@@ -212,7 +212,7 @@ def dry_run(cfg: TrainConfig, ranks: int, width: int | None = None, steps: int =
     A = cfg.accumulate
     try:  # LPIPS needs local weights; the reduced steps then use the default distance (said in the plan)
         for s in stages:
-            if s.distance == "lpips":
+            if "lpips" in s.distance:  # also inside a sum, e.g. 'lite0+lpips'
                 make_distance("lpips")
         substitute = None
     except LossConfigError:
