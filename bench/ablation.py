@@ -35,6 +35,9 @@ BASE = GrowPreset(name="demo-before", steps=(300, 250, 200), batch=(64, 64, 32),
 # The demo preset of the first study (d6f0f4e: Lite0 distance, stage-08 400 steps) as changes from BASE; rows "demo: …"
 # start there and are run with --base runs/demo-lite0 (a default run of that preset, whose stage-08 is the "base" one).
 DEMO = dict(steps=(400, 800, 600), lr_D=2e-3, distance="lite0", adv_start=(0, 450), discriminator="projected", d_input=32)
+# The second default (fbf4760: Lite0 + pixel pyramid, stage-08 700 steps) as changes from BASE; rows "ms: …" start
+# there and are run with --base runs/demo-ms (a default run of it).
+MS = {**DEMO, "distance": "lite0+multiscale", "steps": (700, 800, 600)}
 PROJ = dict(discriminator="projected", lr_D=2e-3, d_input=32)  # projected D, lr_D 10x lr_G, backbone input 32 px
 # name -> (GrowPreset changes, TrainConfig changes, stage-08: "base" = the base run's, "train" = as the row says).
 # Steps are (stage-08, stage-16, stage-32).
@@ -65,10 +68,23 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     "demo: stage-08 700 steps, lite0+multiscale": ({**DEMO, "distance": "lite0+multiscale", "steps": (700, 800, 600)},
                                                   {}, "train"),
     "demo: lite0+4*multiscale distance": ({**DEMO, "distance": "lite0+4*multiscale"}, {}, "base"),
+    # from MS: G8 against the teacher (the distillation term toward its Heun-35 samples; a heavier pixel term)
+    "ms: distill β=1": (MS, dict(distill=1.0), "train"),
+    "ms: lite0+4*multiscale distance": ({**MS, "distance": "lite0+4*multiscale"}, {}, "train"),
+    # growth stages only (stage-08 of the base run): the heavier pixel term, + the anchor d(↓G(z'), G_8(z')) on the
+    # adversarial fakes (consistency at 32 px)
+    "ms: growth lite0+4*multiscale, anchor 4": ({**MS, "grow_distance": "lite0+4*multiscale", "anchor": 4.0}, {}, "base"),
+    "ms: growth lite0+4*multiscale, anchor 16": ({**MS, "grow_distance": "lite0+4*multiscale", "anchor": 16.0}, {},
+                                                  "base"),
+    # the ω-conditioned G of runs/guided (DEMO + --guidance-max 4; score the ω table with bench/guidance.py)
+    "guided: adversarial at ω' = 1": (DEMO, dict(guidance_max=4.0, guided_adv=False), "train"),
+    # G(z, y, ω) barely moves with ω (mean |G(ω=4) − G(ω=1)| 0.021 vs the teacher's 0.17): a stronger, pixel-anchored
+    # distillation (the second default's lite0+multiscale distance and 700 steps, β = 3)
+    "guided: ms preset, β = 3": (MS, dict(guidance_max=4.0, distill=3.0), "train"),
 }
 
 
-KEY_FIELDS = ("augment", "seed", "distill", "guidance_max")  # the TrainConfig fields that change how stage-08 trains
+KEY_FIELDS = ("augment", "seed", "distill", "guidance_max", "guided_adv")  # the TrainConfig fields that change how stage-08 trains
 
 
 def _stage08_key(run: RunDir) -> tuple | None:

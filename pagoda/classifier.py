@@ -3,8 +3,9 @@
 A sample of class y is "accurate" when this classifier puts it in class y; `pagoda eval --accuracy` reports the
 fraction. One network per resolution R (images ADM-downsampled with `data.downsample`, as the stages see them):
 3×3 conv-BN-ReLU layers, 2×2 max-pools and a linear layer on the flattened maps, trained on the train split with
-AdamW + one-cycle, label smoothing 0.1, seeded, on CPU. It is cached as RUN/classifier/fmnist-R.pt (a
-weights_only-loadable dict) and reused when present. Measured (test split, 10 000 images): see docs/method.md.
+AdamW + one-cycle, label smoothing 0.1, seeded, on CPU; a network trained with flips predicts from the mean of
+the class probabilities of x and its mirror (test-time flip). It is cached as RUN/classifier/fmnist-R.pt (a
+weights_only-loadable dict) and reused when present. Measured (test split, 10 000 images): docs/benchmarks.md §10.
 """
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class ClassifierConfig:
 def classifier_config(resolution: int, **override) -> ClassifierConfig:
     """The default configuration at `resolution` (≤ 8, ≤ 16, else the 32-px one), with `override` applied."""
     if resolution <= 8:
-        cfg = ClassifierConfig(resolution, "64,64,128p,128,256p,256", epochs=8)
+        cfg = ClassifierConfig(resolution, "64,64,128p,128,256p,256", epochs=12, flip=0.5)
     elif resolution <= 16:
         cfg = ClassifierConfig(resolution, "64,64p,128,128p,256", epochs=4, flip=0.5, shift=1)
     else:
@@ -75,6 +76,11 @@ class Classifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """Class probabilities; a network trained with flips averages them over x and its mirror (test-time flip)."""
+        p = self(x).softmax(1)
+        return (p + self(x.flip(-1)).softmax(1)) / 2 if self.config.flip > 0 else p
+
     @torch.no_grad()
     def correct(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per image: is it classified as its label? (bool, on the CPU; batches of 1000, eval mode)."""
@@ -85,7 +91,7 @@ class Classifier(nn.Module):
         dev = next(self.parameters()).device
         was_training = self.training
         self.eval()
-        pred = torch.cat([self(x.to(dev)).argmax(1).cpu() for x in images.float().split(1000)])
+        pred = torch.cat([self.probabilities(x.to(dev)).argmax(1).cpu() for x in images.float().split(1000)])
         self.train(was_training)
         return pred == labels.cpu()
 

@@ -67,15 +67,16 @@ def _png(fig) -> bytes:
 
 
 def _series(log: list[dict], key: str, max_points: int = 2000) -> tuple[list[int], list[float], list[float]]:
-    """(steps, values, smoothed values) of one logged quantity, thinned to ≤ max_points (NaN where not logged)."""
-    v = [float(r.get(key, float("nan"))) for r in log]
+    """(steps, values, smoothed values) of one logged quantity over the steps that log it, thinned to ≤ max_points."""
+    log = [r for r in log if key in r]
+    v = [float(r[key]) for r in log]
     sm, every = _smooth(v, max(1, len(v) // 50)), max(1, -(-len(v) // max_points))
     return [r["step"] for r in log][::every], v[::every], sm[::every]
 
 
 def plot_curves(teacher_log: list[dict], stage_logs: dict[str, list[dict]]) -> dict[str, bytes]:
-    """PNGs: 'losses' (teacher loss; per stage L_rec, L_adv and L_D with chance level 2, and the D margin on the
-    held-out batch) and 'weights' (per stage w and α)."""
+    """PNGs: 'losses' (teacher loss; per stage L_rec [and a·L_anchor], L_adv and L_D with chance level 2, and the D
+    margin on the held-out batch) and 'weights' (per stage w and α)."""
     names, plots = list(stage_logs) or ["(no stage yet)"], {}
     fig = Figure(figsize=(3.6 * (len(names) + 1), 8.1))
     axes = fig.subplots(3, len(names) + 1, squeeze=False)
@@ -87,7 +88,8 @@ def plot_curves(teacher_log: list[dict], stage_logs: dict[str, list[dict]]) -> d
     axes[2][0].axis("off")
     for j, name in enumerate(names, start=1):
         log = stage_logs.get(name, [])
-        for row, key, label in [(0, "rec", "L_rec"), (1, "adv", "L_adv (G)"), (1, "d", "L_D")]:
+        anchored = [(0, "anchor", "a·L_anchor")] if any("anchor" in r for r in log) else []
+        for row, key, label in [(0, "rec", "L_rec"), *anchored, (1, "adv", "L_adv (G)"), (1, "d", "L_D")]:
             s, v, sm = _series(log, key)
             line, = axes[row][j].plot(s, sm, label=label)  # smoothed, over the raw values in the same colour
             axes[row][j].plot(s, v, alpha=0.25, color=line.get_color())
@@ -99,6 +101,8 @@ def plot_curves(teacher_log: list[dict], stage_logs: dict[str, list[dict]]) -> d
         axes[1][j].set(title=f"{name}: adversarial", xlabel="step")
         axes[2][j].set(title=f"{name}: D(real) − D(fake), held out", xlabel="step")
         axes[1][j].legend(fontsize=8)
+        if anchored:
+            axes[0][j].legend(fontsize=8)
     fig.tight_layout()
     plots["losses"] = _png(fig)
     fig = Figure(figsize=(3.6 * len(names), 2.8))
@@ -167,7 +171,7 @@ def _tables(info: dict) -> dict[str, tuple[list[str], list[list[str]]]]:
                [[t["part"], _fmt(t.get("steps")), _fmt(t.get("seconds"), ".1f"), _fmt(t.get("cpu_seconds"), ".1f"),
                  _fmt(t.get("img_per_s"), ".1f"), t["source"]] for t in info["timings"]])
     keys = ["name", "resolution", "steps", "batch", "lr_G", "lr_D", "lam", "activate_from", "fade_steps", "ema",
-            "discriminator", "distance"]
+            "discriminator", "distance", "anchor"]
     stages = (keys, [[_fmt(s.get(k)) for k in keys] for s in info["config"].get("stages", [])])
     return {"fid": fid, "timings": timings, "stages": stages}
 

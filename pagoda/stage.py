@@ -1,7 +1,8 @@
 """One PaGoDA generator stage (paper §3.2-3.3): alternate G and D steps at one resolution.
 
-    G step:  L_G = L_rec + λ·w·L_adv  [+ β·L_dstl] [+ 0.5·w·L_adv,rec]   (rec on (x, z, y) from the cache;
-             L_rec = d(G(E(x_lo), y), x_hi),  L_adv = −E D(G(z', y')),    adv on fresh z' ~ N(0, σ_max² I))
+    G step:  L_G = L_rec + λ·w·L_adv  [+ β·L_dstl] [+ 0.5·w·L_adv,rec] [+ a·L_anchor]  (rec on (x, z, y) from the
+             cache; L_rec = d(G(E(x_lo), y), x_hi),  L_adv = −E D(G(z', y')),  adv on fresh z' ~ N(0, σ_max² I);
+             growth stages: L_anchor = d(↓G(z', y'), G_R(z', y')), G_R the frozen stage-2 generator)
              w = ‖∇_W L_rec‖ / (‖∇_W L_adv‖ + 1e-4) clipped to [0.01, 10], W = G's last-layer weight
     D step:  L_D = E relu(1 − D(x)) + E relu(1 + D(G(z')))              (separate real batch, h-flipped with p = 0.5;
              per-head hinge, mean over heads; the same DiffAugment draw for real sample i and fake sample i)
@@ -29,13 +30,14 @@ from pagoda.discriminators import make_discriminator
 from pagoda.encoder import LatentPairs
 from pagoda.grow import StageConfig
 from pagoda.io import load_checkpoint, save_checkpoint
-from pagoda.losses import (TeacherSampleCache, adaptive_weight, d_hinge_loss, diff_augment, g_hinge_loss, make_distance,
-                           margin)
+from pagoda.losses import (MultiscaleDistance, TeacherSampleCache, adaptive_weight, d_hinge_loss, diff_augment,
+                           g_hinge_loss, make_distance, margin)
 from pagoda.loop import EMA, LoopSpec, check_finite, fixed_labels, run_loop, step_generator
 from pagoda.rundir import CHECKPOINT_FILE, GENERATOR_FILE, grid_name, stage_dir_name
 from pagoda.solvers import sample
 from pagoda.teacher import Denoiser, guided
 
+GUIDED_DISTILL = 3.0  # β of L_dstl for an ω-conditioned G when --distill is not given
 DISTILL_POOL = 4096  # size of the fixed z pool whose teacher samples the distillation loss uses
 TEACHER_SAMPLES = "teacher-samples.pt"  # that pool's cache, in the run directory (shared by the stages)
 PROBE_BATCH, PROBE_EVERY = 64, 10  # the held-out batch of the D margin, and how often (steps) it is measured
@@ -111,6 +113,10 @@ class StageTrainer:
                       else build_discriminators(stage, C, ncls))
         self.D, self.D_recon = D.to(self.dev), D_recon and D_recon.to(self.dev)
         self.distance = make_distance(stage.distance, C, stage.d_input).to(self.dev)
+        self.G_base = None  # the anchor's target: the frozen stage-2 generator (the grown G's fresh samples stay on it)
+        if stage.anchor > 0:
+            base = self.sdir.parent / stage_dir_name(self.G.base_resolution) / GENERATOR_FILE
+            self.G_base = Generator.from_checkpoint(base, map_location=self.dev).eval().requires_grad_(False)
         self.opt_G = _opt(stage.optimizer, self.params_G, stage.lr_G)
         self.Ds = [self.D] + ([self.D_recon] if self.D_recon is not None else [])
         self.params_D = [p for D in self.Ds for p in D.parameters() if p.requires_grad]  # not a frozen backbone
@@ -118,8 +124,9 @@ class StageTrainer:
         self.ema, self.step = EMA(self.G, stage.ema), 0
         self.rng = lambda *keys: step_generator(cfg.seed, 1000 + k, *keys)
         # Distillation: guided teacher ODE samples (Heun 35 NFE; ω = 1: plain) for a fixed pool of (z, y, ω), computed
-        # once and kept on disk for every stage. On with --distill β, and always with --guidance-max (β = 1 if unset).
-        self.distill = cfg.distill or (1.0 if self.guidance_max else 0.0)
+        # once and kept on disk for every stage. On with --distill β, and always with --guidance-max (β = 3 if unset:
+        # with β = 1, G hardly used ω; docs/benchmarks.md §10).
+        self.distill = cfg.distill or (GUIDED_DISTILL if self.guidance_max else 0.0)
         self.cache = None
         if self.distill > 0:
             t_res = self.G.base_resolution
@@ -156,7 +163,7 @@ class StageTrainer:
             dist.broadcast_([t for m in [self.G, *self.Ds] for t in m.state_dict().values()], self.info)
             return False
         ck = load_checkpoint(self.ckpt_path, map_location=self.dev)
-        if ck.get("stage") != asdict(self.stage):
+        if not self.stage.matches(ck.get("stage")):
             raise ValueError(f"{self.ckpt_path} was written with another stage config: use another --out "
                              f"or delete {self.sdir} to restart that stage")
         self.G.load_state_dict(ck["G"])
@@ -178,6 +185,8 @@ class StageTrainer:
         z = self.G.sigma_max * torch.randn(n, self.C, self.G.base_resolution, self.G.base_resolution, generator=g)
         y = torch.randint(0, self.ncls, (n,), generator=g) if self.ncls else None
         w = 1 + (self.guidance_max - 1) * torch.rand(n, generator=g) if self.guidance_max else None
+        if w is not None and not self.cfg.guided_adv:  # the real data are the ω = 1 distribution: judge only that
+            w = torch.ones_like(w)
         return z, y, w
 
     def draws(self, step: int) -> Draws:
@@ -237,13 +246,20 @@ class StageTrainer:
         return diff_augment(x, self.cfg.augment, [step_generator(seed, first + i) for i in range(len(x))])
 
     # ---- one step ----------------------------------------------------------------------------------
-    def _adv(self, z_f, y_f, w_f, x_rec, y, aug_seed: int, first: int) -> torch.Tensor:
-        """L_adv = −E D(G(z', y'[, ω'])) on fresh z' (not the reconstruction) [+ the reconstruction D's term]."""
+    def _adv(self, z_f, y_f, w_f, x_rec, y, aug_seed: int, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_adv, a·L_anchor): L_adv = −E D(G(z', y'[, ω'])) on fresh z' (not the reconstruction) [+ the
+        reconstruction D's term]; L_anchor = d(↓G(z'), G_R(z')) on the same fakes (0 when off)."""
         with self.amp:
-            adv = g_hinge_loss(self.D(self._aug(self.G(z_f, y_f, w_f).float(), aug_seed, first), y_f))
+            fake = self.G(z_f, y_f, w_f).float()
+            adv = g_hinge_loss(self.D(self._aug(fake, aug_seed, first), y_f))
             if self.D_recon is not None:  # official 512 px: a 2nd discriminator judges reconstructions
                 adv = adv + self.stage.rec_disc_weight * g_hinge_loss(self.D_recon(self._aug(x_rec, aug_seed + 7, first), y))
-        return adv
+            anchor = torch.zeros((), device=fake.device)
+            if self.G_base is not None:
+                with torch.no_grad():
+                    target = self.G_base(z_f, y_f, w_f).float()
+                anchor = self.stage.anchor * MultiscaleDistance()(downsample(fake, target.shape[-1]), target).mean()
+        return adv, anchor
 
     def _weight(self, rec, adv) -> torch.Tensor:
         """Adaptive weight w from ∇_W of both losses, averaged over ranks (so w is the global batch's)."""
@@ -276,12 +292,12 @@ class StageTrainer:
                     out = self.G(zc, yc, wc).float()
                     rec = rec + self.distill * self.distance(downsample(out, x0.shape[-1]), x0).mean()
             if not adv_on:
-                loss, adv, w = rec, torch.zeros(()), torch.zeros(())
+                loss, adv, anchor, w = rec, torch.zeros(()), torch.zeros(()), torch.zeros(())
             else:
-                adv = self._adv(z_f, y_f, w_f, x_rec, y, d.aug_seed, sl.start)
+                adv, anchor = self._adv(z_f, y_f, w_f, x_rec, y, d.aug_seed, sl.start)
                 w = self._weight(rec, adv)
-                loss = rec + st.lam * w * adv
-            check_finite(step, rec=rec.item(), adv=adv.item())
+                loss = rec + st.lam * w * adv + anchor
+            check_finite(step, rec=rec.item(), adv=adv.item(), anchor=anchor.item())
             if split:
                 (rec / self.A).backward()
                 later.append((sl, z, y, w, z_f, y_f, w_f))
@@ -290,12 +306,15 @@ class StageTrainer:
             stats["rec"] += rec.item() / self.A
             stats["adv"] += adv.item() / self.A
             stats["w"] += w.item() / self.A
+            if self.G_base is not None and adv_on:
+                stats["anchor"] = stats.get("anchor", 0.0) + anchor.item() / self.A
         if split:  # one rec update on the whole global batch, then the adversarial term through the new weights
             self._step_G()
             for sl, z, y, w, z_f, y_f, w_f in later:
                 with self.amp:
                     x_rec = self.G(z, y).float() if self.D_recon is not None else None
-                    (st.lam * w * self._adv(z_f, y_f, w_f, x_rec, y, d.aug_seed, sl.start) / self.A).backward()
+                    adv, anchor = self._adv(z_f, y_f, w_f, x_rec, y, d.aug_seed, sl.start)
+                    ((st.lam * w * adv + anchor) / self.A).backward()
         self._step_G()
         # ---- D steps, each on a separate real batch
         if adv_on:

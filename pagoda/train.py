@@ -150,6 +150,7 @@ class TrainConfig:
     augment: str = "color,translation,cutout"  # DiffAugment policy for D inputs ('' = none)
     distill: float = 0.0  # weight β of the distillation loss d(G(z), ODE_teacher(z)) (paper's ablation; 0 = off)
     guidance_max: float = 0.0  # > 1: ω-conditioned G(z, y, ω), distilled from the guided teacher for ω ~ U[1, ω_max]
+    guided_adv: bool = True  # with guidance_max: the adversarial fakes draw ω' ~ U[1, ω_max] too; False: ω' = 1
     ckpt_every: int = 100  # resumable checkpoint every N steps
     grid_every: int = 0  # extra grids every N steps (0 = only at the end of a stage)
     seed: int = 0

@@ -68,3 +68,16 @@ def test_other_resolution_file_and_images_refused(model, tmp_path):
 def test_default_classifier_reaches_90_percent(resolution):
     """The default configurations on the whole train split (minutes on one core), scored on all 10 000 test images."""
     assert C.split_accuracy(C.train_classifier(C.classifier_config(resolution))) >= 0.9
+
+
+def test_flip_trained_classifier_predicts_with_test_time_flip():
+    """A network trained with flips averages the probabilities of x and its mirror: mirror-invariant predictions;
+    one trained without flips does not."""
+    torch.manual_seed(0)
+    x = torch.rand(8, 1, 8, 8) * 2 - 1
+    flipped = C.Classifier(C.classifier_config(8, layers="8p,16", flip=0.5)).eval()
+    plain = C.Classifier(C.classifier_config(8, layers="8p,16", flip=0.0)).eval()
+    with torch.no_grad():
+        assert torch.allclose(flipped.probabilities(x), flipped.probabilities(x.flip(-1)), atol=1e-6)
+        assert not torch.allclose(plain.probabilities(x), plain.probabilities(x.flip(-1)), atol=1e-6)
+        assert torch.allclose(plain.probabilities(x), plain(x).softmax(1))

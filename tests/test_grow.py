@@ -43,6 +43,25 @@ def test_imagenet64_official_values():
     assert [s.optimizer for s in demo] == ["radam", "adam", "adam"]
 
 
+def test_growth_stages_distance_and_anchor():
+    """grow_distance and anchor apply to the growth stages only; --distance still replaces every stage's."""
+    p = replace(PRESETS["tiny"], distance="multiscale", grow_distance="lite0+4*multiscale", anchor=2.0)
+    assert [(s.distance, s.anchor) for s in plan_stages(8, 32, p)] == [
+        ("multiscale", 0.0), ("lite0+4*multiscale", 2.0), ("lite0+4*multiscale", 2.0)]
+    assert [s.distance for s in plan_stages(8, 16, p, distance="l2")] == ["l2", "l2"]
+    with pytest.raises(ValueError, match="anchor=1.0: must be >= 0, and 0 in a stage that does not grow"):
+        replace(plan_stages(8, 8, "tiny")[0], anchor=1.0)
+
+
+def test_saved_stage_config_matches():
+    """A checkpoint's stage config matches when equal, also when written before a field with its default existed."""
+    s = plan_stages(8, 16, "tiny")[1]  # anchor 0 (the default)
+    old = {k: v for k, v in s.to_dict().items() if k != "anchor"}
+    assert s.anchor == 0.0 and s.matches(s.to_dict()) and s.matches(old)
+    assert not replace(s, anchor=1.0).matches(old) and not s.matches({**old, "steps": 1})
+    assert not s.matches(None) and not s.matches({"bogus": 1})
+
+
 def test_bad_resolution_and_preset():
     with pytest.raises(ValueError, match=r"^--res 100 is not 8·2\^k: use one of 8, 16, 32, 64, \.\.\.$"):
         plan_stages(8, 100, "demo")

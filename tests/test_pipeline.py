@@ -122,6 +122,24 @@ def test_resolution_consistency(toy_run):
     assert same.mean() > other.mean() + 6
 
 
+def test_anchor_keeps_grown_samples_on_the_base_generator(toy_run, tmp_path):
+    """The toy's stage-16 retrained with the anchor d(↓G(z'), G_8(z')) on the adversarial fresh z': it is logged
+    (only once the adversarial term is on) and the grown G's fresh samples stay closer to G_8's than without it."""
+    for sub in ("teacher", "latents", "stage-08"):
+        shutil.copytree(toy_run.path / sub, tmp_path / sub)
+    train(replace(toy_run.train_cfg, out=str(tmp_path), preset=replace(toy_run.train_cfg.preset, anchor=20.0)),
+          progress=False)
+    log = [json.loads(line) for line in (tmp_path / "stage-16" / "metrics.jsonl").open()]
+    assert ["anchor" in s for s in log] == [False] * 10 + [True] * 10 and all(s["anchor"] >= 0 for s in log[10:])
+    G8, G16 = _generators(toy_run)
+    G16a = Generator.from_checkpoint(tmp_path / "stage-16" / "generator.pt").eval()
+    z = G8.sigma_max * torch.randn(100, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(100) % 10
+    with torch.no_grad():
+        lo, free, anchored = G8(z, y), downsample(G16(z, y), 8), downsample(G16a(z, y), 8)
+    assert psnr(anchored, lo).mean() > psnr(free, lo).mean() + 0.5, (psnr(anchored, lo).mean(), psnr(free, lo).mean())
+
+
 def test_generators_reconstruct_held_out_images(toy_run):
     """G(E(x)) on test-split images; measured (1 / 2 threads): G_8 24.4 / 24.3 dB at 8 px, G_16 16.6 / 16.4 dB
     at 16 px and 21.4 / 20.6 dB at 8 px."""
