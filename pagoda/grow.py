@@ -163,7 +163,8 @@ PRESETS: dict[str, GrowPreset] = {
     # objects in place and still sharpens (consistency PSNR at 32 px 20.7 → 23.3 dB, inversion 15.1 → 16.5 dB,
     # G16 / G32 FID 33.3 / 93.1 → 32.2 / 88.9). Stage-08 trains 700 steps (G8 FID 12.9 at 400 → 12.2). The growth
     # stages weigh the pyramid 4× and anchor the adversarial fakes on the frozen stage-2 G (anchor 4): consistency
-    # PSNR at 32 px 24.1 → 30.1 dB, inversion 16.6 → 18.6 dB (bicubic 16.8); 4× in stage-08 too costs G8 FID (13.4).
+    # PSNR at 32 px 24.1 → 29.9 dB, inversion 16.6 → 18.5 dB (bicubic 16.8), G16 / G32 FID 33.0 / 88.2 → 33.7 / 83.8;
+    # 4× in stage-08 too costs G8 FID (12.2 → 13.4).
     "demo": GrowPreset(
         name="demo", steps=(700, 800, 600), batch=(64, 64, 32), lr_G=2e-4, lr_D=2e-3, lam=(0.2, 1.0),
         activate_from=3, fade_steps=(0, 60), ema=0.99, d_channels=32, encode_images=2000, encode_steps=20,
