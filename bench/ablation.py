@@ -70,6 +70,7 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     "demo: lite0+4*multiscale distance": ({**DEMO, "distance": "lite0+4*multiscale"}, {}, "base"),
     # from MS: G8 against the teacher (the distillation term toward its Heun-35 samples; a heavier pixel term)
     "ms: distill β=1": (MS, dict(distill=1.0), "train"),
+    "ms: stage-08 1400 steps": ({**MS, "steps": (1400, 800, 600)}, {}, "train"),
     "ms: lite0+4*multiscale distance": ({**MS, "distance": "lite0+4*multiscale"}, {}, "train"),
     # growth stages only (stage-08 of the base run): the heavier pixel term, + the anchor d(↓G(z'), G_8(z')) on the
     # adversarial fakes (consistency at 32 px)
