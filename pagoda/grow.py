@@ -171,6 +171,14 @@ PRESETS: dict[str, GrowPreset] = {
         grow_optimizer="adam", discriminator="projected", d_input=32, distance="lite0+multiscale", adv_start=(0, 450),
         grow_distance="lite0+4*multiscale", anchor=4.0,
     ),
+    # `demo` with stage-08 at 1400 steps: G8 FID 10.21 (n = 2000), below the teacher's Heun-35 11.23 (700 steps:
+    # 12.18); ≈ 31 min on 2 cores (stage-08 ≈ 950 s). Growth stages as `demo` (bench/ablation.py "ms: stage-08 1400").
+    "demo-long": GrowPreset(
+        name="demo-long", steps=(1400, 800, 600), batch=(64, 64, 32), lr_G=2e-4, lr_D=2e-3, lam=(0.2, 1.0),
+        activate_from=3, fade_steps=(0, 60), ema=0.99, d_channels=32, encode_images=2000, encode_steps=20,
+        grow_optimizer="adam", discriminator="projected", d_input=32, distance="lite0+multiscale", adv_start=(0, 450),
+        grow_distance="lite0+4*multiscale", anchor=4.0,
+    ),
     # Tests: teacher `unet.PRESETS["tiny"]` (4 trunk output blocks), a handful of steps.
     "tiny": GrowPreset(
         name="tiny", steps=(3,), batch=(4,), lr_G=1e-3, lr_D=1e-3, lam=(0.2, 1.0),
