@@ -67,7 +67,8 @@ def train(
                                                 "(from scratch) (default: the preset's)."),
     distill: float = typer.Option(0.0, help="Weight of the distillation loss (paper's ablation; 0 = off)."),
     guidance_max: float = typer.Option(0.0, help="Train the guided one-step G(z, y, ω) for ω in [1, ω_max] "
-                                       "(distilled from the guided teacher, β = --distill or 3; `pagoda sample --guidance ω`); 0 = off."),
+                                       "(distilled from the guided teacher, β = --distill or 3; "
+                                       "`pagoda sample --guidance ω`); 0 = off."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     gpus: Optional[int] = typer.Option(None, help="Start N local workers (torch.distributed elastic launch)."),

@@ -12,7 +12,7 @@ doubling, ...); a stage beyond the end of a list takes its last entry.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from pagoda.discriminators import DISCRIMINATORS
 from pagoda.losses import DEFAULT_DISTANCE
@@ -171,20 +171,16 @@ PRESETS: dict[str, GrowPreset] = {
         grow_optimizer="adam", discriminator="projected", d_input=32, distance="lite0+multiscale", adv_start=(0, 450),
         grow_distance="lite0+4*multiscale", anchor=4.0,
     ),
-    # `demo` with stage-08 at 1400 steps: G8 FID 10.21 (n = 2000), below the teacher's Heun-35 11.23 (700 steps:
-    # 12.18); ≈ 31 min on 2 cores (stage-08 ≈ 950 s). Growth stages as `demo` (bench/ablation.py "ms: stage-08 1400").
-    "demo-long": GrowPreset(
-        name="demo-long", steps=(1400, 800, 600), batch=(64, 64, 32), lr_G=2e-4, lr_D=2e-3, lam=(0.2, 1.0),
-        activate_from=3, fade_steps=(0, 60), ema=0.99, d_channels=32, encode_images=2000, encode_steps=20,
-        grow_optimizer="adam", discriminator="projected", d_input=32, distance="lite0+multiscale", adv_start=(0, 450),
-        grow_distance="lite0+4*multiscale", anchor=4.0,
-    ),
     # Tests: teacher `unet.PRESETS["tiny"]` (4 trunk output blocks), a handful of steps.
     "tiny": GrowPreset(
         name="tiny", steps=(3,), batch=(4,), lr_G=1e-3, lr_D=1e-3, lam=(0.2, 1.0),
         activate_from=2, fade_steps=(0, 2), ema=0.9, d_channels=32, encode_images=64, encode_steps=8,
     ),
 }
+
+# `demo` with stage-08 at 1400 steps: G8 FID 10.21 (n = 2000), below the teacher's Heun-35 11.23 (700 steps: 12.18);
+# ≈ 31 min on 2 cores (stage-08 ≈ 950 s). Growth stages as `demo` (bench/ablation.py "ms: stage-08 1400 steps").
+PRESETS["demo-long"] = replace(PRESETS["demo"], name="demo-long", steps=(1400, 800, 600))
 
 
 def get_preset(preset: str | GrowPreset) -> GrowPreset:
@@ -226,7 +222,8 @@ def plan_stages(teacher_res: int, target_res: int, preset: str | GrowPreset, dis
             lr_G=p.lr_G, lr_D=p.lr_D, lam=p.lam[1] if grows else p.lam[0],
             activate_from=p.activate_from if grows else None,  # stage 2: every parameter trains
             fade_steps=_at(p.fade_steps, i) if grows else 0, ema=p.ema, d_steps_per_g=p.d_steps_per_g,
-            distance=distance or (p.grow_distance or p.distance if grows else p.distance), grow_channels=p.grow_channels if grows else None,
+            distance=distance or (p.grow_distance or p.distance if grows else p.distance),
+            grow_channels=p.grow_channels if grows else None,
             optimizer=(p.grow_optimizer or p.optimizer) if grows else p.optimizer,
             adv_start=_at(p.adv_start, i),
             split_g_step=p.split_g_from is not None and res >= p.split_g_from,

@@ -117,6 +117,7 @@ class StageTrainer:
         if stage.anchor > 0:
             base = self.sdir.parent / stage_dir_name(self.G.base_resolution) / GENERATOR_FILE
             self.G_base = Generator.from_checkpoint(base, map_location=self.dev).eval().requires_grad_(False)
+            self.anchor_distance = MultiscaleDistance()  # at R px: the pseudo-Huber pixel distance (one level)
         self.opt_G = _opt(stage.optimizer, self.params_G, stage.lr_G)
         self.Ds = [self.D] + ([self.D_recon] if self.D_recon is not None else [])
         self.params_D = [p for D in self.Ds for p in D.parameters() if p.requires_grad]  # not a frozen backbone
@@ -258,7 +259,7 @@ class StageTrainer:
             if self.G_base is not None:
                 with torch.no_grad():
                     target = self.G_base(z_f, y_f, w_f).float()
-                anchor = self.stage.anchor * MultiscaleDistance()(downsample(fake, target.shape[-1]), target).mean()
+                anchor = self.stage.anchor * self.anchor_distance(downsample(fake, target.shape[-1]), target).mean()
         return adv, anchor
 
     def _weight(self, rec, adv) -> torch.Tensor:
