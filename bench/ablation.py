@@ -85,7 +85,8 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
 }
 
 
-KEY_FIELDS = ("augment", "seed", "distill", "guidance_max", "guided_adv")  # the TrainConfig fields that change how stage-08 trains
+# the TrainConfig fields that change how stage-08 trains
+KEY_FIELDS = ("augment", "seed", "distill", "guidance_max", "guided_adv")
 
 
 def _stage08_key(run: RunDir) -> tuple | None:
