@@ -12,7 +12,7 @@ doubling, ...); a stage beyond the end of a list takes its last entry.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 
 from pagoda.discriminators import DISCRIMINATORS
 from pagoda.losses import DEFAULT_DISTANCE
@@ -146,7 +146,7 @@ PRESETS: dict[str, GrowPreset] = {
         split_g_from=256, rec_disc_from=512, rec_disc_weight=0.5, discriminator="projected", d_input=224,
     ),
     # Fashion-MNIST demo, teacher `unet.PRESETS["demo8"]` (6 trunk output blocks; activate_from 3 trains the
-    # 8-px level + growth): 8 (decoder) → 16 → 32; the whole `pagoda train` takes ≈ 25 min on 2 CPU cores.
+    # 8-px level + growth): 8 (decoder) → 16 → 32; the whole `pagoda train` takes 20-25 min on 2 CPU cores.
     # The official discriminator and distance family (docs/benchmarks.md §6, FID n = 2000 vs the test split):
     # a projected D on frozen EfficientNet-Lite0 features with lr_D = 10 lr_G, and the Lite0 feature distance
     # for L_rec. Backbone input 32 px (up-sampled): trained alone against G32 for 60 steps, D separates at every
@@ -164,11 +164,13 @@ PRESETS: dict[str, GrowPreset] = {
     # G16 / G32 FID 33.3 / 93.1 → 32.2 / 88.9). Stage-08 trains 700 steps (G8 FID 12.9 at 400 → 12.2). The growth
     # stages weigh the pyramid 4× and anchor the adversarial fakes on the frozen stage-2 G (anchor 4): consistency
     # PSNR at 32 px 24.1 → 29.9 dB, inversion 16.6 → 18.5 dB (bicubic 16.8), G16 / G32 FID 33.0 / 88.2 → 33.7 / 83.8;
-    # 4× in stage-08 too costs G8 FID (12.2 → 13.4).
+    # 4× in stage-08 too costs G8 FID (12.2 → 13.4). Stage-08 trains with Adam as well: RAdam's warm-up slows its first
+    # few hundred steps just as in the growth stages (L_rec at step 400 0.29 → 0.14; G8 FID at 700 steps 12.2 → 10.5,
+    # below the teacher's Heun-35 11.2; RAdam needs 1400 steps for 10.2).
     "demo": GrowPreset(
         name="demo", steps=(700, 800, 600), batch=(64, 64, 32), lr_G=2e-4, lr_D=2e-3, lam=(0.2, 1.0),
         activate_from=3, fade_steps=(0, 60), ema=0.99, d_channels=32, encode_images=2000, encode_steps=20,
-        grow_optimizer="adam", discriminator="projected", d_input=32, distance="lite0+multiscale", adv_start=(0, 450),
+        optimizer="adam", discriminator="projected", d_input=32, distance="lite0+multiscale", adv_start=(0, 450),
         grow_distance="lite0+4*multiscale", anchor=4.0,
     ),
     # Tests: teacher `unet.PRESETS["tiny"]` (4 trunk output blocks), a handful of steps.
@@ -177,10 +179,6 @@ PRESETS: dict[str, GrowPreset] = {
         activate_from=2, fade_steps=(0, 2), ema=0.9, d_channels=32, encode_images=64, encode_steps=8,
     ),
 }
-
-# `demo` with stage-08 at 1400 steps: G8 FID 10.21 (n = 2000), below the teacher's Heun-35 11.23 (700 steps: 12.18);
-# ≈ 31 min on 2 cores (stage-08 ≈ 950 s). Growth stages as `demo` (bench/ablation.py "ms: stage-08 1400 steps").
-PRESETS["demo-long"] = replace(PRESETS["demo"], name="demo-long", steps=(1400, 800, 600))
 
 
 def get_preset(preset: str | GrowPreset) -> GrowPreset:
