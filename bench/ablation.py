@@ -87,6 +87,8 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     "adam: stage-08 lr_D 6e-4": ({**ADAM, "lr_D": 6e-4}, {}, "train"),
     # growth stages from the default's stage-08: each growth stage continues the previous stage's D (grown)
     "adam: D continues": ({**ADAM, "d_continue": True}, {}, "base"),
+    # every stage with EMA 0.995 (stage-08 from the row "adam: stage-08 EMA 0.995")
+    "adam: EMA 0.995": ({**ADAM, "ema": 0.995}, {}, "train"),
     # growth stages only (stage-08 of the base run): the heavier pixel term, + the anchor d(↓G(z'), G_8(z')) on the
     # adversarial fakes (consistency at 32 px)
     "ms: growth lite0+4*multiscale, anchor 4": ({**MS, "grow_distance": "lite0+4*multiscale", "anchor": 4.0}, {}, "base"),
