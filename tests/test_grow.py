@@ -41,6 +41,7 @@ def test_imagenet64_official_values():
         assert (s.lr_G, s.lr_D, s.ema, s.optimizer, s.d_steps_per_g, s.steps) == (8e-6, 2e-3, 0.999, "radam", 1, 600_000)
     demo = plan_stages(8, 32, "demo")  # Adam in every stage (RAdam's warm-up is too slow for a few hundred steps)
     assert [s.optimizer for s in demo] == ["adam", "adam", "adam"]
+    assert [s.d_continue for s in demo] == [False, True, True]  # each growth stage continues the previous D
     mixed = replace(PRESETS["tiny"], grow_optimizer="adam")  # the growth stages' own optimizer
     assert [s.optimizer for s in plan_stages(8, 32, mixed)] == ["radam", "adam", "adam"]
 
