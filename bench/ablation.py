@@ -38,8 +38,8 @@ DEMO = dict(steps=(400, 800, 600), lr_D=2e-3, distance="lite0", adv_start=(0, 45
 # The second default (fbf4760: Lite0 + pixel pyramid, stage-08 700 steps) as changes from BASE; rows "ms: …" start
 # there and are run with --base runs/demo-ms (a default run of it).
 MS = {**DEMO, "distance": "lite0+multiscale", "steps": (700, 800, 600)}
-# The third default (Adam in every stage; growth stages: 4× pyramid + anchor 4) as changes from BASE: rows "adam: …"
-# (run with --base runs/demo, a default run of it).
+# The fourth default (Adam in every stage; growth stages: 4× pyramid + anchor 4, a fresh D each) as changes from BASE:
+# rows "adam: …" (run with --base runs/demo-adam, a default run of it; today's default adds "adam: D continues").
 ADAM = {**MS, "optimizer": "adam", "grow_distance": "lite0+4*multiscale", "anchor": 4.0}
 PROJ = dict(discriminator="projected", lr_D=2e-3, d_input=32)  # projected D, lr_D 10x lr_G, backbone input 32 px
 # name -> (GrowPreset changes, TrainConfig changes, stage-08: "base" = the base run's, "train" = as the row says).
@@ -79,7 +79,7 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     "ms: stage-08 Adam": ({**MS, "optimizer": "adam"}, {}, "train"),
     "ms: stage-08 lr_G 4e-4": ({**MS, "lr_G": 4e-4}, {}, "train"),
     "ms: stage-08 EMA 0.995": ({**MS, "ema": 0.995}, {}, "train"),
-    # stage-08 from ADAM (the third default's stage-08): EMA, lr_D, λ and the adaptive-weight clip, D steps per G step
+    # stage-08 from ADAM (the fourth default's stage-08): EMA, lr_D, λ and the adaptive-weight clip, D steps per G step
     "adam: stage-08 EMA 0.995": ({**ADAM, "ema": 0.995}, {}, "train"),
     "adam: stage-08 d_steps 2": ({**ADAM, "d_steps_per_g": 2}, {}, "train"),
     "adam: stage-08 λ 0.5": ({**ADAM, "lam": (0.5, 1.0)}, {}, "train"),
@@ -99,7 +99,7 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     # G(z, y, ω) barely moves with ω (mean |G(ω=4) − G(ω=1)| 0.021 vs the teacher's 0.17): a stronger, pixel-anchored
     # distillation (the second default's lite0+multiscale distance and 700 steps, β = 3)
     "guided: ms preset, β = 3": (MS, dict(guidance_max=4.0, distill=3.0), "train"),
-    # the same from the third default (Adam; 4× pyramid + anchor 4 in the growth stages): the ω table at 8 / 16 / 32 px
+    # the same from the fourth default (Adam; 4× pyramid + anchor 4 in the growth stages): the ω table at 8 / 16 / 32 px
     "guided: adam preset, β = 3": (ADAM, dict(guidance_max=4.0, distill=3.0), "train"),
 }
 
