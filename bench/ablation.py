@@ -41,6 +41,7 @@ MS = {**DEMO, "distance": "lite0+multiscale", "steps": (700, 800, 600)}
 # The fourth default (Adam in every stage; growth stages: 4× pyramid + anchor 4, a fresh D each) as changes from BASE:
 # rows "adam: …" (run with --base runs/demo-adam, a default run of it; today's default adds "adam: D continues").
 ADAM = {**MS, "optimizer": "adam", "grow_distance": "lite0+4*multiscale", "anchor": 4.0}
+DEFAULT = {**ADAM, "d_continue": True}  # today's default (pagoda.grow.PRESETS["demo"]), as changes from BASE
 PROJ = dict(discriminator="projected", lr_D=2e-3, d_input=32)  # projected D, lr_D 10x lr_G, backbone input 32 px
 # name -> (GrowPreset changes, TrainConfig changes, stage-08: "base" = the base run's, "train" = as the row says).
 # Steps are (stage-08, stage-16, stage-32).
@@ -83,12 +84,13 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     "adam: stage-08 EMA 0.995": ({**ADAM, "ema": 0.995}, {}, "train"),
     "adam: stage-08 d_steps 2": ({**ADAM, "d_steps_per_g": 2}, {}, "train"),
     "adam: stage-08 λ 0.5": ({**ADAM, "lam": (0.5, 1.0)}, {}, "train"),
-    "adam: stage-08 w_max 1": ({**ADAM, "w_max": 1.0}, {}, "train"),
-    "adam: stage-08 lr_D 6e-4": ({**ADAM, "lr_D": 6e-4}, {}, "train"),
     # growth stages from the default's stage-08: each growth stage continues the previous stage's D (grown)
     "adam: D continues": ({**ADAM, "d_continue": True}, {}, "base"),
-    # every stage with EMA 0.995 (stage-08 from the row "adam: stage-08 EMA 0.995")
-    "adam: EMA 0.995": ({**ADAM, "ema": 0.995}, {}, "train"),
+    # from DEFAULT (today's default; run with --base runs/demo), every stage: the adaptive-weight clip, lr_D, and EMA
+    # 0.995 (its stage-08 is the row "adam: stage-08 EMA 0.995"'s)
+    "default: w_max 1": ({**DEFAULT, "w_max": 1.0}, {}, "train"),
+    "default: lr_D 6e-4": ({**DEFAULT, "lr_D": 6e-4}, {}, "train"),
+    "default: EMA 0.995": ({**DEFAULT, "ema": 0.995}, {}, "train"),
     # growth stages only (stage-08 of the base run): the heavier pixel term, + the anchor d(↓G(z'), G_8(z')) on the
     # adversarial fakes (consistency at 32 px)
     "ms: growth lite0+4*multiscale, anchor 4": ({**MS, "grow_distance": "lite0+4*multiscale", "anchor": 4.0}, {}, "base"),
@@ -101,6 +103,9 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     "guided: ms preset, β = 3": (MS, dict(guidance_max=4.0, distill=3.0), "train"),
     # the same from the fourth default (Adam; 4× pyramid + anchor 4 in the growth stages): the ω table at 8 / 16 / 32 px
     "guided: adam preset, β = 3": (ADAM, dict(guidance_max=4.0, distill=3.0), "train"),
+    # growth stages of today's default from that row's stage-08 (--base it): L_dstl in stage-08 only, the anchor
+    # holding every ω on the guided stage-08 G in the growth stages (pagoda/stage.py)
+    "guided: default, L_dstl in stage-08 only": (DEFAULT, dict(guidance_max=4.0, distill=3.0), "base"),
 }
 
 

@@ -126,8 +126,10 @@ class StageTrainer:
         self.rng = lambda *keys: step_generator(cfg.seed, 1000 + k, *keys)
         # Distillation: guided teacher ODE samples (Heun 35 NFE; ω = 1: plain) for a fixed pool of (z, y, ω), computed
         # once and kept on disk for every stage. On with --distill β, and always with --guidance-max (β = 3 if unset:
-        # with β = 1, G hardly used ω; docs/benchmarks.md §10).
-        self.distill = cfg.distill or (GUIDED_DISTILL if self.guidance_max else 0.0)
+        # with β = 1, G hardly used ω; docs/benchmarks.md §10). Off in a growth stage with an anchor: the anchor holds
+        # ↓G(z', y', ω') on the stage-2 G, which L_dstl trained; L_dstl there too fought the grown-resolution terms.
+        beta = cfg.distill or (GUIDED_DISTILL if self.guidance_max else 0.0)
+        self.distill = 0.0 if self.G_base is not None else beta
         self.cache = None
         if self.distill > 0:
             t_res = self.G.base_resolution

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,8 +18,12 @@ import pagoda.control as control
 from pagoda.control import blur_fill, hole_psnr, inpaint_images, slerp
 from pagoda.data import load_fashion_mnist
 from pagoda.images import load_image, load_mask, resample, tensor_to_pil, to_uint8
-from pagoda.encoder import Encoder, psnr
+from pagoda.dist import DistInfo
+from pagoda.encoder import Encoder, LatentPairs, psnr
+from pagoda.grow import PRESETS, plan_stages
 from pagoda.inference import NpzExport, encode_images, load_models
+from pagoda.stage import StageTrainer
+from pagoda.train import TrainConfig, train
 
 from helpers import build_tiny_run, invoke, ok, one_line_error
 
@@ -149,7 +155,6 @@ def test_export_rgb_class_and_other_batch(tiny_run, tmp_path):
 @pytest.fixture(scope="module")
 def guided_run(tiny_run, tmp_path_factory) -> Path:
     """The tiny run's teacher and latent cache, its stages retrained with --guidance-max 3."""
-    from pagoda.train import TrainConfig, train
     run = tmp_path_factory.mktemp("guided")
     for sub in ("teacher", "latents"):
         shutil.copytree(tiny_run / sub, run / sub)
@@ -178,6 +183,26 @@ def test_guided_generator_learns_omega_and_samples_in_one_call(guided_run, tiny_
 
 
 # ---- super-resolution, class transfer, interpolation ----------------------------------------------
+
+def test_growth_stage_with_an_anchor_trains_without_distillation(guided_run, tmp_path):
+    """L_dstl (β = 3 with --guidance-max) runs in stage-08 and in growth stages without an anchor; a growth stage
+    with an anchor keeps ↓G(z', y', ω') on the ω-conditioned stage-08 G instead, so it has no L_dstl and never
+    solves the teacher ODE (docs/benchmarks.md §10: with both, G32 FID at ω = 1 was 132 instead of ≈ 82)."""
+    G8, teacher = load_models(str(guided_run / "stage-08"))
+    shutil.copytree(guided_run / "stage-08", tmp_path / "stage-08")
+    data = SimpleNamespace(images=torch.rand(8, 1, 16, 16) * 2 - 1, in_memory=True,
+                           batch=lambda i: (data.images[i], data.labels[i]), labels=torch.arange(8) % 10)
+    pairs = LatentPairs(80 * torch.randn(8, 2, 1, 8, 8), torch.arange(8), torch.arange(8) % 10, data)
+    cfg = TrainConfig(guidance_max=3.0, augment="")
+    trainers = {}
+    for a in (0.0, 2.0):
+        stage = plan_stages(8, 16, replace(PRESETS["tiny"], batch=(4,), anchor=a))[1]
+        trainers[a] = StageTrainer(cfg, stage, 1, teacher, G8, pairs, tmp_path / "stage-16", DistInfo())
+    assert trainers[0.0].distill == 3.0 and trainers[0.0].cache is not None
+    assert trainers[2.0].distill == 0.0 and trainers[2.0].cache is None and trainers[2.0].G_base is not None
+    stats = trainers[2.0].train_step()
+    assert stats["rec"] > 0 and not (tmp_path / "teacher-samples.pt").exists()
+
 
 def test_superres_encodes_once_and_reports_bicubic(tiny_run, images, tmp_path, monkeypatch):
     low, ref = tmp_path / "low.png", images[0]
