@@ -91,6 +91,11 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     "default: w_max 1": ({**DEFAULT, "w_max": 1.0}, {}, "train"),
     "default: lr_D 6e-4": ({**DEFAULT, "lr_D": 6e-4}, {}, "train"),
     "default: EMA 0.995": ({**DEFAULT, "ema": 0.995}, {}, "train"),
+    # EMA 0.995 in stage-08 only (the row above: G8 gains, G16 / G32 lose)
+    "default: stage-08 EMA 0.995": ({**DEFAULT, "ema": 0.995, "grow_ema": 0.99}, {}, "train"),
+    # growth stages of runs/demo with L_rec alone for the CPU time of the default's (a GAN step with the anchor costs
+    # 1.53x / 1.25x a rec-only step at 16 / 32 px in runs/demo's logs: 450 + 350 x 1.53 ≈ 990, 450 + 150 x 1.25 ≈ 640)
+    "default: rec-only, equal CPU time": ({**DEFAULT, "lam": (0.2, 0.0), "steps": (700, 990, 640)}, {}, "base"),
     # growth stages only (stage-08 of the base run): the heavier pixel term, + the anchor d(↓G(z'), G_8(z')) on the
     # adversarial fakes (consistency at 32 px)
     "ms: growth lite0+4*multiscale, anchor 4": ({**MS, "grow_distance": "lite0+4*multiscale", "anchor": 4.0}, {}, "base"),

@@ -112,6 +112,7 @@ class GrowPreset:
     activate_from: int | None  # growth stages' freezing (an output-block index of the teacher's trunk)
     fade_steps: tuple[int, ...]  # fade-in steps per stage (entry 0 unused: stage 2 does not grow)
     ema: float  # EMA decay
+    grow_ema: float | None = None  # the growth stages' EMA decay; None = `ema`
     d_steps_per_g: int = 1  # discriminator steps per generator step
     distance: str = DEFAULT_DISTANCE  # reconstruction distance
     grow_distance: str | None = None  # the growth stages' distance; None = `distance`
@@ -220,7 +221,8 @@ def plan_stages(teacher_res: int, target_res: int, preset: str | GrowPreset, dis
             name=stage_dir_name(res), resolution=res, grow=grows, steps=_at(p.steps, i), batch=_at(p.batch, i),
             lr_G=p.lr_G, lr_D=p.lr_D, lam=p.lam[1] if grows else p.lam[0],
             activate_from=p.activate_from if grows else None,  # stage 2: every parameter trains
-            fade_steps=_at(p.fade_steps, i) if grows else 0, ema=p.ema, d_steps_per_g=p.d_steps_per_g,
+            fade_steps=_at(p.fade_steps, i) if grows else 0,
+            ema=p.grow_ema if grows and p.grow_ema is not None else p.ema, d_steps_per_g=p.d_steps_per_g,
             distance=distance or (p.grow_distance or p.distance if grows else p.distance),
             grow_channels=p.grow_channels if grows else None,
             optimizer=(p.grow_optimizer or p.optimizer) if grows else p.optimizer,

@@ -44,6 +44,9 @@ def test_imagenet64_official_values():
     assert [s.d_continue for s in demo] == [False, True, True]  # each growth stage continues the previous D
     mixed = replace(PRESETS["tiny"], grow_optimizer="adam")  # the growth stages' own optimizer
     assert [s.optimizer for s in plan_stages(8, 32, mixed)] == ["radam", "adam", "adam"]
+    own_ema = replace(PRESETS["tiny"], ema=0.995, grow_ema=0.99)  # the growth stages' own EMA decay
+    assert [s.ema for s in plan_stages(8, 32, own_ema)] == [0.995, 0.99, 0.99]
+    assert [s.ema for s in plan_stages(8, 32, replace(own_ema, grow_ema=None))] == [0.995] * 3
 
 
 def test_growth_stages_distance_and_anchor():
