@@ -41,7 +41,9 @@ MS = {**DEMO, "distance": "lite0+multiscale", "steps": (700, 800, 600)}
 # The fourth default (Adam in every stage; growth stages: 4× pyramid + anchor 4, a fresh D each) as changes from BASE:
 # rows "adam: …" (run with --base runs/demo-adam, a default run of it; today's default adds "adam: D continues").
 ADAM = {**MS, "optimizer": "adam", "grow_distance": "lite0+4*multiscale", "anchor": 4.0}
-DEFAULT = {**ADAM, "d_continue": True}  # today's default (pagoda.grow.PRESETS["demo"]), as changes from BASE
+# The fifth default (runs/demo: + D continuity; rows "default: …", run with --base runs/demo). Today's `demo`
+# preset adds EMA 0.995 in stage-08 (the row "default: stage-08 EMA 0.995").
+DEFAULT = {**ADAM, "d_continue": True}
 PROJ = dict(discriminator="projected", lr_D=2e-3, d_input=32)  # projected D, lr_D 10x lr_G, backbone input 32 px
 # name -> (GrowPreset changes, TrainConfig changes, stage-08: "base" = the base run's, "train" = as the row says).
 # Steps are (stage-08, stage-16, stage-32).

@@ -42,6 +42,7 @@ def test_imagenet64_official_values():
     demo = plan_stages(8, 32, "demo")  # Adam in every stage (RAdam's warm-up is too slow for a few hundred steps)
     assert [s.optimizer for s in demo] == ["adam", "adam", "adam"]
     assert [s.d_continue for s in demo] == [False, True, True]  # each growth stage continues the previous D
+    assert [s.ema for s in demo] == [0.995, 0.99, 0.99]  # stage-08 averages over longer than the growth stages
     mixed = replace(PRESETS["tiny"], grow_optimizer="adam")  # the growth stages' own optimizer
     assert [s.optimizer for s in plan_stages(8, 32, mixed)] == ["radam", "adam", "adam"]
     own_ema = replace(PRESETS["tiny"], ema=0.995, grow_ema=0.99)  # the growth stages' own EMA decay
