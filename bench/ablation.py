@@ -44,6 +44,9 @@ ADAM = {**MS, "optimizer": "adam", "grow_distance": "lite0+4*multiscale", "ancho
 # The fifth default (runs/demo: + D continuity; rows "default: …", run with --base runs/demo). Today's `demo`
 # preset adds EMA 0.995 in stage-08 (the row "default: stage-08 EMA 0.995").
 DEFAULT = {**ADAM, "d_continue": True}
+# Today's `demo` preset (5fcf838: EMA 0.995 in stage-08, 0.99 in the growth stages); rows "today: …", run with --base
+# runs/demo5 (`pagoda train` of it).
+TODAY = {**DEFAULT, "ema": 0.995, "grow_ema": 0.99}
 PROJ = dict(discriminator="projected", lr_D=2e-3, d_input=32)  # projected D, lr_D 10x lr_G, backbone input 32 px
 # name -> (GrowPreset changes, TrainConfig changes, stage-08: "base" = the base run's, "train" = as the row says).
 # Steps are (stage-08, stage-16, stage-32).
@@ -98,6 +101,10 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     # growth stages of runs/demo with L_rec alone for the CPU time of the default's (a GAN step with the anchor costs
     # 1.53x / 1.25x a rec-only step at 16 / 32 px in runs/demo's logs: 450 + 350 x 1.53 ≈ 990, 450 + 150 x 1.25 ≈ 640)
     "default: rec-only, equal CPU time": ({**DEFAULT, "lam": (0.2, 0.0), "steps": (700, 990, 640)}, {}, "base"),
+    # growth stages of runs/demo5 (today's preset): two D steps per G step, and λ 0.5 (the D that was at chance in the
+    # growth stages of the first recipe: does it need more steps or less adversarial weight now?)
+    "today: growth d_steps 2": ({**TODAY, "d_steps_per_g": 2}, {}, "base"),
+    "today: growth λ 0.5": ({**TODAY, "lam": (0.2, 0.5)}, {}, "base"),
     # growth stages only (stage-08 of the base run): the heavier pixel term, + the anchor d(↓G(z'), G_8(z')) on the
     # adversarial fakes (consistency at 32 px)
     "ms: growth lite0+4*multiscale, anchor 4": ({**MS, "grow_distance": "lite0+4*multiscale", "anchor": 4.0}, {}, "base"),
@@ -113,6 +120,8 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     # growth stages of today's default from that row's stage-08 (--base it): L_dstl in stage-08 only, the anchor
     # holding every ω on the guided stage-08 G in the growth stages (pagoda/stage.py)
     "guided: default, L_dstl in stage-08 only": (DEFAULT, dict(guidance_max=4.0, distill=3.0), "base"),
+    # `pagoda train --guidance-max 4` of today's preset (stage-08 EMA 0.995: G8 10.6 -> 8.9 unguided), every stage
+    "guided: today's preset": (TODAY, dict(guidance_max=4.0, distill=3.0), "train"),
 }
 
 

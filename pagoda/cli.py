@@ -147,7 +147,8 @@ EXPORT_HELP = dict(
     outdir="Write the images as DIR/000000.png, 000001.png, … (resumable) instead of a grid.",
     npz="Write the ADM evaluator's .npz (arr_0 uint8 N×H×W×C, arr_1 int64 labels; grey images have C = 1, see "
         "--rgb), resumable through FILE.parts/, instead of a grid.",
-    batch="Images per network call; image i depends on (seed, i, batch) only: resume with the same --batch.",
+    batch="Images per written block. The network always runs on 64 aligned images, so image i depends on (seed, i) "
+          "only, whatever --batch, n or a resume.",
     rgb="Store grey images with 3 identical channels (C = 3), as RGB-only evaluators expect.",
 )
 

@@ -34,6 +34,7 @@ from pagoda.teacher import Denoiser, guided, load_teacher
 
 CLASS_SEARCH_MAX = 16  # invert tries every class up to this many; beyond, --class is required
 EXPORT_FILE = "export.json"  # an export folder's (or FILE.parts/') settings, checked on resume
+SAMPLE_CALL = 64  # images per network call when sampling: image i always runs with images 64⌊i/64⌋ … 64⌊i/64⌋+63
 
 
 def check_class(num_classes: int | None, class_: int | None) -> None:
@@ -57,10 +58,11 @@ def make_sampler(kind: str, model: torch.nn.Module, solver: str = "heun", nfe: i
                  seed: int = 0, device: str | torch.device = "cpu", class_: int | None = None,
                  guidance: float = 1.0) -> Callable[[int, int], torch.Tensor]:
     """generate(i, b) -> images i … i+b−1 (CPU, [−1, 1]); image i has z ~ N(0, σ_max² I) seeded by (seed, i) and
-    label index_labels(i), so the sequence does not depend on how it is cut into batches or split across ranks
-    (up to float rounding: a network's output can change in the last bits with its batch size). Guidance ω =
-    `guidance` (1 = off): a teacher samples with classifier-free guidance (pagoda.teacher.guided), a generator
-    trained with --guidance-max is called once as G(z, y, ω)."""
+    label index_labels(i). The network always runs on the aligned call of images SAMPLE_CALL·⌊i/SAMPLE_CALL⌋ … (a
+    network's output changes in its last bits with its batch), so image i's bytes depend on (seed, i) only, however
+    the sequence is cut into batches or split across ranks. Guidance ω = `guidance` (1 = off): a teacher samples
+    with classifier-free guidance (pagoda.teacher.guided), a generator trained with --guidance-max is called once as
+    G(z, y, ω)."""
     cfg = model.unet.config
     R, C, ncls = cfg.resolution, cfg.in_channels, cfg.num_classes
     steps = solver_steps(solver, nfe) if kind == "teacher" else 0
@@ -70,7 +72,8 @@ def make_sampler(kind: str, model: torch.nn.Module, solver: str = "heun", nfe: i
         raise ValueError(f"--guidance {guidance} needs a class-conditional model: this one is unconditional")
 
     @torch.no_grad()
-    def generate(i: int, b: int) -> torch.Tensor:
+    def call(i: int) -> torch.Tensor:  # images i … i+SAMPLE_CALL−1 in one network call (i aligned)
+        b = SAMPLE_CALL
         z = torch.stack([torch.randn(C, R, R, generator=step_generator(seed, 5, k)) for k in range(i, i + b)])
         z = (sigma_max * z).to(device)
         y = index_labels(i, b, ncls, class_)
@@ -80,6 +83,17 @@ def make_sampler(kind: str, model: torch.nn.Module, solver: str = "heun", nfe: i
         else:
             x = sample(D, z, steps, solver, y, model.sigma_min, sigma_max)
         return resample(x.float().clamp(-1, 1), resize).cpu()
+
+    last: dict[int, torch.Tensor] = {}  # the latest call, kept: consecutive batches that share a call run it once
+
+    def generate(i: int, b: int) -> torch.Tensor:
+        parts = []
+        for k in range(i // SAMPLE_CALL * SAMPLE_CALL, i + b, SAMPLE_CALL):
+            if k not in last:
+                last.clear()
+                last[k] = call(k)
+            parts.append(last[k][max(i - k, 0):i + b - k])
+        return torch.cat(parts)
 
     return generate
 
@@ -98,9 +112,8 @@ def _sampler(kind: str, checkpoint: str, class_: int | None, seed: int, steps: i
 
 
 def _blocks(generate, indices: Iterable[int], batch: int) -> Iterator[tuple[int, torch.Tensor]]:
-    """(k·batch, images k·batch … (k+1)·batch − 1) of each batch-aligned block holding one of `indices`. Every
-    network call is a whole block, so an image's bytes depend on (seed, i, batch) only, not on n or on resuming
-    (a network's output changes in its last bits with the batch size)."""
+    """(k·batch, images k·batch … (k+1)·batch − 1) of each batch-aligned block holding one of `indices` (an export
+    writes whole blocks; the images' bytes depend on (seed, i) only, see make_sampler)."""
     for k in sorted({i // batch for i in indices}):
         yield k * batch, generate(k * batch, batch)
 
@@ -218,7 +231,7 @@ def export_samples(checkpoint: str, kind: str = "generator", n: int = 64, outdir
     model, generate, nfe = _sampler(kind, checkpoint, class_, seed, steps, method, guidance)
     ncls = model.unet.config.num_classes
     shape = (model.resolution, model.resolution, 3 if rgb else model.channels)
-    settings = {"kind": kind, "model": teacher_fingerprint(model), "seed": seed, "class": class_, "batch": batch,
+    settings = {"kind": kind, "model": teacher_fingerprint(model), "seed": seed, "class": class_,
                 "channels": shape[2], "guidance": guidance, **({"method": method, "nfe": nfe} if kind == "teacher" else {})}
     sinks = ([PngExport(Path(outdir), settings, shape)] if outdir else []) + \
             ([NpzExport(Path(npz), settings, shape)] if npz else [])
