@@ -105,6 +105,8 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     # growth stages of the first recipe: does it need more steps or less adversarial weight now?)
     "today: growth d_steps 2": ({**TODAY, "d_steps_per_g": 2}, {}, "base"),
     "today: growth λ 0.5": ({**TODAY, "lam": (0.2, 0.5)}, {}, "base"),
+    # the frozen backbone's input at 64 px instead of 32 (the projected D and the lite0 distance; ≈ 2x a step's cost)
+    "today: growth d_input 64": ({**TODAY, "d_input": 64}, {}, "base"),
     # growth stages only (stage-08 of the base run): the heavier pixel term, + the anchor d(↓G(z'), G_8(z')) on the
     # adversarial fakes (consistency at 32 px)
     "ms: growth lite0+4*multiscale, anchor 4": ({**MS, "grow_distance": "lite0+4*multiscale", "anchor": 4.0}, {}, "base"),
