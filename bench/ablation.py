@@ -105,6 +105,9 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     # growth stages of the first recipe: does it need more steps or less adversarial weight now?)
     "today: growth d_steps 2": ({**TODAY, "d_steps_per_g": 2}, {}, "base"),
     "today: growth λ 0.5": ({**TODAY, "lam": (0.2, 0.5)}, {}, "base"),
+    # L_rec alone for the CPU time of today's GAN growth stages (1 thread: GAN rows 433-525 / 269-340 CPU s at 16 / 32 px;
+    # the row "default: rec-only, equal CPU time" took 0.33 / 0.37 CPU s a step): the GAN's margin at equal cost
+    "today: rec-only, equal CPU time": ({**TODAY, "lam": (0.2, 0.0), "steps": (700, 1450, 800)}, {}, "base"),
     # the frozen backbone's input at 64 px instead of 32 (the projected D and the lite0 distance; ≈ 2x a step's cost)
     "today: growth d_input 64": ({**TODAY, "d_input": 64}, {}, "base"),
     # growth stages only (stage-08 of the base run): the heavier pixel term, + the anchor d(↓G(z'), G_8(z')) on the
