@@ -109,7 +109,8 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     # the row "default: rec-only, equal CPU time" took 0.33 / 0.37 CPU s a step): the GAN's margin at equal cost
     "today: rec-only, equal CPU time": ({**TODAY, "lam": (0.2, 0.0), "steps": (700, 1450, 800)}, {}, "base"),
     # growth stages: lr_G 4e-4 (measured in stage-08 only before), and no DiffAugment on D's inputs
-    "today: growth lr_G 4e-4": ({**TODAY, "lr_G": 4e-4}, {}, "base"),
+    "today: growth lr_G 4e-4": ({**TODAY, "lr_G": 4e-4}, {}, "base"),  # = the `demo` preset since (grow_lr_G 4e-4)
+    "today: growth lr_G 8e-4": ({**TODAY, "lr_G": 8e-4}, {}, "base"),
     "today: growth no aug": (TODAY, dict(augment=""), "base"),
     # the frozen backbone's input at 64 px instead of 32 (the projected D and the lite0 distance; ≈ 2x a step's cost)
     "today: growth d_input 64": ({**TODAY, "d_input": 64}, {}, "base"),

@@ -43,11 +43,15 @@ def test_imagenet64_official_values():
     assert [s.optimizer for s in demo] == ["adam", "adam", "adam"]
     assert [s.d_continue for s in demo] == [False, True, True]  # each growth stage continues the previous D
     assert [s.ema for s in demo] == [0.995, 0.99, 0.99]  # stage-08 averages over longer than the growth stages
+    assert [s.lr_G for s in demo] == [2e-4, 4e-4, 4e-4]  # the grown blocks train faster
     mixed = replace(PRESETS["tiny"], grow_optimizer="adam")  # the growth stages' own optimizer
     assert [s.optimizer for s in plan_stages(8, 32, mixed)] == ["radam", "adam", "adam"]
     own_ema = replace(PRESETS["tiny"], ema=0.995, grow_ema=0.99)  # the growth stages' own EMA decay
     assert [s.ema for s in plan_stages(8, 32, own_ema)] == [0.995, 0.99, 0.99]
     assert [s.ema for s in plan_stages(8, 32, replace(own_ema, grow_ema=None))] == [0.995] * 3
+    own_lr = replace(PRESETS["tiny"], lr_G=1e-4, grow_lr_G=3e-4)  # the growth stages' own lr_G
+    assert [s.lr_G for s in plan_stages(8, 32, own_lr)] == [1e-4, 3e-4, 3e-4]
+    assert [s.lr_G for s in plan_stages(8, 32, replace(own_lr, grow_lr_G=None))] == [1e-4] * 3
 
 
 def test_growth_stages_distance_and_anchor():
