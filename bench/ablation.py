@@ -111,6 +111,9 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     # growth stages: lr_G 4e-4 (measured in stage-08 only before), and no DiffAugment on D's inputs
     "today: growth lr_G 4e-4": ({**TODAY, "lr_G": 4e-4}, {}, "base"),  # = the `demo` preset since (grow_lr_G 4e-4)
     "today: growth lr_G 8e-4": ({**TODAY, "lr_G": 8e-4}, {}, "base"),
+    # the `demo` preset since (growth lr_G 4e-4): L_rec alone for the CPU time of its GAN growth stages, at that lr
+    "today: rec-only at lr_G 4e-4, equal CPU time": ({**TODAY, "lr_G": 4e-4, "lam": (0.2, 0.0), "steps": (700, 1450, 800)},
+                                                     {}, "base"),
     "today: growth no aug": (TODAY, dict(augment=""), "base"),
     # the frozen backbone's input at 64 px instead of 32 (the projected D and the lite0 distance; ≈ 2x a step's cost)
     "today: growth d_input 64": ({**TODAY, "d_input": 64}, {}, "base"),
