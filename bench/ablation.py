@@ -134,6 +134,8 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     "guided: default, L_dstl in stage-08 only": (DEFAULT, dict(guidance_max=4.0, distill=3.0), "base"),
     # `pagoda train --guidance-max 4` of today's preset (stage-08 EMA 0.995: G8 10.6 -> 8.9 unguided), every stage
     "guided: today's preset": (TODAY, dict(guidance_max=4.0, distill=3.0), "train"),
+    # its growth stages at lr_G 4e-4 (the `demo` preset since; --base "OUT/runs/guided: today's preset")
+    "guided: growth lr_G 4e-4": ({**TODAY, "lr_G": 4e-4}, dict(guidance_max=4.0, distill=3.0), "base"),
 }
 
 
