@@ -115,8 +115,9 @@ ROWS: dict[str, tuple[dict, dict, str]] = {
     "today: rec-only at lr_G 4e-4, equal CPU time": ({**TODAY, "lr_G": 4e-4, "lam": (0.2, 0.0), "steps": (700, 1450, 800)},
                                                      {}, "base"),
     "today: growth no aug": (TODAY, dict(augment=""), "base"),
-    # the frozen backbone's input at 64 px instead of 32 (the projected D and the lite0 distance; ≈ 2x a step's cost)
-    "today: growth d_input 64": ({**TODAY, "d_input": 64}, {}, "base"),
+    # the frozen backbone's input at 64 px instead of 32 (the projected D and the lite0 distance; ≈ 2x a step's cost),
+    # every stage: a growth stage continues stage-08's D, whose heads are sized for the backbone's 32-px feature maps
+    "today: d_input 64": ({**TODAY, "d_input": 64}, {}, "train"),
     # growth stages only (stage-08 of the base run): the heavier pixel term, + the anchor d(↓G(z'), G_8(z')) on the
     # adversarial fakes (consistency at 32 px)
     "ms: growth lite0+4*multiscale, anchor 4": ({**MS, "grow_distance": "lite0+4*multiscale", "anchor": 4.0}, {}, "base"),
