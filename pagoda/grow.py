@@ -223,16 +223,18 @@ def plan_stages(teacher_res: int, target_res: int, preset: str | GrowPreset, dis
     stages = []
     for i in range(doublings(teacher_res, target_res) + 1):
         res, grows = teacher_res * 2**i, i > 0
+
+        def own(field: str):  # a growth stage's `grow_<field>` where set, else `<field>`
+            value = getattr(p, f"grow_{field}") if grows else None
+            return getattr(p, field) if value is None else value
         stages.append(StageConfig(
             name=stage_dir_name(res), resolution=res, grow=grows, steps=_at(p.steps, i), batch=_at(p.batch, i),
-            lr_G=p.grow_lr_G if grows and p.grow_lr_G is not None else p.lr_G, lr_D=p.lr_D,
-            lam=p.lam[1] if grows else p.lam[0],
+            lr_G=own("lr_G"), lr_D=p.lr_D, lam=p.lam[1] if grows else p.lam[0],
             activate_from=p.activate_from if grows else None,  # stage 2: every parameter trains
             fade_steps=_at(p.fade_steps, i) if grows else 0,
-            ema=p.grow_ema if grows and p.grow_ema is not None else p.ema, d_steps_per_g=p.d_steps_per_g,
-            distance=distance or (p.grow_distance or p.distance if grows else p.distance),
+            ema=own("ema"), d_steps_per_g=p.d_steps_per_g, distance=distance or own("distance"),
             grow_channels=p.grow_channels if grows else None,
-            optimizer=(p.grow_optimizer or p.optimizer) if grows else p.optimizer,
+            optimizer=own("optimizer"),
             adv_start=_at(p.adv_start, i),
             split_g_step=p.split_g_from is not None and res >= p.split_g_from,
             rec_disc_weight=p.rec_disc_weight if p.rec_disc_from is not None and res >= p.rec_disc_from else 0.0,
