@@ -46,7 +46,7 @@ from pagoda.data import make_dataset
 from pagoda.encoder import LatentPairs, LatentStore
 from pagoda.grow import plan_stages
 from pagoda.rundir import RunDir
-from pagoda.stage import StageTrainer
+from pagoda.stage import RunSpec, StageTrainer
 from pagoda.teacher import load_teacher
 from pagoda.train import TrainConfig
 run, steps, policy = RunDir(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -57,7 +57,7 @@ stage = plan_stages(teacher.resolution, cfg.res, cfg.preset if isinstance(cfg.pr
 pairs = LatentPairs.from_cache(LatentStore(run.latents), make_dataset(cfg.data, stage.resolution))
 fixed = {"pagoda": None, "1 thread": 1}.get(policy, torch.get_num_threads())
 with dist.thread_policy(fixed) as tp, tempfile.TemporaryDirectory() as tmp:
-    tr = StageTrainer(cfg, stage, 0, teacher, None, pairs, Path(tmp) / stage.name, dist.DistInfo())
+    tr = StageTrainer(RunSpec.of(cfg), stage, 0, teacher, None, pairs, Path(tmp) / stage.name, dist.DistInfo())
     tr.train_step()  # warm-up
     threads, t0 = [], time.perf_counter()
     for _ in range(steps):

@@ -27,7 +27,7 @@ from pagoda.encoder import LatentPairs, LatentStore
 from pagoda.grow import StageConfig
 from pagoda.report import logged_seconds, read_jsonl
 from pagoda.rundir import resolve_teacher_path
-from pagoda.stage import StageTrainer
+from pagoda.stage import RunSpec, StageTrainer
 from pagoda.teacher import Denoiser, edm_loss, load_teacher
 from pagoda.train import TrainConfig
 
@@ -94,7 +94,7 @@ def measured(run: Path, dev: torch.device, k: int) -> list[dict]:
                 continue
             G_prev = Generator.from_checkpoint(prev, map_location=dev) if st.grow else None
             pairs = LatentPairs.from_cache(store, make_dataset(cfg.data, st.resolution, channels=teacher.channels))
-            trainer = StageTrainer(cfg, st, i, teacher, G_prev, pairs, Path(scratch) / st.name, info)
+            trainer = StageTrainer(RunSpec.of(cfg), st, i, teacher, G_prev, pairs, Path(scratch) / st.name, info)
             rows.append({"part": st.name, "resolution": st.resolution, "batch": st.batch, "device": str(dev), "steps": k,
                          "images_per_s": timed(trainer.train_step, st.batch)})
     return rows

@@ -29,7 +29,7 @@ from pagoda.encoder import Encoder, build_latent_cache, psnr, teacher_fingerprin
 from pagoda.io import atomic_write_bytes, save_json
 from pagoda.loop import progress_bar, step_generator
 from pagoda.rundir import resolve_generator, resolve_teacher_path
-from pagoda.solvers import karras_sigmas, nfe as count_nfe, sample, solver_steps
+from pagoda.solvers import HEUN_POINTS, karras_sigmas, nfe as count_nfe, sample, solver_steps
 from pagoda.teacher import Denoiser, guided, load_teacher
 
 CLASS_SEARCH_MAX = 16  # invert tries every class up to this many; beyond, --class is required
@@ -98,7 +98,7 @@ def make_sampler(kind: str, model: torch.nn.Module, solver: str = "heun", nfe: i
     return generate
 
 
-def _sampler(kind: str, checkpoint: str, class_: int | None, seed: int, steps: int = 18, method: str = "heun",
+def _sampler(kind: str, checkpoint: str, class_: int | None, seed: int, steps: int = HEUN_POINTS, method: str = "heun",
              guidance: float = 1.0):
     """(model, generate, NFE per image) of a generator ("generator") or a teacher ("teacher") checkpoint."""
     if kind == "generator":
@@ -134,7 +134,7 @@ def sample_grid(checkpoint: str, n: int = 64, class_: int | None = None, seed: i
 
 
 @torch.no_grad()
-def teacher_grid(checkpoint: str, n: int = 100, steps: int = 18, method: str = "heun", class_: int | None = None,
+def teacher_grid(checkpoint: str, n: int = 100, steps: int = HEUN_POINTS, method: str = "heun", class_: int | None = None,
                  seed: int = 0, out: str = "teacher_samples.png", guidance: float = 1.0, batch: int = 64):
     """Teacher samples with any solver and grid size, optionally classifier-free guided (ω = `guidance`; one
     batched call per step); returns (path, NFE per image)."""
@@ -223,7 +223,7 @@ class NpzExport(_Export):
 @torch.no_grad()
 def export_samples(checkpoint: str, kind: str = "generator", n: int = 64, outdir: str | None = None,
                    npz: str | None = None, class_: int | None = None, seed: int = 0, batch: int = 64, rgb: bool = False,
-                   steps: int = 18, method: str = "heun", guidance: float = 1.0, progress: bool = False) -> dict:
+                   steps: int = HEUN_POINTS, method: str = "heun", guidance: float = 1.0, progress: bool = False) -> dict:
     """Images 0 … n−1 of a generator or a teacher as numbered PNGs (`outdir`) and/or the ADM evaluator's .npz
     (arr_0 uint8 N×H×W×C, C = the model's channels or 3 with `rgb`; arr_1 int64 labels), resumable."""
     if outdir is None and npz is None:

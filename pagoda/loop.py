@@ -13,10 +13,11 @@ from __future__ import annotations
 import copy
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TextIO
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -71,8 +72,51 @@ def fixed_labels(n: int, num_classes: int | None) -> torch.Tensor | None:
     return None if not num_classes else torch.arange(n) % num_classes
 
 
-def progress_bar(enabled: bool) -> Progress:
-    """A rich progress bar (or a silent stand-in)."""
+LINE_EVERY = 10.0  # seconds between two progress lines when stdout is not a terminal
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class LineProgress:
+    """rich.Progress's add_task/update for a log file: one full plain line per task at its first update, every
+    `every` seconds, and at its end: name, step/total, the task's numbers, elapsed time and ETA."""
+
+    def __init__(self, every: float = LINE_EVERY, stream: TextIO | None = None):
+        self.every, self.stream, self.tasks = every, stream, []
+
+    def __enter__(self) -> LineProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def add_task(self, description: str, total: int | None = None, completed: int = 0, info: str = "") -> int:
+        now = time.monotonic()
+        self.tasks.append(dict(name=description, total=total, done=completed, first=completed, info=info, t0=now,
+                               last=None))
+        return len(self.tasks) - 1
+
+    def update(self, task: int, completed: int | None = None, total: int | None = None, info: str | None = None) -> None:
+        t, now = self.tasks[task], time.monotonic()
+        t.update({k: v for k, v in dict(done=completed, total=total, info=info).items() if v is not None})
+        end = t["total"] is not None and t["done"] >= t["total"]
+        if t["last"] is not None and now - t["last"] < self.every and not end:
+            return
+        t["last"], elapsed = now, now - t["t0"]
+        rate = (t["done"] - t["first"]) / max(elapsed, 1e-9)
+        eta = _duration((t["total"] - t["done"]) / rate) if t["total"] is not None and rate > 0 else "?"
+        parts = [t["name"], f"step {t['done']}/{'?' if t['total'] is None else t['total']}", t["info"],
+                 f"elapsed {_duration(elapsed)}", f"ETA {eta}"]
+        print("  ".join(p for p in parts if p), file=self.stream or sys.stdout, flush=True)
+
+
+def progress_bar(enabled: bool, every: float = LINE_EVERY) -> Progress | LineProgress:
+    """A rich progress bar on a terminal, plain lines (LineProgress) when stdout is a file or a pipe, or nothing."""
+    if enabled and not sys.stdout.isatty():
+        return LineProgress(every)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     TimeRemainingColumn(), TextColumn("{task.fields[info]}"), disable=not enabled, transient=False)
 

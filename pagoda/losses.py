@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -380,6 +381,39 @@ def adaptive_weight(rec_loss: torch.Tensor, adv_loss: torch.Tensor, last_layer_w
     # a missing / zero adversarial gradient gives ||g_rec|| / eps, clipped to max (or min if g_rec is zero too)
     w = grads[0].norm() / (grads[1].norm() + eps)
     return w.clamp(min, max).detach()
+
+
+@dataclass
+class GeneratorLoss:
+    """The terms of one generator step (paper eq. 5 and §3.3), each a scalar tensor; `w` is detached."""
+
+    rec: torch.Tensor  # L_rec = d(G(E(x_lo), y), x_hi)
+    dstl: torch.Tensor  # L_dstl = d(↓G(z, y, ω), ODE_teacher,ω(z, y)) (0 when β = 0)
+    adv: torch.Tensor  # L_adv = −E D(G(z', y', ω')) (0 before the adversarial term starts)
+    anchor: torch.Tensor  # a·L_anchor = a·d(↓G(z'), G_R(z')) in a growth stage (0 when off)
+    w: torch.Tensor  # the adaptive weight (0 when L_adv is off)
+    reconstruction: torch.Tensor  # L_rec + β·L_dstl: the part that needs no discriminator
+    adversarial: torch.Tensor  # λ·w·L_adv + a·L_anchor
+
+    @property
+    def total(self) -> torch.Tensor:
+        """L_G = L_rec + β·L_dstl + λ·w·L_adv + a·L_anchor."""
+        return self.reconstruction + self.adversarial
+
+
+def generator_loss(rec: torch.Tensor, dstl: torch.Tensor | None = None, adv: torch.Tensor | None = None,
+                   anchor: torch.Tensor | None = None, *, beta: float = 0.0, lam: float = 0.0,
+                   last_layer_weight: torch.Tensor | None = None, w_max: float = 10.0,
+                   reduce: Callable[[list[torch.Tensor]], None] | None = None) -> GeneratorLoss:
+    """L_G = L_rec + β·L_dstl + λ·w·L_adv + a·L_anchor (PaGoDA eq. 5, §3.3), w = adaptive_weight(L_rec + β·L_dstl,
+    L_adv) on G's last layer; `adv` None: the adversarial term is off (w = 0). `anchor` comes weighted."""
+    zero = torch.zeros((), device=rec.device)
+    reconstruction = rec if dstl is None else rec + beta * dstl
+    if adv is None:
+        return GeneratorLoss(rec, zero if dstl is None else dstl, zero, zero, zero, reconstruction, zero)
+    anchor = zero if anchor is None else anchor
+    w = adaptive_weight(reconstruction, adv, last_layer_weight, max=w_max, reduce=reduce)
+    return GeneratorLoss(rec, zero if dstl is None else dstl, adv, anchor, w, reconstruction, lam * w * adv + anchor)
 
 
 # ---------------------------------------------------------------------------------------------------

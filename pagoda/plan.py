@@ -34,7 +34,7 @@ from pagoda.decoder import Generator
 from pagoda.encoder import LatentPairs
 from pagoda.grow import get_preset, plan_stages
 from pagoda.losses import DEFAULT_DISTANCE, LossConfigError, diff_augment, g_hinge_loss, make_distance
-from pagoda.stage import StageTrainer, build_discriminators
+from pagoda.stage import RunSpec, StageTrainer, build_discriminators
 from pagoda.teacher import Denoiser, load_teacher
 from pagoda.train import TEACHER_PRESETS, TrainConfig
 from pagoda.unet import PRESETS as UNET_PRESETS, UNet, UNetConfig
@@ -176,7 +176,7 @@ def _reduced_steps(cfg: TrainConfig, stages, t_cfg: UNetConfig, width: int | Non
                 torch.cuda.reset_peak_memory_stats(device)
             try:
                 pairs = LatentPairs(z, torch.arange(16), labels, _RandomData(16, C, stage.resolution, ncls, cfg.seed))
-                tr = StageTrainer(rcfg, rstage, k, teacher, G, pairs, Path(tmp) / stage.name, info)
+                tr = StageTrainer(RunSpec.of(rcfg), rstage, k, teacher, G, pairs, Path(tmp) / stage.name, info)
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     s = tr.train_step()

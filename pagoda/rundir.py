@@ -22,6 +22,7 @@ from pagoda.io import ADM, GENERATOR, TEACHER, CheckpointError, open_checkpoint
 from pagoda.teacher import Denoiser, load_teacher
 
 TEACHER_FILE, GENERATOR_FILE, CHECKPOINT_FILE = "teacher.pt", "generator.pt", "checkpoint.pt"
+TEACHER_SAMPLES_FILE = "teacher-samples.pt"  # RUN/teacher-samples.pt: L_dstl's teacher ODE samples (every stage)
 CONFIG_FILE = "config.json"  # RUN/config.json (every stage) and RUN/teacher/config.json (the teacher job)
 
 
@@ -48,6 +49,7 @@ class RunDir:
     teacher_dir = property(lambda self: self.root / "teacher")
     teacher = property(lambda self: self.root / "teacher" / TEACHER_FILE)
     latents = property(lambda self: self.root / "latents")
+    teacher_samples = property(lambda self: self.root / TEACHER_SAMPLES_FILE)
     eval = property(lambda self: self.root / "eval.json")
     report_html = property(lambda self: self.root / "report.html")
     report_md = property(lambda self: self.root / "report.md")

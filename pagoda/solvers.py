@@ -26,6 +26,7 @@ from torch import Tensor
 
 Denoiser = Callable[[Tensor, Tensor, Any], Tensor]
 METHODS = ("euler", "heun", "dpmpp_2m")
+HEUN_POINTS = 18  # the reference sampler's Karras grid: Heun, 2·18 − 1 = 35 NFE (EDM's default)
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0  # EDM's noise range (Karras et al. 2022, Table 1); models carry their own
 
 
@@ -159,7 +160,7 @@ def solve(
 
 
 @torch.no_grad()
-def sample(denoiser: Denoiser, z: Tensor, steps: int = 18, method: str = "heun", labels: Any = None,
+def sample(denoiser: Denoiser, z: Tensor, steps: int = HEUN_POINTS, method: str = "heun", labels: Any = None,
            sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX) -> Tensor:
     """x0 = PF-ODE solve from z ~ N(0, σ_max² I) on a Karras grid of `steps` points plus a final 0, in [−1, 1]."""
     sigmas = torch.cat([karras_sigmas(steps, sigma_min, sigma_max, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])

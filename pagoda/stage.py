@@ -1,10 +1,12 @@
 """One PaGoDA generator stage (paper §3.2-3.3): alternate G and D steps at one resolution.
 
-    G step:  L_G = L_rec + λ·w·L_adv  [+ β·L_dstl] [+ 0.5·w·L_adv,rec] [+ a·L_anchor]  (rec on (x, z, y) from the
-             cache; L_rec = d(G(E(x_lo), y), x_hi),  L_adv = −E D(G(z', y')),  adv on fresh z' ~ N(0, σ_max² I);
-             growth stages: L_anchor = d(↓G(z', y'), G_R(z', y')), G_R the frozen stage-2 generator)
-             w = ‖∇_W L_rec‖ / (‖∇_W L_adv‖ + 1e-4) clipped to [0.01, 10], W = G's last-layer weight
-    D step:  L_D = E relu(1 − D(x)) + E relu(1 + D(G(z')))              (separate real batch, h-flipped with p = 0.5;
+    G step:  L_G = L_rec + β·L_dstl + λ·w·L_adv + a·L_anchor      (losses.generator_loss; per micro-batch)
+             L_rec   = d(G(E(x_lo), y), x_hi)                   on (x, z, y) from the latent cache
+             L_dstl  = d(↓G(z, y, ω), ODE_teacher,ω(z, y))      on a fixed pool of teacher samples (β > 0)
+             L_adv   = −E D(G(z', y', ω'))                      on fresh z' ~ N(0, σ_max² I)
+             L_anchor = d(↓G(z', y'), G_R(z', y'))              growth stages: G_R the frozen stage-2 generator
+             w = ‖∇_W (L_rec + β·L_dstl)‖ / (‖∇_W L_adv‖ + 1e-4) clipped to [0.01, w_max], W = G's last-layer weight
+    D step:  L_D = E relu(1 − D(x)) + E relu(1 + D(G(z')))       (separate real batch, h-flipped with p = 0.5;
              per-head hinge, mean over heads; the same DiffAugment draw for real sample i and fake sample i)
     probe:   margin = E D(x) − E D(G(z')) on a fixed held-out batch, no augmentation (logged, not trained on)
 
@@ -16,7 +18,7 @@ images and latents of each step are read ahead by `data.loader` (worker processe
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -24,23 +26,86 @@ from torch import nn
 
 from pagoda import dist
 from pagoda.data import default_workers, loader
-from pagoda.images import downsample, save_image_grid
 from pagoda.decoder import Generator
 from pagoda.discriminators import make_discriminator
 from pagoda.encoder import LatentPairs
 from pagoda.grow import StageConfig
+from pagoda.images import downsample, save_image_grid
 from pagoda.io import load_checkpoint, save_checkpoint
-from pagoda.losses import (MultiscaleDistance, TeacherSampleCache, adaptive_weight, d_hinge_loss, diff_augment,
-                           g_hinge_loss, make_distance, margin)
 from pagoda.loop import EMA, LoopSpec, check_finite, fixed_labels, run_loop, step_generator
-from pagoda.rundir import CHECKPOINT_FILE, GENERATOR_FILE, grid_name, stage_dir_name
-from pagoda.solvers import sample
+from pagoda.losses import (MultiscaleDistance, TeacherSampleCache, d_hinge_loss, diff_augment, g_hinge_loss,
+                           generator_loss, make_distance, margin)
+from pagoda.rundir import CHECKPOINT_FILE, GENERATOR_FILE, RunDir, grid_name
+from pagoda.solvers import HEUN_POINTS, sample
 from pagoda.teacher import Denoiser, guided
 
-GUIDED_DISTILL = 3.0  # β of L_dstl for an ω-conditioned G when --distill is not given
+GUIDED_DISTILL = 3.0  # β of L_dstl for an ω-conditioned G when --distill is not given (docs/ablations.md)
 DISTILL_POOL = 4096  # size of the fixed z pool whose teacher samples the distillation loss uses
-TEACHER_SAMPLES = "teacher-samples.pt"  # that pool's cache, in the run directory (shared by the stages)
 PROBE_BATCH, PROBE_EVERY = 64, 10  # the held-out batch of the D margin, and how often (steps) it is measured
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What every stage of one run shares: train.TrainConfig's fields that a stage reads."""
+
+    seed: int
+    augment: str  # DiffAugment policy of D's inputs ('' = none)
+    distill: float  # β of L_dstl (0 = off, unless guidance_max)
+    guidance_max: float  # > 1: ω-conditioned G(z, y, ω), ω ~ U[1, ω_max]
+    guided_adv: bool  # the adversarial fakes draw ω' ~ U[1, ω_max] too (else ω' = 1)
+    accumulate: int  # micro-batches per rank and step
+    workers: int | None  # DataLoader processes per rank (None = data.default_workers)
+    ckpt_every: int
+    grid_every: int
+
+    @classmethod
+    def of(cls, config) -> RunSpec:
+        """The spec of a train.TrainConfig (or any object with these fields)."""
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+
+@dataclass
+class Fresh:
+    """Fresh (z', y', ω') of the adversarial terms; y' None for an unconditional G, ω' None for an unguided one."""
+
+    z: torch.Tensor  # (B, C, R0, R0) ~ N(0, σ_max² I)
+    y: torch.Tensor | None  # (B,) class labels
+    omega: torch.Tensor | None  # (B,) guidance scales
+
+    def part(self, sl: slice, device: torch.device) -> Fresh:
+        """This micro-batch's rows, on the device."""
+        return Fresh(*(None if t is None else t[sl].to(device) for t in (self.z, self.y, self.omega)))
+
+
+@dataclass
+class DStepDraw:
+    """The draws of one D step."""
+
+    real: torch.Tensor  # (B,) latent-cache entries of the real batch
+    recon: torch.Tensor  # (B,) entries whose reconstructions the reconstruction-D judges (official 512 px)
+    fresh: Fresh  # the fakes' (z', y', ω')
+    flips: torch.Tensor  # (B,) bool: h-flip the real image
+
+
+@dataclass
+class StepDraw:
+    """Everything random in one step (the global batch; each rank takes its slices)."""
+
+    entries: torch.Tensor  # (B,) latent-cache entries of the reconstruction batch
+    flips: torch.Tensor  # (B,) bool: use the h-flipped image and latent
+    fresh: Fresh  # (z', y', ω') of L_adv
+    aug_seed: int  # DiffAugment seed of this step
+    pool: torch.Tensor  # (B,) distillation-pool indices
+    d_steps: list[DStepDraw]
+
+
+@dataclass
+class Pairs:
+    """One micro-batch read from the latent cache, on the device."""
+
+    x: torch.Tensor  # (B, C, R, R) the image at the stage resolution
+    z: torch.Tensor  # (B, C, R0, R0) its latent E(x_lo)
+    y: torch.Tensor | None  # (B,) its labels
 
 
 def _opt(name: str, params, lr: float, betas=(0.9, 0.999)):
@@ -69,78 +134,59 @@ def continued_discriminators(stage: StageConfig, channels: int, num_classes: int
     return tuple(None if D is None else D.grow() for D in Ds)
 
 
-@dataclass
-class Draws:
-    """Everything random in one step (the global batch; each rank takes its slices)."""
-
-    entries: torch.Tensor  # (B,) latent-cache entries of the reconstruction batch
-    flips: torch.Tensor  # (B,) bool: use the h-flipped image and latent
-    z_fresh: torch.Tensor  # (B, C, R0, R0) fresh z' for L_adv
-    y_fresh: torch.Tensor | None  # (B,) their labels
-    w_fresh: torch.Tensor | None  # (B,) their guidance scales ω' ~ U[1, ω_max] (None: an unguided G)
-    aug_seed: int  # DiffAugment seed of this step
-    pool: torch.Tensor  # (B,) distillation-pool indices
-    d_batches: list[tuple]  # per D step: real entries, reconstruction-D entries, fresh z', their labels, their ω',
-    # real h-flips
-
-
 class StageTrainer:
     """Holds G, D (and D_recon), their optimisers, the EMA of G and the step; `run()` trains to the end."""
 
-    def __init__(self, cfg, stage: StageConfig, k: int, teacher: Denoiser, G_prev: Generator | None,
+    def __init__(self, spec: RunSpec, stage: StageConfig, k: int, teacher: Denoiser, G_prev: Generator | None,
                  pairs: LatentPairs, sdir: Path, info: dist.DistInfo):
-        self.cfg, self.stage, self.k, self.teacher, self.pairs = cfg, stage, k, teacher, pairs
+        self.spec, self.stage, self.k, self.pairs = spec, stage, k, pairs
         self.sdir, self.info, self.dev = Path(sdir), info, info.device
-        self.entries = len(pairs.indices)
-        torch.manual_seed(step_generator(cfg.seed, 1000 + k).initial_seed())  # fresh blocks and D: f(seed, stage)
+        run = RunDir(self.sdir.parent)
+        torch.manual_seed(step_generator(spec.seed, 1000 + k).initial_seed())  # fresh blocks and D: f(seed, stage)
         # G: stage 2 copies the teacher network; stage 3 grows the previous stage's EMA generator.
-        self.guidance_max = cfg.guidance_max if cfg.guidance_max > 1 else 0.0  # ω-conditioned G (PaGoDA §guidance)
+        self.guidance_max = spec.guidance_max if spec.guidance_max > 1 else 0.0  # ω-conditioned G (PaGoDA §guidance)
         if not stage.grow:
             G = Generator.from_teacher(teacher, guidance=bool(self.guidance_max))
         else:
             if G_prev is None:
-                G_prev = Generator.from_checkpoint(self.sdir.parent / stage_dir_name(stage.resolution // 2) / GENERATOR_FILE)
+                G_prev = Generator.from_checkpoint(run.stage(stage.resolution // 2) / GENERATOR_FILE)
             G = G_prev.grow(stage.grow_channels, fade=stage.fade)
         self.G = G.to(self.dev).train()
         self.G.set_trainable(stage.activate_from)
         self.params_G = [p for p in self.G.parameters() if p.requires_grad]
-        C, R, ncls = self.G.channels, stage.resolution, self.G.unet.config.num_classes
-        self.C, self.R, self.ncls = C, R, ncls
-        prev_ckpt = self.sdir.parent / stage_dir_name(stage.resolution // 2) / CHECKPOINT_FILE
+        self.C, self.R, self.ncls = self.G.channels, stage.resolution, self.G.unet.config.num_classes
+        prev_ckpt = run.stage(stage.resolution // 2) / CHECKPOINT_FILE
         if stage.d_continue and not prev_ckpt.is_file():
             warnings.warn(f"{prev_ckpt} is missing: {self.sdir.name} starts a fresh discriminator", stacklevel=2)
-        D, D_recon = (continued_discriminators(stage, C, ncls, prev_ckpt) if stage.d_continue and prev_ckpt.is_file()
-                      else build_discriminators(stage, C, ncls))
+        D, D_recon = (continued_discriminators(stage, self.C, self.ncls, prev_ckpt)
+                      if stage.d_continue and prev_ckpt.is_file() else build_discriminators(stage, self.C, self.ncls))
         self.D, self.D_recon = D.to(self.dev), D_recon and D_recon.to(self.dev)
-        self.distance = make_distance(stage.distance, C, stage.d_input).to(self.dev)
+        self.Ds = [self.D] + ([self.D_recon] if self.D_recon is not None else [])
+        self.distance = make_distance(stage.distance, self.C, stage.d_input).to(self.dev)
         self.G_base = None  # the anchor's target: the frozen stage-2 generator (the grown G's fresh samples stay on it)
         if stage.anchor > 0:
-            base = self.sdir.parent / stage_dir_name(self.G.base_resolution) / GENERATOR_FILE
+            base = run.stage(self.G.base_resolution) / GENERATOR_FILE
             self.G_base = Generator.from_checkpoint(base, map_location=self.dev).eval().requires_grad_(False)
             self.anchor_distance = MultiscaleDistance()  # at R px: the pseudo-Huber pixel distance (one level)
         self.opt_G = _opt(stage.optimizer, self.params_G, stage.lr_G)
-        self.Ds = [self.D] + ([self.D_recon] if self.D_recon is not None else [])
         self.params_D = [p for D in self.Ds for p in D.parameters() if p.requires_grad]  # not a frozen backbone
         self.opt_D = _opt(stage.optimizer, self.params_D, stage.lr_D, betas=(0.0, 0.99))
         self.ema, self.step = EMA(self.G, stage.ema), 0
-        self.rng = lambda *keys: step_generator(cfg.seed, 1000 + k, *keys)
-        # Distillation: guided teacher ODE samples (Heun 35 NFE; ω = 1: plain) for a fixed pool of (z, y, ω), computed
-        # once and kept on disk for every stage. On with --distill β, and always with --guidance-max (β = 3 if unset:
-        # with β = 1, G hardly used ω; docs/benchmarks.md §10). Off in a growth stage with an anchor: the anchor holds
-        # ↓G(z', y', ω') on the stage-2 G, which L_dstl trained; L_dstl there too fought the grown-resolution terms.
-        beta = cfg.distill or (GUIDED_DISTILL if self.guidance_max else 0.0)
-        self.distill = 0.0 if self.G_base is not None else beta
-        self.cache = None
-        if self.distill > 0:
-            t_res = self.G.base_resolution
-
+        # L_dstl: guided teacher ODE samples for a fixed pool of (z, y, ω), computed once, kept on disk for every
+        # stage. On with --distill β, and always with --guidance-max (β = GUIDED_DISTILL if unset). Off in a growth
+        # stage with an anchor: the anchor holds ↓G(z', y', ω') on the stage-2 G, which L_dstl trained.
+        beta = spec.distill or (GUIDED_DISTILL if self.guidance_max else 0.0)
+        self.beta = 0.0 if self.G_base is not None else beta
+        self.teacher_samples = None
+        if self.beta > 0:
             def teacher_ode(z, y, omega):  # D_ω = D(x,σ,∅) + ω (D(x,σ,y) − D(x,σ,∅)), one batched call per step
-                D = teacher if omega is None else guided(teacher, omega)
-                return sample(D, z, 18, "heun", y, teacher.sigma_min, teacher.sigma_max)
-            self.cache = TeacherSampleCache(teacher_ode, DISTILL_POOL, (C, t_res, t_res), ncls, self.G.sigma_max,
-                                            seed=cfg.seed, path=self.sdir.parent / TEACHER_SAMPLES, device=self.dev,
-                                            guidance_max=self.guidance_max or 1.0)
-        W, A = info.world_size, cfg.accumulate
+                denoiser = teacher if omega is None else guided(teacher, omega)
+                return sample(denoiser, z, HEUN_POINTS, "heun", y, teacher.sigma_min, teacher.sigma_max)
+            t_res = self.G.base_resolution
+            self.teacher_samples = TeacherSampleCache(
+                teacher_ode, DISTILL_POOL, (self.C, t_res, t_res), self.ncls, self.G.sigma_max, seed=spec.seed,
+                path=run.teacher_samples, device=self.dev, guidance_max=self.guidance_max or 1.0)
+        W, A = info.world_size, spec.accumulate
         if stage.batch % (W * A):
             raise ValueError(f"global batch {stage.batch} of {self.sdir.name} is not divisible by ranks {W} x "
                              f"accumulation {A}: change --accumulate or the number of processes")
@@ -183,32 +229,35 @@ class StageTrainer:
             save_checkpoint(self.state(), self.ckpt_path)
 
     # ---- randomness and data -----------------------------------------------------------------------
-    def _fresh(self, g: torch.Generator, n: int):
-        """Fresh (z', y', ω') for the adversarial terms; ω' only for an ω-conditioned G (else None, nothing drawn)."""
+    def rng(self, *keys: int) -> torch.Generator:
+        return step_generator(self.spec.seed, 1000 + self.k, *keys)
+
+    def fresh(self, g: torch.Generator, n: int) -> Fresh:
+        """n fresh (z', y', ω'); ω' only for an ω-conditioned G (else nothing is drawn)."""
         z = self.G.sigma_max * torch.randn(n, self.C, self.G.base_resolution, self.G.base_resolution, generator=g)
         y = torch.randint(0, self.ncls, (n,), generator=g) if self.ncls else None
-        w = 1 + (self.guidance_max - 1) * torch.rand(n, generator=g) if self.guidance_max else None
-        if w is not None and not self.cfg.guided_adv:  # the real data are the ω = 1 distribution: judge only that
-            w = torch.ones_like(w)
-        return z, y, w
+        omega = 1 + (self.guidance_max - 1) * torch.rand(n, generator=g) if self.guidance_max else None
+        if omega is not None and not self.spec.guided_adv:  # the real data are the ω = 1 distribution: judge only that
+            omega = torch.ones_like(omega)
+        return Fresh(z, y, omega)
 
-    def draws(self, step: int) -> Draws:
+    def draws(self, step: int) -> StepDraw:
         """The random draws of step k, from generators seeded by (seed, stage, k[, D step j + 1])."""
-        st, N = self.stage, self.entries
+        B, N = self.stage.batch, len(self.pairs.indices)
         g = self.rng(step)
-        entries, flips = torch.randint(0, N, (st.batch,), generator=g), torch.rand(st.batch, generator=g) < 0.5
-        z_fresh, y_fresh, w_fresh = self._fresh(g, st.batch)
+        entries, flips = torch.randint(0, N, (B,), generator=g), torch.rand(B, generator=g) < 0.5
+        fresh = self.fresh(g, B)
         aug_seed = int(torch.randint(0, 2**62, (1,), generator=g))
-        pool = torch.randint(0, DISTILL_POOL, (st.batch,), generator=g)
-        d_batches = []
-        for j in range(st.d_steps_per_g):
+        pool = torch.randint(0, DISTILL_POOL, (B,), generator=g)
+        d_steps = []
+        for j in range(self.stage.d_steps_per_g):
             gj = self.rng(step, j + 1)
-            real, recon = torch.randint(0, N, (st.batch,), generator=gj), torch.randint(0, N, (st.batch,), generator=gj)
-            z_d, y_d, w_d = self._fresh(gj, st.batch)
-            d_batches.append((real, recon, z_d, y_d, w_d, torch.rand(st.batch, generator=gj) < 0.5))
-        return Draws(entries, flips, z_fresh, y_fresh, w_fresh, aug_seed, pool, d_batches)
+            real, recon = torch.randint(0, N, (B,), generator=gj), torch.randint(0, N, (B,), generator=gj)
+            fresh_j = self.fresh(gj, B)
+            d_steps.append(DStepDraw(real, recon, fresh_j, torch.rand(B, generator=gj) < 0.5))
+        return StepDraw(entries, flips, fresh, aug_seed, pool, d_steps)
 
-    def _slices(self) -> list[slice]:
+    def slices(self) -> list[slice]:
         """This rank's micro-batches: slices of the global batch."""
         r, A, B = self.info.rank, self.A, self.B
         return [slice((r * A + a) * B, (r * A + a + 1) * B) for a in range(A)]
@@ -216,115 +265,113 @@ class StageTrainer:
     def keys(self, step: int) -> torch.Tensor:
         """The LatentPairs keys (2·entry + flip) this rank reads in step k: the reconstruction batch, then the
         real batch of each D step (and the reconstruction-D batch), each as this rank's slices."""
-        d, mine = self.draws(step), self._slices()
+        d = self.draws(step)
         groups = [2 * d.entries + d.flips.long()]
-        for real, recon, _, _, _, flips in d.d_batches if self.adv_on(step) else []:
-            groups += [2 * real + flips.long()] + ([2 * recon] if self.D_recon is not None else [])
-        return torch.cat([grp[sl] for grp in groups for sl in mine])
+        for ds in d.d_steps if self.adv_on(step) else []:
+            groups += [2 * ds.real + ds.flips.long()] + ([2 * ds.recon] if self.D_recon is not None else [])
+        return torch.cat([grp[sl] for grp in groups for sl in self.slices()])
 
     def adv_on(self, step: int) -> bool:
         """Whether step k trains with the adversarial term (and so takes D steps)."""
         return self.stage.lam > 0 and step >= self.stage.adv_start
 
     def _start_data(self) -> None:
-        workers = self.cfg.workers if self.cfg.workers is not None else default_workers(self.pairs, self.info.world_size)
+        workers = self.spec.workers if self.spec.workers is not None else default_workers(self.pairs, self.info.world_size)
         steps = (self.keys(k).tolist() for k in range(self.step, self.stage.steps))
         self.batches = loader(self.pairs, steps, workers)
 
-    def _micro_batches(self):
-        """Next step's data, as (x_hi, z, y) per micro-batch for the G step, then per D step [(x, y) real, (x, z, y)
-        reconstruction-D], on the device."""
+    def next_batches(self) -> tuple[list[Pairs], list[Pairs]]:
+        """Next step's data in micro-batches: those of the G step, then those of the D steps (each D step's real
+        batch, then its reconstruction-D batch), on the device."""
         x, z, y = (t.to(self.dev) for t in next(self.batches))
-        y = y if self.ncls else None
-        A, B = self.A, self.B
-        parts = [(x[i * B:(i + 1) * B], z[i * B:(i + 1) * B], None if y is None else y[i * B:(i + 1) * B])
-                 for i in range(len(x) // B)]
-        return parts[:A], parts[A:]
+        B = self.B
+        parts = [Pairs(x[i:i + B], z[i:i + B], y[i:i + B] if self.ncls else None) for i in range(0, len(x), B)]
+        return parts[:self.A], parts[self.A:]
 
-    def _aug(self, x: torch.Tensor, seed: int, first: int) -> torch.Tensor:
+    def augment(self, x: torch.Tensor, seed: int, first: int) -> torch.Tensor:
         """DiffAugment, sample i drawn from (seed, first + i), its index in the global batch: the same
         augmentation however the batch is split over ranks and accumulation steps."""
-        if not self.cfg.augment:
+        if not self.spec.augment:
             return x
-        return diff_augment(x, self.cfg.augment, [step_generator(seed, first + i) for i in range(len(x))])
+        return diff_augment(x, self.spec.augment, [step_generator(seed, first + i) for i in range(len(x))])
 
-    # ---- one step ----------------------------------------------------------------------------------
-    def _adv(self, z_f, y_f, w_f, x_rec, y, aug_seed: int, first: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(L_adv, a·L_anchor): L_adv = −E D(G(z', y'[, ω'])) on fresh z' (not the reconstruction) [+ the
-        reconstruction D's term]; L_anchor = d(↓G(z'), G_R(z')) on the same fakes (0 when off)."""
+    # ---- the losses of one micro-batch ---------------------------------------------------------------
+    def adversarial_terms(self, fresh: Fresh, x_rec, y, aug_seed: int, first: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L_adv, a·L_anchor) on the fresh fakes G(z', y', ω') [+ the reconstruction D's term on x_rec]."""
         with self.amp:
-            fake = self.G(z_f, y_f, w_f).float()
-            adv = g_hinge_loss(self.D(self._aug(fake, aug_seed, first), y_f))
+            fake = self.G(fresh.z, fresh.y, fresh.omega).float()
+            adv = g_hinge_loss(self.D(self.augment(fake, aug_seed, first), fresh.y))
             if self.D_recon is not None:  # official 512 px: a 2nd discriminator judges reconstructions
-                adv = adv + self.stage.rec_disc_weight * g_hinge_loss(self.D_recon(self._aug(x_rec, aug_seed + 7, first), y))
-            anchor = torch.zeros((), device=fake.device)
+                adv = adv + self.stage.rec_disc_weight * g_hinge_loss(
+                    self.D_recon(self.augment(x_rec, aug_seed + 7, first), y))
+            anchor = None
             if self.G_base is not None:
                 with torch.no_grad():
-                    target = self.G_base(z_f, y_f, w_f).float()
+                    target = self.G_base(fresh.z, fresh.y, fresh.omega).float()
                 anchor = self.stage.anchor * self.anchor_distance(downsample(fake, target.shape[-1]), target).mean()
         return adv, anchor
 
-    def _weight(self, rec, adv) -> torch.Tensor:
-        """Adaptive weight w from ∇_W of both losses, averaged over ranks (so w is the global batch's)."""
-        return adaptive_weight(rec, adv, self.G.last_layer_weight, max=self.stage.w_max,
-                               reduce=lambda g: dist.all_reduce_mean_(g, self.info))
+    def reconstruction_terms(self, pairs: Pairs, pool: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(G(z, y), L_rec, L_dstl or None) of one micro-batch."""
+        with self.amp:
+            x_rec = self.G(pairs.z, pairs.y).float()
+            rec = self.distance(x_rec, pairs.x).mean()
+            dstl = None
+            if self.teacher_samples is not None:
+                z, y, omega, x0 = self.teacher_samples.get(pool)
+                dstl = self.distance(downsample(self.G(z, y, omega).float(), x0.shape[-1]), x0).mean()
+        return x_rec, rec, dstl
 
+    def generator_loss(self, pairs: Pairs, fresh: Fresh, d: StepDraw, sl: slice, adv_on: bool):
+        """losses.generator_loss of one micro-batch (and G(z, y) for the reconstruction D)."""
+        x_rec, rec, dstl = self.reconstruction_terms(pairs, d.pool[sl])
+        adv, anchor = self.adversarial_terms(fresh, x_rec, pairs.y, d.aug_seed, sl.start) if adv_on else (None, None)
+        reduce = lambda g: dist.all_reduce_mean_(g, self.info)  # noqa: E731  w of the global batch
+        loss = generator_loss(rec, dstl, adv, anchor, beta=self.beta, lam=self.stage.lam,
+                              last_layer_weight=self.G.last_layer_weight, w_max=self.stage.w_max, reduce=reduce)
+        check_finite(self.step, rec=loss.rec.item(), dstl=loss.dstl.item(), adv=loss.adv.item(),
+                     anchor=loss.anchor.item())
+        return loss
+
+    # ---- one step ----------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         """One G step and d_steps_per_g D steps on the global batch of this step."""
         if self.batches is None:
             self._start_data()
-        st, step, dev = self.stage, self.step, self.dev
+        st, step, A = self.stage, self.step, self.A
         dist.fault_hook(self.info, self.sdir.name, step)  # no-op unless PAGODA_TEST_FAULT is set
         alpha = st.alpha(step)
         self.G.set_alpha(alpha)
         d = self.draws(step)
-        g_parts, d_parts = self._micro_batches()
+        g_batches, d_batches = self.next_batches()
         adv_on = self.adv_on(step)
-        stats = dict(rec=0.0, adv=0.0, w=0.0, d=0.0, alpha=alpha)
-        # ---- G step
+        stats = dict(rec=0.0, dstl=0.0, adv=0.0, w=0.0, d=0.0, alpha=alpha)
+        if self.G_base is not None and adv_on:
+            stats["anchor"] = 0.0
+        # ---- G step; official 256/512 px (split_g_step): the L_rec update first, then L_adv through the new weights
+        split = st.split_g_step and adv_on
+        weights = []  # w of each micro-batch, for the adversarial pass of a split step
         self.opt_G.zero_grad(set_to_none=True)
-        split = st.split_g_step and adv_on  # official 256/512 px: the rec and the adv updates are separate steps
-        later = []  # (slice, z, y, w) of each micro-batch, for the adversarial pass of a split step
-        for sl, (x_hi, z, y) in zip(self._slices(), g_parts):
-            z_f, y_f, w_f = (None if t is None else t[sl].to(dev) for t in (d.z_fresh, d.y_fresh, d.w_fresh))
-            with self.amp:
-                x_rec = self.G(z, y).float()
-                rec = self.distance(x_rec, x_hi).mean()  # L_rec = d(G(E(x_lo), y), x_hi)
-                if self.cache is not None:  # L_dstl = d(↓G(z, y, ω), ODE_teacher,ω(z, y)) at the teacher resolution
-                    zc, yc, wc, x0 = self.cache.get(d.pool[sl])
-                    out = self.G(zc, yc, wc).float()
-                    rec = rec + self.distill * self.distance(downsample(out, x0.shape[-1]), x0).mean()
-            if not adv_on:
-                loss, adv, anchor, w = rec, torch.zeros(()), torch.zeros(()), torch.zeros(())
-            else:
-                adv, anchor = self._adv(z_f, y_f, w_f, x_rec, y, d.aug_seed, sl.start)
-                w = self._weight(rec, adv)
-                loss = rec + st.lam * w * adv + anchor
-            check_finite(step, rec=rec.item(), adv=adv.item(), anchor=anchor.item())
-            if split:
-                (rec / self.A).backward()
-                later.append((sl, z, y, w, z_f, y_f, w_f))
-            else:
-                (loss / self.A).backward()
-            stats["rec"] += rec.item() / self.A
-            stats["adv"] += adv.item() / self.A
-            stats["w"] += w.item() / self.A
-            if self.G_base is not None and adv_on:
-                stats["anchor"] = stats.get("anchor", 0.0) + anchor.item() / self.A
-        if split:  # one rec update on the whole global batch, then the adversarial term through the new weights
+        for sl, pairs in zip(self.slices(), g_batches):
+            loss = self.generator_loss(pairs, d.fresh.part(sl, self.dev), d, sl, adv_on)
+            ((loss.reconstruction if split else loss.total) / A).backward()
+            weights.append(loss.w)
+            for name in stats.keys() & {"rec", "dstl", "adv", "w", "anchor"}:
+                stats[name] += getattr(loss, name).item() / A
+        if split:
             self._step_G()
-            for sl, z, y, w, z_f, y_f, w_f in later:
+            for sl, pairs, w in zip(self.slices(), g_batches, weights):
                 with self.amp:
-                    x_rec = self.G(z, y).float() if self.D_recon is not None else None
-                    adv, anchor = self._adv(z_f, y_f, w_f, x_rec, y, d.aug_seed, sl.start)
-                    ((st.lam * w * adv + anchor) / self.A).backward()
+                    x_rec = self.G(pairs.z, pairs.y).float() if self.D_recon is not None else None
+                adv, anchor = self.adversarial_terms(d.fresh.part(sl, self.dev), x_rec, pairs.y, d.aug_seed, sl.start)
+                ((st.lam * w * adv + (0 if anchor is None else anchor)) / A).backward()
         self._step_G()
         # ---- D steps, each on a separate real batch
         if adv_on:
-            per_step = len(d_parts) // st.d_steps_per_g
-            for j, (_, _, z_d, y_d, w_d, _) in enumerate(d.d_batches):
-                parts = d_parts[j * per_step:(j + 1) * per_step]
-                stats["d"] += self.d_step(parts, z_d, y_d, w_d, d.aug_seed + 100 * (j + 1)) / st.d_steps_per_g
+            per_step = len(d_batches) // st.d_steps_per_g
+            for j, ds in enumerate(d.d_steps):
+                stats["d"] += self.d_step(d_batches[j * per_step:(j + 1) * per_step], ds.fresh,
+                                          d.aug_seed + 100 * (j + 1)) / st.d_steps_per_g
         self.ema.update(self.G)
         self.step += 1
         if self.step % PROBE_EVERY == 0 or self.step == st.steps:
@@ -337,26 +384,24 @@ class StageTrainer:
             self.opt_G.step()
             self.opt_G.zero_grad(set_to_none=True)
 
-    def d_step(self, parts, z_d: torch.Tensor, y_d: torch.Tensor | None, w_d: torch.Tensor | None, aug_seed: int
-               ) -> float:
+    def d_step(self, batches: list[Pairs], fresh: Fresh, aug_seed: int) -> float:
         """L_D = E relu(1 − D(x)) + E relu(1 + D(G(z'[, ω']))) [+ the same for D_recon on reconstructions]."""
-        dev, A = self.dev, self.A
-        reals, recons = (parts[:A], parts[A:]) if self.D_recon is not None else (parts, [None] * A)
+        A = self.A
+        reals, recons = (batches[:A], batches[A:]) if self.D_recon is not None else (batches, [None] * A)
         self.opt_D.zero_grad(set_to_none=True)
         total = 0.0
-        for sl, (x_r, _, y_r), recon in zip(self._slices(), reals, recons):
-            yd, wd = (None if t is None else t[sl].to(dev) for t in (y_d, w_d))
+        for sl, real, recon in zip(self.slices(), reals, recons):
+            f = fresh.part(sl, self.dev)
             with torch.no_grad(), self.amp:
-                fake = self.G(z_d[sl].to(dev), yd, wd).float()
+                fake = self.G(f.z, f.y, f.omega).float()
             with self.amp:  # real sample i and fake sample i get the same DiffAugment draw (as the official code)
-                loss = d_hinge_loss(self.D(self._aug(x_r, aug_seed, sl.start), y_r),
-                                    self.D(self._aug(fake, aug_seed, sl.start), yd))
+                loss = d_hinge_loss(self.D(self.augment(real.x, aug_seed, sl.start), real.y),
+                                    self.D(self.augment(fake, aug_seed, sl.start), f.y))
                 if recon is not None:  # reconstructions of another real batch vs that batch
-                    x_hi, z, y = recon
                     with torch.no_grad():
-                        rec = self.G(z, y).float()
-                    loss = loss + d_hinge_loss(self.D_recon(self._aug(x_hi, aug_seed + 2, sl.start), y),
-                                               self.D_recon(self._aug(rec, aug_seed + 3, sl.start), y))
+                        x_rec = self.G(recon.z, recon.y).float()
+                    loss = loss + d_hinge_loss(self.D_recon(self.augment(recon.x, aug_seed + 2, sl.start), recon.y),
+                                               self.D_recon(self.augment(x_rec, aug_seed + 3, sl.start), recon.y))
             check_finite(self.step, d=loss.item())
             (loss / A).backward()
             total += loss.item() / A
@@ -364,41 +409,41 @@ class StageTrainer:
         self.opt_D.step()
         return total
 
-    def _probe_batch(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    # ---- the held-out probe and the grids ---------------------------------------------------------------
+    def _probe_batch(self) -> tuple[Pairs, Fresh]:
         """A fixed held-out batch: real images of the data set outside the latent cache (the cache itself if it
-        holds the whole data set) with their labels, and fixed fresh z' with labels."""
+        holds the whole data set) with their labels, and fixed fresh (z', y')."""
         images, cached = self.pairs.images, set(self.pairs.indices.tolist())
-        g = step_generator(self.cfg.seed, 98)
+        g = step_generator(self.spec.seed, 98)
         order = torch.randperm(len(images), generator=g).tolist()
         held = [i for i in order if i not in cached][:PROBE_BATCH] or order[:PROBE_BATCH]
         x, y = next(loader(images, [held], 0))
-        z, y_f, _ = self._fresh(g, len(held))
-        dev = self.dev
-        return x.to(dev), (y.to(dev) if self.ncls else None), z.to(dev), (None if y_f is None else y_f.to(dev))
+        fresh = self.fresh(g, len(held))
+        real = Pairs(x.to(self.dev), None, y.to(self.dev) if self.ncls else None)
+        return real, Fresh(fresh.z.to(self.dev), None if fresh.y is None else fresh.y.to(self.dev), None)
 
     @torch.no_grad()
     def probe(self) -> float:
         """margin = E D(x) − E D(G(z')) on the held-out batch, no augmentation, D and G in eval mode."""
         if self._probe is None:
             self._probe = self._probe_batch()
-        x, y, z, y_f = self._probe
+        real, fresh = self._probe
         for m in (self.G, *self.Ds):
             m.eval()
         try:
             with self.amp:
-                return margin(self.D(x, y), self.D(self.G(z, y_f).float(), y_f))
+                return margin(self.D(real.x, real.y), self.D(self.G(fresh.z, fresh.y).float(), fresh.y))
         finally:
             for m in (self.G, *self.Ds):
                 m.train()
 
-    # ---- the loop ----------------------------------------------------------------------------------
     def grid(self, tag: str | int) -> None:
         """EMA samples at fixed z and labels (the same for every stage, so growth can be watched)."""
         if not self.info.is_main:
             return
         n = 100 if self.ncls == 10 else 64
         R0 = self.G.base_resolution
-        zg = self.G.sigma_max * torch.randn(n, self.C, R0, R0, generator=step_generator(self.cfg.seed, 99))
+        zg = self.G.sigma_max * torch.randn(n, self.C, R0, R0, generator=step_generator(self.spec.seed, 99))
         yg = fixed_labels(n, self.ncls)
         G = self.ema.module
         G.set_alpha(float(self.G.alpha))
@@ -406,13 +451,14 @@ class StageTrainer:
             x = G(zg.to(self.dev), None if yg is None else yg.to(self.dev))
         save_image_grid(x, self.sdir / grid_name(tag), nrow=10 if self.ncls == 10 else None, scale=max(1, 128 // self.R))
 
+    # ---- the loop ----------------------------------------------------------------------------------
     def run(self, progress: bool = True) -> Generator:
-        st, cfg, info = self.stage, self.cfg, self.info
+        st, spec, info = self.stage, self.spec, self.info
         self.sdir.mkdir(parents=True, exist_ok=True)
         self.load()
         self._start_data()
-        spec = LoopSpec(f"{self.sdir.name} ({self.R}px)", st.steps, st.batch, cfg.ckpt_every, every=cfg.grid_every)
-        run_loop(self.train_step, self.save, spec, self.step, self.sdir if info.is_main else None, progress, self.grid)
+        loop = LoopSpec(f"{self.sdir.name} ({self.R}px)", st.steps, st.batch, spec.ckpt_every, every=spec.grid_every)
+        run_loop(self.train_step, self.save, loop, self.step, self.sdir if info.is_main else None, progress, self.grid)
         self.G.set_alpha(1.0)
         self.ema.module.set_alpha(1.0)  # fade-in over: the saved generator has the official layout only
         self.grid("final")

@@ -24,8 +24,8 @@ from pagoda.grow import get_preset, plan_stages
 from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
 from pagoda.loop import EMA, LoopSpec, TIMING_FILE, check_finite, fixed_labels, progress_bar, run_loop, step_generator
 from pagoda.rundir import CHECKPOINT_FILE, CONFIG_FILE, GENERATOR_FILE, TEACHER_FILE, RunDir, grid_name, is_finished
-from pagoda.solvers import sample
-from pagoda.stage import StageTrainer
+from pagoda.solvers import HEUN_POINTS, sample
+from pagoda.stage import RunSpec, StageTrainer
 from pagoda.teacher import Denoiser, edm_loss, load_teacher, teacher_checkpoint
 from pagoda.unet import PRESETS as UNET_PRESETS, UNet
 
@@ -48,7 +48,7 @@ class TeacherConfig:
     label_dropout: float = 0.1  # drop the class with this probability (classifier-free guidance later)
     grid_every: int = 500  # write a sample grid every N steps (and at the end)
     ckpt_every: int = 500  # write a resumable checkpoint every N steps (and at the end)
-    sample_steps: int = 18  # Heun grid points for the grids (35 NFE)
+    sample_steps: int = HEUN_POINTS  # Heun grid points of the grids (35 NFE)
     seed: int = 0
 
 
@@ -72,19 +72,19 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, progress: bool = True, de
     unet_cfg = replace(UNET_PRESETS[cfg.unet], resolution=cfg.resolution, in_channels=data.channels,
                        out_channels=data.channels, num_classes=ncls)
     torch.manual_seed(cfg.seed)
-    D = Denoiser(UNet(unet_cfg)).to(dev)
-    opt = torch.optim.Adam(D.parameters(), lr=cfg.lr)
-    ema, step = EMA(D, cfg.ema), 0
+    denoiser = Denoiser(UNet(unet_cfg)).to(dev)
+    opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
+    ema, step = EMA(denoiser, cfg.ema), 0
     ckpt_path = out / CHECKPOINT_FILE
     if ckpt_path.exists():
         ck = load_checkpoint(ckpt_path, map_location=dev)
         if ck.get("config") != asdict(cfg):
             raise CheckpointError(f"{ckpt_path} was trained with another config; use another --out or delete it")
-        D.load_state_dict(ck["model"]), ema.module.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
+        denoiser.load_state_dict(ck["model"]), ema.module.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
         step = ck["step"]
     save_json({"teacher": asdict(cfg), "unet": unet_cfg.to_dict()}, out / CONFIG_FILE)
     n_grid = 10 * (ncls or 10) if ncls else 64
-    zg = D.sigma_max * torch.randn(n_grid, data.channels, cfg.resolution, cfg.resolution,
+    zg = denoiser.sigma_max * torch.randn(n_grid, data.channels, cfg.resolution, cfg.resolution,
                                    generator=step_generator(cfg.seed, 7))
     yg = fixed_labels(n_grid, ncls)
 
@@ -103,18 +103,18 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, progress: bool = True, de
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / 200)
         noise_g = g if dev.type == "cpu" else torch.Generator(dev).manual_seed(step_generator(cfg.seed, 2, step).initial_seed())
-        loss = edm_loss(D, x.to(dev), y.to(dev) if ncls else None, label_dropout=cfg.label_dropout,
+        loss = edm_loss(denoiser, x.to(dev), y.to(dev) if ncls else None, label_dropout=cfg.label_dropout,
                         generator=noise_g).mean()  # noise: f(seed, step)
         check_finite(step, loss=loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        ema.update(D, step)
+        ema.update(denoiser, step)
         step += 1
         return {"loss": loss.item()}
 
     def save() -> None:
-        save_checkpoint({"config": asdict(cfg), "step": step, "model": D.state_dict(), "ema": ema.module.state_dict(),
+        save_checkpoint({"config": asdict(cfg), "step": step, "model": denoiser.state_dict(), "ema": ema.module.state_dict(),
                          "opt": opt.state_dict()}, ckpt_path)
 
     def grid(k: int) -> None:
@@ -212,6 +212,7 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
             G = Generator.from_checkpoint(sdir / GENERATOR_FILE, map_location=info.device)
             continue
         images = make_dataset(cfg.data, stage.resolution, channels=teacher.channels)
-        G = StageTrainer(cfg, stage, k, teacher, G, LatentPairs.from_cache(store, images), sdir, info).run(progress)
+        pairs = LatentPairs.from_cache(store, images)
+        G = StageTrainer(RunSpec.of(cfg), stage, k, teacher, G, pairs, sdir, info).run(progress)
     dist.barrier(info)
     return run.root

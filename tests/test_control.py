@@ -22,7 +22,7 @@ from pagoda.dist import DistInfo
 from pagoda.encoder import Encoder, LatentPairs, psnr
 from pagoda.grow import PRESETS, plan_stages
 from pagoda.inference import NpzExport, encode_images, load_models, make_sampler
-from pagoda.stage import StageTrainer
+from pagoda.stage import RunSpec, StageTrainer
 from pagoda.rundir import resolve_generator
 from pagoda.train import TrainConfig, train
 
@@ -205,9 +205,9 @@ def test_growth_stage_with_an_anchor_trains_without_distillation(guided_run, tmp
     trainers = {}
     for a in (0.0, 2.0):
         stage = plan_stages(8, 16, replace(PRESETS["tiny"], batch=(4,), anchor=a))[1]
-        trainers[a] = StageTrainer(cfg, stage, 1, teacher, G8, pairs, tmp_path / "stage-16", DistInfo())
-    assert trainers[0.0].distill == 3.0 and trainers[0.0].cache is not None
-    assert trainers[2.0].distill == 0.0 and trainers[2.0].cache is None and trainers[2.0].G_base is not None
+        trainers[a] = StageTrainer(RunSpec.of(cfg), stage, 1, teacher, G8, pairs, tmp_path / "stage-16", DistInfo())
+    assert trainers[0.0].beta == 3.0 and trainers[0.0].teacher_samples is not None
+    assert trainers[2.0].beta == 0.0 and trainers[2.0].teacher_samples is None and trainers[2.0].G_base is not None
     stats = trainers[2.0].train_step()
     assert stats["rec"] > 0 and not (tmp_path / "teacher-samples.pt").exists()
 

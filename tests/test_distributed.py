@@ -1,5 +1,6 @@
 """Distributed training on CPU (gloo) through torch's elastic launcher: collectives and the latent cache
-encoded by two ranks, the exact equivalence 2 ranks x batch B == 1 rank x batch 2B, rank-0-only outputs,
+encoded by two ranks, the equivalence 2 ranks x batch B == 1 rank x batch 2B (the same learnt function, and a
+broken gradient average caught), rank-0-only outputs,
 (slow) 20 clean launches in a row and torchrun; the dry run's plan for N ranks."""
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import sys
 import uuid
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,9 +20,10 @@ from helpers import read_cache, tensors, tiny_assets
 
 from pagoda import dist
 from pagoda.cli import app
+from pagoda.decoder import FADE_MODE, Generator
 from pagoda.io import load_checkpoint
 from pagoda.launch import launch_train, resolve_workers
-from pagoda.teacher import Denoiser
+from pagoda.teacher import Denoiser, load_teacher
 from pagoda.train import TrainConfig, train
 from pagoda.unet import PRESETS, UNet
 
@@ -59,7 +62,7 @@ share = dist.gather_cat(torch.tensor(mine), info)
 assert share.tolist() == [0, 1, 2, 3, 4], share
 # the latent cache: shard i is encoded by rank i % 2, every rank then reads all of them
 from pagoda.encoder import Encoder, LatentStore, build_latent_cache
-from pagoda.teacher import Denoiser
+from pagoda.teacher import Denoiser, load_teacher
 from pagoda.unet import PRESETS, UNet
 torch.manual_seed(0)
 teacher = Denoiser(UNet(PRESETS["tiny"])).eval()
@@ -94,33 +97,86 @@ def test_collectives_under_two_gloo_processes(tmp_path):
     assert torch.equal(two[2], one[2]) and torch.equal(two[3], one[3])
 
 
-def test_two_ranks_equal_one_rank(tmp_path, monkeypatch):
-    """k steps with 2 ranks x batch 2 end with the weights of 1 rank x batch 4 (DiffAugment on, per-sample draws)."""
-    # One intra-op thread everywhere: with 2 threads, reductions are summed in another order and the
-    # float differences grow over the steps (0.3% on a D bias on CI's 2 cores), which is not what we test.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    teacher, data = tiny_assets(tmp_path)
+# What must hold on any machine. 2 ranks x batch 2 and 1 rank x batch 4 are the same computation up to the order
+# of float sums (convolutions over 2 vs 4 samples, gloo adding two half-batch gradients), so their weights are not
+# bitwise equal, and kernels differ by CPU: emulating an AVX2 machine (ONEDNN_MAX_CPU_ISA=AVX2,
+# MKL_ENABLE_INSTRUCTIONS=AVX2, ATEN_CPU_CAPABILITY=avx2) moves the tiny run's stage-16 G by 3.6e-4 of what
+# training changed, and gradients perturbed by 1e-3 relative noise by 3.4e-4 (docs/benchmarks.md "Two ranks").
+# An element-wise check of every tensor (the old rtol 1e-4) fails on such machines on small Adam moments. What the
+# equivalence promises is the same *training*: the function each stage learnt, G(z), agrees to 1 % of the change
+# that the stage made, while a broken gradient average misses by 10-20 %.
+LEARNT_TOLERANCE = 1e-2
+
+
+def learnt_gap(one: Path, other: Path, teacher: Path) -> dict[str, float]:
+    """Per stage: ||G_other(z) − G_one(z)|| / ||G_one(z) − G_start(z)|| on fixed z, G_start the function the stage
+    started from (the teacher copy at 8 px; the stage-08 G up-sampled as the fade-in starts at 16 px)."""
+    z = 80 * torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    y = torch.arange(16) % 2
+
+    def out(G):
+        with torch.no_grad():
+            return G.eval()(z, y)
+    start = {"stage-08": out(Generator.from_teacher(load_teacher(teacher)))}
+    if (one / "stage-16").is_dir():
+        g8 = out(Generator.from_checkpoint(one / "stage-08" / "generator.pt"))
+        start["stage-16"] = torch.nn.functional.interpolate(g8, scale_factor=2, mode=FADE_MODE)
+    gap = {}
+    for s, x0 in start.items():
+        a, b = (out(Generator.from_checkpoint(r / s / "generator.pt")) for r in (one, other))
+        gap[s] = ((b - a).norm() / (a - x0).norm()).item()
+    return gap
+
+
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory):
+    """The tiny 8 -> 16 run on one process, one thread (the reference of the two-rank tests)."""
+    root = tmp_path_factory.mktemp("ranks")
+    teacher, data = tiny_assets(root)
     base = TrainConfig(data=str(data), res=16, teacher=str(teacher), preset="tiny", encode_images=0, encode_steps=4,
                        ckpt_every=2, device="cpu")
     assert base.augment  # the equivalence covers DiffAugment
-    one, two = tmp_path / "one", tmp_path / "two"
-    train(TrainConfig(**{**base.__dict__, "out": str(one)}), progress=False)
-    assert launch_train(TrainConfig(**{**base.__dict__, "out": str(two)}), gpus=0, procs=2, progress=False) == two
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train(replace(base, out=str(root / "one")), progress=False)
     torch.set_num_threads(threads)
-    for f in ["latents/shard-00000.pt", "stage-08/generator.pt", "stage-16/generator.pt", "stage-08/checkpoint.pt",
-              "stage-16/checkpoint.pt"]:
-        a, b = dict(tensors(load_checkpoint(one / f))), dict(tensors(load_checkpoint(two / f)))
-        assert a.keys() == b.keys() and len(a) > 0, f
-        for k in a:
-            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5, msg=lambda m: f"{f}{k}: {m}")
+    return root, base
+
+
+def launch_two(base: TrainConfig, out: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # 2 ranks on 2 cores
+    assert launch_train(replace(base, out=str(out)), gpus=0, procs=2, progress=False) == out
+    return out
+
+
+def test_two_ranks_learn_what_one_rank_learns(one_rank_run, monkeypatch, tmp_path):
+    """3 steps per stage with 2 ranks x batch 2 learn the function of 1 rank x batch 4 (DiffAugment on)."""
+    root, base = one_rank_run
+    one, two = root / "one", launch_two(base, tmp_path / "two", monkeypatch)
+    # the latent cache: the same entries, encoded in other batches (fp16 storage)
+    a, b = dict(tensors(load_checkpoint(one / "latents/shard-00000.pt"))), dict(tensors(load_checkpoint(two / "latents/shard-00000.pt")))
+    assert a.keys() == b.keys() and a
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-3, atol=1e-3, msg=lambda m: f"latents{k}: {m}")
+    gap = learnt_gap(one, two, Path(base.teacher))
+    assert max(gap.values()) < LEARNT_TOLERANCE, gap
     # rank 0 alone wrote the logs and grids: one line per step, not one per rank
     for s in ("stage-08", "stage-16"):
         lines = (two / s / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
         assert (two / s / "grid-final.png").is_file()
     assert not list(two.rglob("*.tmp"))
+
+
+def test_the_check_catches_a_broken_gradient_average(one_rank_run, monkeypatch, tmp_path):
+    """The same launch with each rank keeping its own half-batch gradient (no all-reduce) fails learnt_gap."""
+    root, base = one_rank_run
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import pagoda.dist\npagoda.dist.average_gradients = lambda params, info: None\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")])))
+    gap = learnt_gap(root / "one", launch_two(base, tmp_path / "broken", monkeypatch), Path(base.teacher))
+    assert min(gap.values()) > 3 * LEARNT_TOLERANCE, gap  # measured: 0.10 / 0.19
 
 
 @pytest.mark.slow
@@ -149,11 +205,8 @@ def test_torchrun_runs_the_same_entry_point(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     train(TrainConfig(out=str(tmp_path / "one"), data=str(data), res=8, teacher=str(teacher), preset="tiny",
                       encode_images=0, encode_steps=2, device="cpu"), progress=False)
-    a = dict(tensors(load_checkpoint(tmp_path / "one" / "stage-08" / "checkpoint.pt")))
-    b = dict(tensors(load_checkpoint(tmp_path / "tr" / "stage-08" / "checkpoint.pt")))
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    gap = learnt_gap(tmp_path / "one", tmp_path / "tr", teacher)
+    assert gap["stage-08"] < LEARNT_TOLERANCE, gap
 
 
 # ---- the dry run: a plan for N ranks without launching them ----------------------------------------
@@ -221,7 +274,7 @@ def test_split_g_step_takes_one_rec_and_one_adv_update_whatever_the_accumulation
 
     from pagoda.encoder import LatentPairs
     from pagoda.grow import plan_stages
-    from pagoda.stage import StageTrainer
+    from pagoda.stage import RunSpec, StageTrainer
     torch.manual_seed(0)
     teacher = Denoiser(UNet(PRESETS["tiny"])).eval().requires_grad_(False)
     stage = replace(plan_stages(8, 8, "tiny")[0], split_g_step=True, batch=4)
@@ -229,7 +282,7 @@ def test_split_g_step_takes_one_rec_and_one_adv_update_whatever_the_accumulation
                            batch=lambda i: (data.images[i], None))
     pairs = LatentPairs(80 * torch.randn(8, 2, 1, 8, 8), torch.arange(8), torch.arange(8) % 10, data)
     for A in (1, 2, 4):
-        tr = StageTrainer(TrainConfig(accumulate=A, augment=""), stage, 0, teacher, None, pairs, tmp_path / f"a{A}",
+        tr = StageTrainer(RunSpec.of(TrainConfig(accumulate=A, augment="")), stage, 0, teacher, None, pairs, tmp_path / f"a{A}",
                           dist.DistInfo())
         tr.train_step()
         assert {int(s["step"]) for s in tr.opt_G.state.values()} == {2}, A

@@ -26,7 +26,7 @@ from pagoda.cli import app
 from pagoda.decoder import Generator
 from pagoda.encoder import CacheInfo
 from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
-from pagoda.stage import StageTrainer
+from pagoda.stage import Pairs, StageTrainer
 from pagoda.loop import TrainingError
 from pagoda.train import TrainConfig, train
 
@@ -77,12 +77,12 @@ def test_a_failing_rank_stops_the_whole_job(tmp_path, assets, action):
 
 def test_nan_loss_names_the_step_and_keeps_the_last_checkpoint(tmp_path, assets, monkeypatch):
     teacher, data = assets
-    real = StageTrainer._micro_batches
+    real = StageTrainer.next_batches
 
     def poisoned(self):  # NaN target images from step 2 on (checkpoint written at step 2)
-        g_parts, d_parts = real(self)
-        return [(x * float("nan") if self.step >= 2 else x, z, y) for x, z, y in g_parts], d_parts
-    monkeypatch.setattr(StageTrainer, "_micro_batches", poisoned)
+        g_batches, d_batches = real(self)
+        return [Pairs(p.x * float("nan") if self.step >= 2 else p.x, p.z, p.y) for p in g_batches], d_batches
+    monkeypatch.setattr(StageTrainer, "next_batches", poisoned)
     cfg = TrainConfig(out=str(tmp_path / "run"), data=str(data), res=8, teacher=str(teacher), preset="tiny",
                       encode_images=0, encode_steps=2, ckpt_every=2, device="cpu")
     with pytest.raises(TrainingError, match=r"loss rec = nan at step 2: training diverged; the last good checkpoint is kept"):

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from pagoda.losses import (
     DEFAULT_DISTANCE, PSEUDO_HUBER_C, LossConfigError, RandomFeatureDistance, TeacherSampleCache, adaptive_weight,
-    d_hinge_loss, diff_augment, g_hinge_loss, make_distance, pseudo_huber, pyramid,
+    d_hinge_loss, generator_loss, diff_augment, g_hinge_loss, make_distance, pseudo_huber, pyramid,
 )
 
 OFFLINE = ["l2", "pseudo_huber", "multiscale", "features", "lite0"]
@@ -58,6 +58,32 @@ def _linear_case(m: int, n: int, a: float, seed: int):
     g_rec = r.norm() * u.norm()                                  # ||r u^T||_F = ||r|| ||u||
     g_adv = abs(a) * math.sqrt(m) * u.norm()                     # ||a 1 u^T||_F
     return W, rec, adv, (g_rec / (g_adv + 1e-4)).item()
+
+
+def test_generator_loss_hand_computation():
+    """L_G = L_rec + β·L_dstl + λ·w·L_adv + a·L_anchor with w from ∇_W (L_rec + β·L_dstl), on y = W u (2 x 1)."""
+    W = torch.tensor([[1.0], [2.0]], dtype=torch.float64, requires_grad=True)
+    y = W @ torch.tensor([1.0], dtype=torch.float64)                  # y = (1, 2)
+    rec = 0.5 * (y - torch.tensor([0.0, 1.0], dtype=torch.float64)).square().sum()  # 0.5·(1 + 1) = 1, ∇_W = (1, 1)
+    dstl = y.sum()                                                    # 3, ∇_W = (1, 1)
+    adv = -2.0 * y[0]                                                 # −2, ∇_W = (−2, 0)
+    anchor = torch.tensor(0.25, dtype=torch.float64)
+    loss = generator_loss(rec, dstl, adv, anchor, beta=0.5, lam=0.2, last_layer_weight=W)
+    # ∇_W (L_rec + β·L_dstl) = (1.5, 1.5): ‖·‖ = 1.5·√2; ‖∇_W L_adv‖ = 2 -> w = 1.5·√2 / (2 + 1e-4)
+    w = 1.5 * math.sqrt(2) / (2 + 1e-4)
+    assert loss.w.item() == pytest.approx(w, rel=1e-6) and not loss.w.requires_grad  # ∇_W in float32
+    assert (loss.rec.item(), loss.dstl.item(), loss.adv.item(), loss.anchor.item()) == (1.0, 3.0, -2.0, 0.25)
+    assert loss.reconstruction.item() == 2.5
+    assert loss.total.item() == pytest.approx(2.5 + 0.2 * w * -2.0 + 0.25, rel=1e-6)
+    # the gradient of the total: ∇(L_rec + β·L_dstl) + λ·w·∇L_adv (w is a constant, the anchor has no W)
+    (g,) = torch.autograd.grad(loss.total, W, retain_graph=True)
+    assert torch.allclose(g, torch.tensor([[1.5 - 0.4 * w], [1.5]], dtype=torch.float64), rtol=1e-6)
+    # the adversarial term off: w = 0 and L_G = L_rec + β·L_dstl; no distillation: L_dstl = 0
+    off = generator_loss(rec, dstl, None, beta=0.5, lam=0.2, last_layer_weight=W)
+    assert off.w.item() == off.adv.item() == off.adversarial.item() == 0.0 and off.total.item() == 2.5
+    assert generator_loss(rec).reconstruction is rec and generator_loss(rec).dstl.item() == 0.0
+    # w clipped to w_max
+    assert generator_loss(rec, None, 1e-6 * adv, beta=0, lam=1, last_layer_weight=W, w_max=3.0).w.item() == 3.0
 
 
 @settings(max_examples=20, deadline=None)
