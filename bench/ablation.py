@@ -1,18 +1,22 @@
-"""The growth recipe, one change at a time: retrain the growth stages of a run with a variant, score FID/KID.
+"""The growth recipe, one change at a time: retrain stages of a run with a variant, score FID/KID.
 
-    .venv/bin/python bench/ablation.py --base runs/demo --out results/ablation --rows baseline projected rec-only
+    .venv/bin/python bench/ablation.py --base runs/demo --out results/ablation --rows ema_split:growth_lr_G_8e-4
     .venv/bin/python bench/ablation.py --base runs/demo --out results/ablation --table      # the table so far
+    .venv/bin/python bench/ablation.py --list                                               # every row's changes
 
-Every row reuses the base run's teacher, latent cache and (unless the row retrains it) stage-08, trains the
-growth stages 16 and 32 with its variant of the demo preset (pagoda.grow.GrowPreset fields and TrainConfig
-fields, see ROWS), and scores each stage it trained: FID/KID of n one-step samples (seeded by (seed, i)) against
-the Fashion-MNIST test split (bench/quality.py's Scorer, the same reference for every row). Per row it also
-reads the stages' logs: wall time, L_rec at the start and end, the last L_D and the held-out D margin. A row is
-trained once (OUT/runs/<row>) and scored once (OUT/<row>.json): rerunning skips what exists.
-Time it alone on the machine (it trains and runs Inception on the CPU).
+A row is `RECIPE:CHANGE`: a recipe (RECIPES, a set of GrowPreset values) with one change (ROWS: GrowPreset and
+TrainConfig fields). Every row reuses the base run's teacher and latent cache, takes stage-08 (the decoder at
+the teacher resolution) from the base run or retrains it (ROWS' third field), trains the rest, and scores each
+stage it trained: FID/KID of n one-step samples (seeded by (seed, i)) against the Fashion-MNIST test split
+(bench/quality.py's Scorer, the same reference for every row). Per row it also reads the stages' logs: wall
+and CPU time, L_rec at the start and end, the last L_D and the held-out D margin. `RECIPE:unchanged` trains a
+recipe as it is: pass `--base OUT/runs/RECIPE:unchanged` to the rows that reuse that recipe's stage-08. A row
+is trained once (OUT/runs/<row>) and scored once (OUT/<row>.json): rerunning skips what exists. Time it alone
+on the machine (it trains and runs Inception on the CPU). docs/ablations.md has every row's results.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import statistics
@@ -22,123 +26,102 @@ from pathlib import Path
 from common import device, environment, print_table, read_json, write_results
 from quality import Scorer, score_generator
 
-import argparse
-
 from pagoda.grow import GrowPreset, plan_stages
 from pagoda.rundir import GENERATOR_FILE, RunDir, resolve_generator
 from pagoda.train import TrainConfig, train
 
-# The demo preset before this study (2026-11, pagoda/grow.py history): every row is a change from it.
-BASE = GrowPreset(name="demo-before", steps=(300, 250, 200), batch=(64, 64, 32), lr_G=2e-4, lr_D=2e-4, lam=(0.2, 1.0),
-                  activate_from=3, fade_steps=(0, 60), ema=0.99, d_channels=32, encode_images=2000, encode_steps=20,
-                  grow_optimizer="adam")
-# The demo preset of the first study (d6f0f4e: Lite0 distance, stage-08 400 steps) as changes from BASE; rows "demo: …"
-# start there and are run with --base runs/demo-lite0 (a default run of that preset, whose stage-08 is the "base" one).
-DEMO = dict(steps=(400, 800, 600), lr_D=2e-3, distance="lite0", adv_start=(0, 450), discriminator="projected", d_input=32)
-# The second default (fbf4760: Lite0 + pixel pyramid, stage-08 700 steps) as changes from BASE; rows "ms: …" start
-# there and are run with --base runs/demo-ms (a default run of it).
-MS = {**DEMO, "distance": "lite0+multiscale", "steps": (700, 800, 600)}
-# The fourth default (Adam in every stage; growth stages: 4× pyramid + anchor 4, a fresh D each) as changes from BASE:
-# rows "adam: …" (run with --base runs/demo-adam, a default run of it; today's default adds "adam: D continues").
-ADAM = {**MS, "optimizer": "adam", "grow_distance": "lite0+4*multiscale", "anchor": 4.0}
-# The fifth default (runs/demo: + D continuity; rows "default: …", run with --base runs/demo). Today's `demo`
-# preset adds EMA 0.995 in stage-08 (the row "default: stage-08 EMA 0.995").
-DEFAULT = {**ADAM, "d_continue": True}
-# Today's `demo` preset (5fcf838: EMA 0.995 in stage-08, 0.99 in the growth stages); rows "today: …", run with --base
-# runs/demo5 (`pagoda train` of it).
-TODAY = {**DEFAULT, "ema": 0.995, "grow_ema": 0.99}
-PROJ = dict(discriminator="projected", lr_D=2e-3, d_input=32)  # projected D, lr_D 10x lr_G, backbone input 32 px
-# name -> (GrowPreset changes, TrainConfig changes, stage-08: "base" = the base run's, "train" = as the row says).
-# Steps are (stage-08, stage-16, stage-32).
-ROWS: dict[str, tuple[dict, dict, str]] = {
-    "rec-only": (dict(lam=(0.2, 0.0)), {}, "base"),
-    # as many CPU-seconds per stage as "projected" took (1 thread: 69 -> 252 s at 16 px, 90 -> 238 s at 32 px)
-    "rec-only, equal CPU time": (dict(lam=(0.2, 0.0), steps=(300, 900, 530)), {}, "base"),
-    "projected": (PROJ, {}, "base"),
-    "projected, no aug": (PROJ, dict(augment=""), "base"),
-    "projected, lite0 distance": ({**PROJ, "distance": "lite0"}, {}, "base"),
-    "projected, D continues": ({**PROJ, "d_continue": True}, {}, "train"),
-    "multiscale, no aug": ({}, dict(augment=""), "base"),
-    "projected, 64 px": ({**PROJ, "d_input": 64}, {}, "base"),
-    # stage-08 (the decoder at the teacher resolution) rows: train it as the row says
-    "stage-08: projected": (PROJ, {}, "train"),
-    "stage-08: projected, lite0 distance": ({**PROJ, "distance": "lite0"}, {}, "train"),
-    "stage-08: projected, 600 steps": ({**PROJ, "steps": (600, 250, 200)}, {}, "train"),
-    "projected, lite0 distance, 2x steps": ({**PROJ, "distance": "lite0", "steps": (300, 500, 400)}, {}, "base"),
-    # L_rec alone for about the CPU time of the row below (a Lite0-distance step costs ≈ 0.54 CPU s at 16 px,
-    # ≈ 2x a `features` step; a GAN step ≈ 1 CPU s)
-    "rec-only, lite0 distance, 900-600 steps": (dict(lam=(0.2, 0.0), distance="lite0", steps=(300, 900, 600)), {}, "base"),
-    # L_rec alone for the first 450 steps of each growth stage (cheap), then the GAN term: 350 / 150 GAN steps
-    "projected, lite0 distance, rec warm-up 450": ({**PROJ, "distance": "lite0", "steps": (300, 800, 600),
-                                                    "adv_start": (0, 450)}, {}, "base"),
-    # from DEMO (the first Lite0 default): a pixel pyramid beside the Lite0 features (objects stay in place:
-    # consistency and inversion PSNR), and a longer stage-08 (G8 vs the teacher's FID)
-    "demo: lite0+multiscale distance": ({**DEMO, "distance": "lite0+multiscale"}, {}, "base"),
-    "demo: stage-08 700 steps, lite0+multiscale": ({**DEMO, "distance": "lite0+multiscale", "steps": (700, 800, 600)},
-                                                  {}, "train"),
-    "demo: lite0+4*multiscale distance": ({**DEMO, "distance": "lite0+4*multiscale"}, {}, "base"),
-    # from MS: G8 against the teacher (the distillation term toward its Heun-35 samples; a heavier pixel term)
-    "ms: distill β=1": (MS, dict(distill=1.0), "train"),
-    "ms: stage-08 1400 steps": ({**MS, "steps": (1400, 800, 600)}, {}, "train"),
-    "ms: lite0+4*multiscale distance": ({**MS, "distance": "lite0+4*multiscale"}, {}, "train"),
-    # stage-08 (train with --stages 1) from MS, one knob at a time: the optimizer, lr_G, EMA (G8 vs the teacher)
-    "ms: stage-08 Adam": ({**MS, "optimizer": "adam"}, {}, "train"),
-    "ms: stage-08 lr_G 4e-4": ({**MS, "lr_G": 4e-4}, {}, "train"),
-    "ms: stage-08 EMA 0.995": ({**MS, "ema": 0.995}, {}, "train"),
-    # stage-08 from ADAM (the fourth default's stage-08): EMA, lr_D, λ and the adaptive-weight clip, D steps per G step
-    "adam: stage-08 EMA 0.995": ({**ADAM, "ema": 0.995}, {}, "train"),
-    "adam: stage-08 d_steps 2": ({**ADAM, "d_steps_per_g": 2}, {}, "train"),
-    "adam: stage-08 λ 0.5": ({**ADAM, "lam": (0.5, 1.0)}, {}, "train"),
-    # growth stages from the default's stage-08: each growth stage continues the previous stage's D (grown)
-    "adam: D continues": ({**ADAM, "d_continue": True}, {}, "base"),
-    # from DEFAULT (today's default; run with --base runs/demo), every stage: the adaptive-weight clip, lr_D, and EMA
-    # 0.995 (its stage-08 is the row "adam: stage-08 EMA 0.995"'s)
-    "default: w_max 1": ({**DEFAULT, "w_max": 1.0}, {}, "train"),
-    "default: lr_D 6e-4": ({**DEFAULT, "lr_D": 6e-4}, {}, "train"),
-    "default: EMA 0.995": ({**DEFAULT, "ema": 0.995}, {}, "train"),
-    # EMA 0.995 in stage-08 only (the row above: G8 gains, G16 / G32 lose)
-    "default: stage-08 EMA 0.995": ({**DEFAULT, "ema": 0.995, "grow_ema": 0.99}, {}, "train"),
-    # growth stages of runs/demo with L_rec alone for the CPU time of the default's (a GAN step with the anchor costs
-    # 1.53x / 1.25x a rec-only step at 16 / 32 px in runs/demo's logs: 450 + 350 x 1.53 ≈ 990, 450 + 150 x 1.25 ≈ 640)
-    "default: rec-only, equal CPU time": ({**DEFAULT, "lam": (0.2, 0.0), "steps": (700, 990, 640)}, {}, "base"),
-    # growth stages of runs/demo5 (today's preset): two D steps per G step, and λ 0.5 (the D that was at chance in the
-    # growth stages of the first recipe: does it need more steps or less adversarial weight now?)
-    "today: growth d_steps 2": ({**TODAY, "d_steps_per_g": 2}, {}, "base"),
-    "today: growth λ 0.5": ({**TODAY, "lam": (0.2, 0.5)}, {}, "base"),
-    # L_rec alone for the CPU time of today's GAN growth stages (1 thread: GAN rows 433-525 / 269-340 CPU s at 16 / 32 px;
-    # the row "default: rec-only, equal CPU time" took 0.33 / 0.37 CPU s a step): the GAN's margin at equal cost
-    "today: rec-only, equal CPU time": ({**TODAY, "lam": (0.2, 0.0), "steps": (700, 1450, 800)}, {}, "base"),
-    # growth stages: lr_G 4e-4 (measured in stage-08 only before), and no DiffAugment on D's inputs
-    "today: growth lr_G 4e-4": ({**TODAY, "lr_G": 4e-4}, {}, "base"),  # = the `demo` preset since (grow_lr_G 4e-4)
-    "today: growth lr_G 8e-4": ({**TODAY, "lr_G": 8e-4}, {}, "base"),
-    # the `demo` preset since (growth lr_G 4e-4): L_rec alone for the CPU time of its GAN growth stages, at that lr
-    "today: rec-only at lr_G 4e-4, equal CPU time": ({**TODAY, "lr_G": 4e-4, "lam": (0.2, 0.0), "steps": (700, 1450, 800)},
-                                                     {}, "base"),
-    "today: growth no aug": (TODAY, dict(augment=""), "base"),
-    # the frozen backbone's input at 64 px instead of 32 (the projected D and the lite0 distance; ≈ 2x a step's cost),
-    # every stage: a growth stage continues stage-08's D, whose heads are sized for the backbone's 32-px feature maps
-    "today: d_input 64": ({**TODAY, "d_input": 64}, {}, "train"),
-    # growth stages only (stage-08 of the base run): the heavier pixel term, + the anchor d(↓G(z'), G_8(z')) on the
-    # adversarial fakes (consistency at 32 px)
-    "ms: growth lite0+4*multiscale, anchor 4": ({**MS, "grow_distance": "lite0+4*multiscale", "anchor": 4.0}, {}, "base"),
-    "ms: growth lite0+4*multiscale, anchor 16": ({**MS, "grow_distance": "lite0+4*multiscale", "anchor": 16.0}, {},
-                                                  "base"),
-    # the ω-conditioned G of runs/guided (DEMO + --guidance-max 4; score the ω table with bench/guidance.py)
-    "guided: adversarial at ω' = 1": (DEMO, dict(guidance_max=4.0, guided_adv=False), "train"),
-    # G(z, y, ω) barely moves with ω (mean |G(ω=4) − G(ω=1)| 0.021 vs the teacher's 0.17): a stronger, pixel-anchored
-    # distillation (the second default's lite0+multiscale distance and 700 steps, β = 3)
-    "guided: ms preset, β = 3": (MS, dict(guidance_max=4.0, distill=3.0), "train"),
-    # the same from the fourth default (Adam; 4× pyramid + anchor 4 in the growth stages): the ω table at 8 / 16 / 32 px
-    "guided: adam preset, β = 3": (ADAM, dict(guidance_max=4.0, distill=3.0), "train"),
-    # growth stages of today's default from that row's stage-08 (--base it): L_dstl in stage-08 only, the anchor
-    # holding every ω on the guided stage-08 G in the growth stages (pagoda/stage.py)
-    "guided: default, L_dstl in stage-08 only": (DEFAULT, dict(guidance_max=4.0, distill=3.0), "base"),
-    # `pagoda train --guidance-max 4` of today's preset (stage-08 EMA 0.995: G8 10.6 -> 8.9 unguided), every stage
-    "guided: today's preset": (TODAY, dict(guidance_max=4.0, distill=3.0), "train"),
-    # its growth stages at lr_G 4e-4 (the `demo` preset since; --base "OUT/runs/guided: today's preset")
-    "guided: growth lr_G 4e-4": ({**TODAY, "lr_G": 4e-4}, dict(guidance_max=4.0, distill=3.0), "base"),
-}
+# The first recipe: a multi-scale D from scratch, the random-feature distance `features`, 300 / 250 / 200 steps.
+SCRATCH_D = GrowPreset(name="scratch_d", steps=(300, 250, 200), batch=(64, 64, 32), lr_G=2e-4, lr_D=2e-4,
+                       lam=(0.2, 1.0), activate_from=3, fade_steps=(0, 60), ema=0.99, d_channels=32,
+                       encode_images=2000, encode_steps=20, grow_optimizer="adam")
+PROJECTED_D = dict(discriminator="projected", lr_D=2e-3, d_input=32)  # frozen Lite0 at 32 px, lr_D = 10 lr_G
+# Each recipe as changes from SCRATCH_D, each adding to the one before; `demo` gives pagoda.grow.PRESETS["demo"]'s
+# stages (plan_stages is equal).
+RECIPES: dict[str, dict] = {"scratch_d": {}}
+RECIPES["lite0"] = {**PROJECTED_D, "distance": "lite0", "steps": (400, 800, 600), "adv_start": (0, 450)}
+RECIPES["lite0_pyramid"] = {**RECIPES["lite0"], "distance": "lite0+multiscale", "steps": (700, 800, 600)}
+RECIPES["adam_anchor"] = {**RECIPES["lite0_pyramid"], "optimizer": "adam", "grow_distance": "lite0+4*multiscale",
+                          "anchor": 4.0}
+RECIPES["d_continued"] = {**RECIPES["adam_anchor"], "d_continue": True}
+RECIPES["ema_split"] = {**RECIPES["d_continued"], "ema": 0.995, "grow_ema": 0.99}
+RECIPES["demo"] = {**RECIPES["ema_split"], "grow_lr_G": 4e-4}
+GUIDED = dict(guidance_max=4.0, distill=3.0)  # TrainConfig: G(z, y, ω) for ω in [1, 4], L_dstl weight β = 3
 
+
+def _rows(recipe: str, rows: dict[str, tuple[dict, dict, str]]) -> dict[str, tuple[dict, dict, str]]:
+    """RECIPE:CHANGE -> (GrowPreset changes from SCRATCH_D, TrainConfig changes, stage-08 "base" | "train")."""
+    return {f"{recipe}:{change}": ({**RECIPES[recipe], **preset}, cfg, first) for change, (preset, cfg, first) in rows.items()}
+
+
+# Steps are (stage-08, stage-16, stage-32). "base": stage-08 is the base run's (a growth-stage row); "train": the row
+# trains stage-08 as it says (or copies it from a row that trained it identically); `--stages 1` scores stage-08 only.
+ROWS: dict[str, tuple[dict, dict, str]] = {f"{r}:unchanged": (c, {}, "train") for r, c in RECIPES.items()}
+ROWS |= _rows("scratch_d", {
+    "rec_only": (dict(lam=(0.2, 0.0)), {}, "base"),
+    # the CPU s per stage of projected_d (1 thread: 69 → 252 s at 16 px, 90 → 238 s at 32 px)
+    "rec_only_equal_cpu": (dict(lam=(0.2, 0.0), steps=(300, 900, 530)), {}, "base"),
+    "projected_d": (PROJECTED_D, {}, "base"),
+    "projected_d_no_aug": (PROJECTED_D, dict(augment=""), "base"),
+    "projected_d_lite0": ({**PROJECTED_D, "distance": "lite0"}, {}, "base"),
+    "projected_d_continued": ({**PROJECTED_D, "d_continue": True}, {}, "train"),
+    "projected_d_input_64": ({**PROJECTED_D, "d_input": 64}, {}, "base"),
+    "no_aug": ({}, dict(augment=""), "base"),
+    "stage08_projected_d": (PROJECTED_D, {}, "train"),
+    "stage08_projected_d_lite0": ({**PROJECTED_D, "distance": "lite0"}, {}, "train"),
+    "stage08_projected_d_600_steps": ({**PROJECTED_D, "steps": (600, 250, 200)}, {}, "train"),
+    "projected_d_lite0_500_400_steps": ({**PROJECTED_D, "distance": "lite0", "steps": (300, 500, 400)}, {}, "base"),
+    # L_rec alone for about the CPU time of the row below (a `lite0` L_rec step ≈ 0.54 CPU s at 16 px, a GAN step ≈ 1)
+    "rec_only_lite0_900_600_steps": (dict(lam=(0.2, 0.0), distance="lite0", steps=(300, 900, 600)), {}, "base"),
+    "projected_d_lite0_rec_warmup_450": ({**PROJECTED_D, "distance": "lite0", "steps": (300, 800, 600),
+                                          "adv_start": (0, 450)}, {}, "base"),
+})
+ROWS |= _rows("lite0", {
+    "pyramid": (dict(distance="lite0+multiscale"), {}, "base"),
+    "stage08_700_steps_pyramid": (dict(distance="lite0+multiscale", steps=(700, 800, 600)), {}, "train"),
+    "pyramid_x4": (dict(distance="lite0+4*multiscale"), {}, "base"),
+    "guided_adv_at_omega_1": ({}, dict(guidance_max=4.0, guided_adv=False), "train"),  # distill β = 1 (the default)
+})
+ROWS |= _rows("lite0_pyramid", {
+    "distill_1": ({}, dict(distill=1.0), "train"),
+    "stage08_1400_steps": (dict(steps=(1400, 800, 600)), {}, "train"),
+    "pyramid_x4": (dict(distance="lite0+4*multiscale"), {}, "train"),
+    "stage08_adam": (dict(optimizer="adam"), {}, "train"),
+    "stage08_lr_G_4e-4": (dict(lr_G=4e-4), {}, "train"),
+    "stage08_ema_0.995": (dict(ema=0.995), {}, "train"),
+    "growth_pyramid_x4_anchor_4": (dict(grow_distance="lite0+4*multiscale", anchor=4.0), {}, "base"),
+    "growth_pyramid_x4_anchor_16": (dict(grow_distance="lite0+4*multiscale", anchor=16.0), {}, "base"),
+    "guided_distill_3": ({}, GUIDED, "train"),
+})
+ROWS |= _rows("adam_anchor", {
+    "stage08_ema_0.995": (dict(ema=0.995), {}, "train"),
+    "stage08_d_steps_2": (dict(d_steps_per_g=2), {}, "train"),
+    "stage08_lam_0.5": (dict(lam=(0.5, 1.0)), {}, "train"),
+    "growth_d_continued": (dict(d_continue=True), {}, "base"),
+    "guided_distill_3": ({}, GUIDED, "train"),
+})
+ROWS |= _rows("d_continued", {
+    "w_max_1": (dict(w_max=1.0), {}, "train"),
+    "lr_D_6e-4": (dict(lr_D=6e-4), {}, "train"),
+    "ema_0.995": (dict(ema=0.995), {}, "train"),
+    "stage08_ema_0.995": (dict(ema=0.995, grow_ema=0.99), {}, "train"),  # = the recipe ema_split
+    # a GAN step with the anchor costs 1.53x / 1.25x a rec-only step at 16 / 32 px: 450 + 350 x 1.53 ≈ 990, 450 + 150 x 1.25 ≈ 640
+    "growth_rec_only_equal_cpu": (dict(lam=(0.2, 0.0), steps=(700, 990, 640)), {}, "base"),
+    "guided_distill_3": ({}, GUIDED, "base"),  # --base OUT/runs/adam_anchor:guided_distill_3 (its stage-08)
+})
+# growth stages of ema_split (--base a run of it); rec-only rows: the 1-thread CPU s of its GAN growth stages
+ROWS |= _rows("ema_split", {
+    "growth_d_steps_2": (dict(d_steps_per_g=2), {}, "base"),
+    "growth_lam_0.5": (dict(lam=(0.2, 0.5)), {}, "base"),
+    "growth_lr_G_4e-4": (dict(grow_lr_G=4e-4), {}, "base"),  # = the recipe demo
+    "growth_lr_G_8e-4": (dict(grow_lr_G=8e-4), {}, "base"),
+    "growth_rec_only_equal_cpu": (dict(lam=(0.2, 0.0), steps=(700, 1450, 800)), {}, "base"),
+    "growth_rec_only_lr_G_4e-4_equal_cpu": (dict(grow_lr_G=4e-4, lam=(0.2, 0.0), steps=(700, 1450, 800)), {}, "base"),
+    "growth_no_aug": ({}, dict(augment=""), "base"),
+    # every stage: a continued D's heads are sized for the backbone's 32-px feature maps
+    "d_input_64": (dict(d_input=64), {}, "train"),
+    "guided_distill_3": ({}, GUIDED, "train"),
+    "guided_distill_3_growth_lr_G_4e-4": (dict(grow_lr_G=4e-4), GUIDED, "base"),  # --base OUT/runs/ema_split:guided_distill_3
+})
 
 # the TrainConfig fields that change how stage-08 trains
 KEY_FIELDS = ("augment", "seed", "distill", "guidance_max", "guided_adv")
@@ -162,7 +145,7 @@ def train_row(name: str, base: RunDir, out: Path, stages: int | None = None) -> 
     for sub in (base.teacher_dir, base.latents):
         if not (run.root / sub.name).exists():
             (run.root / sub.name).symlink_to(sub.resolve(), target_is_directory=True)
-    cfg = TrainConfig(out=str(run.root), preset=replace(BASE, name=f"ablation-{name}", **preset_changes),
+    cfg = TrainConfig(out=str(run.root), preset=replace(SCRATCH_D, name=f"ablation-{name}", **preset_changes),
                       max_stages=stages, **cfg_changes)
     stage08 = plan_stages(8, cfg.res, cfg.preset, cfg.discriminator, cfg.distance)[0]
     key = json.dumps(asdict(stage08), sort_keys=True), *(getattr(cfg, f) for f in KEY_FIELDS)
@@ -200,7 +183,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", default="runs/demo", help="the run whose teacher, cache and stage-08 every row reuses")
     p.add_argument("--out", default="results/ablation")
-    p.add_argument("--rows", nargs="*", default=[], choices=list(ROWS))
+    p.add_argument("--rows", nargs="*", default=[], choices=list(ROWS), metavar="RECIPE:CHANGE", help="rows to train and score")
+    p.add_argument("--list", action="store_true", help="print every row and its changes, then stop")
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -209,6 +193,10 @@ def main() -> None:
     p.add_argument("--train-only", action="store_true", help="train the rows, score nothing")
     p.add_argument("--stages", type=int, default=None, help="train (and score) only the first N stages of each row")
     a = p.parse_args()
+    if a.list:
+        for name, (preset_changes, cfg_changes, first) in ROWS.items():
+            print(f"{name}  stage-08 {first}  {preset_changes} {cfg_changes}")
+        return
     out, base, dev = Path(a.out), RunDir(a.base), device(a.device)
     scorer = Scorer(dev, ref_n=a.ref_n)
     for name in a.rows:
@@ -218,7 +206,7 @@ def main() -> None:
         run = train_row(name, base, out, a.stages)
         if not a.train_only:
             write_results(out, name, {**score_row(name, run, scorer, a.n, a.seed, dev), "env": environment(dev),
-                                      "ref_n": a.ref_n, "preset": asdict(replace(BASE, **ROWS[name][0]))})
+                                      "ref_n": a.ref_n, "preset": asdict(replace(SCRATCH_D, **ROWS[name][0]))})
     rows = []
     for name in ROWS:
         r = read_json(out / f"{name}.json")

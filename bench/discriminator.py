@@ -24,7 +24,7 @@ from pagoda.loop import step_generator
 from pagoda.losses import d_hinge_loss, diff_augment
 
 VARIANTS = {  # name -> (kind, width, input size, lr, DiffAugment policy, spectral norm)
-    "multiscale (demo: SN, lr 2e-4, aug)": ("multiscale", 32, None, 2e-4, "color,translation,cutout", True),
+    "multiscale, SN, lr 2e-4, aug": ("multiscale", 32, None, 2e-4, "color,translation,cutout", True),
     "multiscale, lr 2e-3": ("multiscale", 32, None, 2e-3, "color,translation,cutout", True),
     "multiscale, no aug": ("multiscale", 32, None, 2e-4, "", True),
     "multiscale, no SN, lr 2e-3": ("multiscale", 32, None, 2e-3, "color,translation,cutout", False),

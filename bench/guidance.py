@@ -10,7 +10,7 @@ scored by
   accuracy    the fraction the run's Fashion-MNIST classifier (pagoda/classifier.py, RUN/classifier/, trained on
               first use) puts in the conditioning class.
 The teacher row of a grown resolution is its R-px samples up-sampled (bicubic): what G must match there. The
-goal (issue 11): G's FID within 10 % of the teacher's, its accuracy within 2 points, at every ω. Writes
+goal: G's FID within 10 % of the teacher's, its accuracy within 2 points, at every ω. Writes
 OUT/guidance.json, .png.
 """
 from __future__ import annotations

@@ -8,11 +8,11 @@ warm-up step) in a fresh process, alone and beside a busy process, and reports s
 network (TorchScript) on random 299² batches with --busy-threads intra-op threads and libgomp's default wait
 policy (OMP_WAIT_POLICY unset), started first and given a few seconds to warm up. Policies:
 
-    old default   threads = cores (torch's default), libgomp's default wait (spin, then sleep): pagoda before the fix
-    passive       threads = cores, OMP_WAIT_POLICY=PASSIVE (threads sleep at barriers at once)
-    1 thread      1 thread
-    pagoda        what the `pagoda` commands do now: pagoda.dist.ThreadPolicy (threads = the cores others leave free,
-                  re-measured every 5 s), libgomp's default wait
+    all cores           threads = cores (torch's default), libgomp's default wait (spin, then sleep)
+    all cores, passive  threads = cores, OMP_WAIT_POLICY=PASSIVE (threads sleep at barriers at once)
+    1 thread            1 thread
+    pagoda              what the `pagoda` commands do: pagoda.dist.ThreadPolicy (threads = the cores others leave
+                        free, re-measured every 5 s), libgomp's default wait
 
 Time it on an otherwise idle machine. Writes OUT/shared_machine.json.
 """
@@ -67,7 +67,7 @@ with dist.thread_policy(fixed) as tp, tempfile.TemporaryDirectory() as tmp:
 print(json.dumps({"steps_per_s": steps / dt, "threads": sorted(set(threads))}))
 """
 
-POLICIES = {"old default": {}, "passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "1 thread": {}, "pagoda": {}}  # env changes
+POLICIES = {"all cores": {}, "all cores, passive": {"OMP_WAIT_POLICY": "PASSIVE"}, "1 thread": {}, "pagoda": {}}  # env changes
 
 
 def env_with(changes: dict) -> dict:

@@ -1,7 +1,7 @@
 """A small Fashion-MNIST classifier per resolution, and the class-accuracy metric of conditional samples.
 
 A sample of class y is "accurate" when this classifier puts it in class y; `pagoda eval --accuracy` reports the
-fraction. One network per resolution R (images ADM-downsampled with `data.downsample`, as the stages see them):
+fraction. One network per resolution R (images ADM-downsampled with `images.downsample`, as the stages see them):
 3×3 conv-BN-ReLU layers, 2×2 max-pools and a linear layer on the flattened maps, trained on the train split with
 AdamW + one-cycle, label smoothing 0.1, seeded, on CPU; a network trained with flips predicts from the mean of
 the class probabilities of x and its mirror (test-time flip). It is cached as RUN/classifier/fmnist-R.pt (a

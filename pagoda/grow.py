@@ -80,9 +80,6 @@ class StageConfig:
         """Fade-in weight α at generator step `step` (linear ramp over fade_steps, then 1)."""
         return min(1.0, step / self.fade_steps) if self.fade else 1.0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
     def from_dict(cls, d: dict) -> StageConfig:
         known = {f.name for f in fields(cls)}
@@ -148,32 +145,16 @@ PRESETS: dict[str, GrowPreset] = {
         split_g_from=256, rec_disc_from=512, rec_disc_weight=0.5, discriminator="projected", d_input=224,
     ),
     # Fashion-MNIST demo, teacher `unet.PRESETS["demo8"]` (6 trunk output blocks; activate_from 3 trains the
-    # 8-px level + growth): 8 (decoder) → 16 → 32; the whole `pagoda train` takes 20-25 min on 2 CPU cores.
-    # The official discriminator and distance family (docs/benchmarks.md §6, FID n = 2000 vs the test split):
-    # a projected D on frozen EfficientNet-Lite0 features with lr_D = 10 lr_G, and the Lite0 feature distance
-    # for L_rec. Backbone input 32 px (up-sampled): trained alone against G32 for 60 steps, D separates at every
-    # size (hinge L_D 0.16 at 32 px, 0.07 at 64, 0.14 at 128) and 32 is the cheapest (0.9 / 1.0 / 5.6 s per
-    # step, 1 thread; bench/discriminator.py). Against the previous recipe (a multi-scale D from scratch,
-    # chance-level in the growth stages, and a random-feature distance) at the same steps and the same
-    # stage-08: G16 FID 107.7 → 56.8, G32 240.8 → 155.5. Steps matter most at this budget and a GAN step costs
-    # ≈ 2× a Lite0-L_rec step, so each growth stage first trains L_rec alone for 450 steps, then adds the
-    # adversarial term (adv_start): G16 / G32 32.6 / 92.8, against 35.6 / 96.6 for L_rec alone at about the
-    # same CPU time (with the GAN from step 0 it loses to L_rec alone). Growth stages use Adam: in
-    # 250 steps RAdam's rectification (a ~2/(1−β2)-step warm-up) leaves the fresh blocks under-trained
-    # (stage-16 reconstruction 17.9 dB with RAdam vs 20.3 dB with Adam). The Lite0 features, normalised per
-    # position, leave brightness and position loose: adding the pixel pyramid (`multiscale`) to the distance keeps
-    # objects in place and still sharpens (consistency PSNR at 32 px 20.7 → 23.3 dB, inversion 15.1 → 16.5 dB,
-    # G16 / G32 FID 33.3 / 93.1 → 32.2 / 88.9). Stage-08 trains 700 steps (G8 FID 12.9 at 400 → 12.2). The growth
-    # stages weigh the pyramid 4× and anchor the adversarial fakes on the frozen stage-2 G (anchor 4): consistency
-    # PSNR at 32 px 24.1 → 29.9 dB, inversion 16.6 → 18.5 dB (bicubic 16.8), G16 / G32 FID 33.0 / 88.2 → 33.7 / 83.8;
-    # 4× in stage-08 too costs G8 FID (12.2 → 13.4). Stage-08 trains with Adam as well: RAdam's warm-up slows its first
-    # few hundred steps just as in the growth stages (L_rec at step 400 0.29 → 0.14; G8 FID at 700 steps 12.2 → 10.5,
-    # below the teacher's Heun-35 11.2; RAdam needs 1400 steps for 10.2). Each growth stage continues the previous
-    # stage's D, grown (d_continue): G16 / G32 FID 33.4 / 85.2 → 30.3 / 80.2 against a fresh D per stage. Stage-08
-    # averages its weights over ≈ 200 steps (EMA 0.995), the growth stages over ≈ 100 (0.99: their adversarial term
-    # is on for the last 350 / 150 steps only, and 0.995 there still averages in the pre-GAN weights): G8 / G16 / G32
-    # 10.6 / 30.1 / 81.6 → 8.9 / 29.4 / 78.4 (0.995 everywhere: 8.9 / 33.3 / 95.5). The growth stages train G at
-    # lr 4e-4 (stage-08 keeps 2e-4): with 800 / 600 steps for freshly grown blocks, G16 / G32 29.4 / 78.4 → 24.8 / 57.3.
+    # 8-px level + growth): 8 (decoder) → 16 → 32, ≈ 22 min for the whole `pagoda train` on 2 CPU cores. Where it
+    # departs from `imagenet64`, a few hundred steps per stage is why (docs/ablations.md, FID at n = 2000):
+    # - a projected D on frozen Lite0 features at a 32-px input, lr_D = 10 lr_G: a D from scratch stays near chance
+    #   for a stage's length (G32 240.8 → 178.5); the Lite0 distance sharpens, the pixel pyramid beside it keeps
+    #   objects in place;
+    # - Adam, not RAdam: RAdam's warm-up spends the first few hundred steps (G8 12.2 → 10.5);
+    # - EMA 0.995 in stage-08, 0.99 in the growth stages, whose adversarial term runs only for their last steps;
+    # - growth stages: L_rec alone for 450 steps, then the adversarial term (adv_start; a GAN step costs ≈ 2 L_rec
+    #   steps); the pyramid weighed 4× and the anchor on the stage-2 G (consistency PSNR at 32 px 24.1 → 29.9 dB);
+    #   the previous stage's D continued; lr_G 4e-4, as the grown blocks start from scratch (G32 78.4 → 57.3).
     "demo": GrowPreset(
         name="demo", steps=(700, 800, 600), batch=(64, 64, 32), lr_G=2e-4, grow_lr_G=4e-4, lr_D=2e-3, lam=(0.2, 1.0),
         activate_from=3, fade_steps=(0, 60), ema=0.995, grow_ema=0.99, d_channels=32, encode_images=2000,

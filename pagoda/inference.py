@@ -2,8 +2,8 @@
 image, encode a data set.
 
 Sits beside train.py (same layer): the CLI calls these; models are found by pagoda/rundir.py and samples drawn
-by pagoda/evaluate.py's make_sampler (image i from (seed, i), label i mod C), so a grid shows an export's first
-images; pagoda/control.py builds the inverse problems on `encode_images`.
+by `make_sampler` (image i from (seed, i), label i mod C; pagoda/evaluate.py scores the same sequence), so a grid
+shows an export's first images; pagoda/control.py builds the inverse problems on `encode_images`.
 
     pagoda sample --checkpoint runs/demo                        # -> sample_grid
     pagoda sample --checkpoint runs/demo --npz s.npz --n 50000   # -> export_samples

@@ -1,6 +1,6 @@
 """FID / KID as the paper measures them, offline: clean-fid's pipeline and Inception weights found locally.
 
-Images (N×C×H×W, float in [-1, 1] or uint8, C = 1 or 3) -> uint8 (rounded as `data.tensor_to_pil`), gray
+Images (N×C×H×W, float in [-1, 1] or uint8, C = 1 or 3) -> uint8 (rounded as `images.to_uint8`), gray
 -> RGB, clean-fid's "clean" resize to 299² (PIL bicubic on floats), clean-fid's TorchScript Inception-V3
 -> 2048-d pool features; FID = `cleanfid.fid.frechet_distance`, KID = `cleanfid.fid.kernel_distance`.
 Weights, first found wins: $PAGODA_INCEPTION, clean-fid's own /tmp/inception-2015-12-05.pt, the
@@ -129,7 +129,7 @@ def load_inception(path: Path | None = None, mode: str = "clean", device: str | 
 # Features ----------------------------------------------------------------------------------------
 
 def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(N, C, H, W) float in [-1, 1] or uint8, C in (1, 3) -> (N, H, W, 3) uint8 (rounded as tensor_to_pil)."""
+    """(N, C, H, W) float in [-1, 1] or uint8, C in (1, 3) -> (N, H, W, 3) uint8 (rounded as images.to_uint8)."""
     x = torch.as_tensor(images).detach().cpu()
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise MetricsError(f"images must be N×C×H×W with C in (1, 3), got {tuple(x.shape)}; fix: permute "
@@ -212,18 +212,6 @@ def mean_cov(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if len(f) < 2:
         raise MetricsError(f"FID needs at least 2 images, got {len(f)}; fix: pass a larger n")
     return f.mean(0), np.cov(f, rowvar=False)
-
-
-def fid_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
-    """FID between two feature sets (N, 2048); biased upwards at small N, so compare at equal N."""
-    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
-    if f1.ndim == f2.ndim == 2 and f1.shape[1] == f2.shape[1] and len(f1) + len(f2) < f1.shape[1]:
-        # Both sets (minus a common point) lie in a ≤ (N1+N2)-dim subspace; rotating onto its orthonormal
-        # basis is an isometry, which leaves FID unchanged and shrinks sqrtm from 2048² (minutes on CPU)
-        origin = f1.mean(0)
-        basis, _ = np.linalg.qr((np.concatenate([f1, f2]) - origin).T)  # (2048, N1+N2) orthonormal
-        f1, f2 = (f1 - origin) @ basis, (f2 - origin) @ basis
-    return fid_from_stats(*mean_cov(f1), *mean_cov(f2))
 
 
 def kid_from_features(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000,

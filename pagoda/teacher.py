@@ -36,13 +36,6 @@ def edm_scalings(sigma: torch.Tensor, sigma_data: float = 0.5):
     return c_skip, c_out, c_in
 
 
-def c_noise(sigma: torch.Tensor, convention: str = "adm") -> torch.Tensor:
-    """Network noise input c_noise(σ): 250·ln σ ("adm") or ln(σ)/4 ("edm")."""
-    if convention not in C_NOISE:
-        raise ValueError(f"unknown c_noise convention {convention!r}: use 'adm' (250·ln σ) or 'edm' (ln(σ)/4)")
-    return C_NOISE[convention](sigma)
-
-
 def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, *([1] * (x.ndim - 1)))
 

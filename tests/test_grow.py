@@ -1,6 +1,6 @@
 """Growth schedule: stage lists per preset, official ImageNet values, bad resolutions, dict round trip."""
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -67,8 +67,8 @@ def test_growth_stages_distance_and_anchor():
 def test_saved_stage_config_matches():
     """A checkpoint's stage config matches when equal, also when written before a field with its default existed."""
     s = plan_stages(8, 16, "tiny")[1]  # anchor 0 (the default)
-    old = {k: v for k, v in s.to_dict().items() if k != "anchor"}
-    assert s.anchor == 0.0 and s.matches(s.to_dict()) and s.matches(old)
+    old = {k: v for k, v in asdict(s).items() if k != "anchor"}
+    assert s.anchor == 0.0 and s.matches(asdict(s)) and s.matches(old)
     assert not replace(s, anchor=1.0).matches(old) and not s.matches({**old, "steps": 1})
     assert not s.matches(None) and not s.matches({"bogus": 1})
 
@@ -92,7 +92,7 @@ def test_plan_and_dict_round_trip(teacher, k, preset):
     assert [s.resolution for s in stages] == [teacher * 2**i for i in range(k + 1)]
     p = get_preset(preset)
     assert [s.steps for s in stages] == [p.steps[min(i, len(p.steps) - 1)] for i in range(k + 1)]
-    assert [StageConfig.from_dict(d) for d in json.loads(json.dumps([s.to_dict() for s in stages]))] == stages
+    assert [StageConfig.from_dict(d) for d in json.loads(json.dumps([asdict(s) for s in stages]))] == stages
     for s in stages:
         assert s.alpha(0) == (0.0 if s.fade else 1.0) and s.alpha(10**9) == 1.0
 
@@ -101,6 +101,6 @@ def test_fade_ramp_and_unknown_fields():
     stages = [s if not s.grow else replace(s, fade_steps=4) for s in plan_stages(8, 16, "tiny")]
     assert stages[1].alpha(2) == 0.5
     with pytest.raises(ValueError, match="unknown StageConfig fields"):
-        StageConfig.from_dict({**stages[0].to_dict(), "bogus": 1})
+        StageConfig.from_dict({**asdict(stages[0]), "bogus": 1})
     with pytest.raises(ValueError, match="ema decay"):
         replace(stages[0], ema=1.5)

@@ -4,7 +4,7 @@ import math
 import torch
 from hypothesis import given, settings, strategies as st
 
-from pagoda.teacher import Denoiser, c_noise, drop_labels, edm_loss, edm_scalings, guided
+from pagoda.teacher import Denoiser, drop_labels, edm_loss, edm_scalings, guided
 from pagoda.unet import PRESETS, UNet
 
 
@@ -20,9 +20,17 @@ def test_scalings_identities(sigma, sd):
 
 
 def test_c_noise_conventions():
+    """The denoiser hands F the noise label of its convention: 250·ln σ ("adm") or ln(σ)/4 ("edm")."""
+    class Recorder(torch.nn.Module):
+        def forward(self, x, noise_labels, labels):
+            self.seen = noise_labels
+            return torch.zeros_like(x)
+
     s = torch.tensor([0.002, 1.0, 80.0])
-    torch.testing.assert_close(c_noise(s, "adm"), 250 * torch.log(s))
-    torch.testing.assert_close(c_noise(s, "edm"), torch.log(s) / 4)
+    for convention, expected in (("adm", 250 * torch.log(s)), ("edm", torch.log(s) / 4)):
+        D = Denoiser(Recorder(), c_noise=convention)
+        D(torch.zeros(3, 1, 4, 4), s)
+        torch.testing.assert_close(D.unet.seen, expected)
 
 
 def test_denoiser_limits():
