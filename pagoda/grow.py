@@ -12,7 +12,7 @@ doubling, ...); a stage beyond the end of a list takes its last entry.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 from pagoda.discriminators import DISCRIMINATORS
 from pagoda.losses import DEFAULT_DISTANCE

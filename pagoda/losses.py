@@ -27,12 +27,9 @@ import torch.nn.functional as F
 from pagoda.backbone import EfficientNetLite0
 from pagoda.io import load_checkpoint, save_checkpoint
 
-# Default reconstruction distance, offline: "features" = pseudo-Huber of (pyramid pixel MSE + MSE of a
-# frozen random edge/texture filter bank). Proxy measurement, Fashion-MNIST 16->32 super-resolution (small
-# conv net, 250 Adam steps, 512 test images; PSNR / Laplacian-energy ratio vs real, higher = sharper):
-# features 22.58 dB / 0.417, multiscale 22.46 / 0.390, l2 22.63 / 0.436. Features beats pixels-only under the
-# same pseudo-Huber (edge-aware, bounded per-sample gradient as in iCT); l2 is as sharp on this proxy; the GAN
-# term does most of the sharpening.
+# Default reconstruction distance, offline: "features" = pseudo-Huber of (pyramid pixel MSE + MSE of a frozen
+# random edge/texture filter bank); as sharp as l2 and sharper than pixels alone on a super-resolution proxy
+# (docs/ablations.md, "Older measurements"); the GAN term does most of the sharpening.
 DEFAULT_DISTANCE = "features"
 PSEUDO_HUBER_C = 0.00054  # iCT (Song & Dhariwal 2023): c = 0.00054 * sqrt(dim) for data in [-1, 1]
 

@@ -75,7 +75,7 @@ def _series(log: list[dict], key: str, max_points: int = 2000) -> tuple[list[int
 
 
 def plot_curves(teacher_log: list[dict], stage_logs: dict[str, list[dict]]) -> dict[str, bytes]:
-    """PNGs: 'losses' (teacher loss; per stage L_rec [and a·L_anchor], L_adv and L_D with chance level 2, and the D
+    """PNGs: 'losses' (teacher loss; per stage L_rec [, L_dstl, a·L_anchor], L_adv and L_D with chance level 2, and the D
     margin on the held-out batch) and 'weights' (per stage w and α)."""
     names, plots = list(stage_logs) or ["(no stage yet)"], {}
     fig = Figure(figsize=(3.6 * (len(names) + 1), 8.1))
@@ -88,8 +88,9 @@ def plot_curves(teacher_log: list[dict], stage_logs: dict[str, list[dict]]) -> d
     axes[2][0].axis("off")
     for j, name in enumerate(names, start=1):
         log = stage_logs.get(name, [])
-        anchored = [(0, "anchor", "a·L_anchor")] if any("anchor" in r for r in log) else []
-        for row, key, label in [(0, "rec", "L_rec"), *anchored, (1, "adv", "L_adv (G)"), (1, "d", "L_D")]:
+        extra = [(0, key, label) for key, label in (("dstl", "L_dstl"), ("anchor", "a·L_anchor"))
+                 if any(r.get(key) for r in log)]  # logged, and not 0 throughout
+        for row, key, label in [(0, "rec", "L_rec"), *extra, (1, "adv", "L_adv (G)"), (1, "d", "L_D")]:
             s, v, sm = _series(log, key)
             line, = axes[row][j].plot(s, sm, label=label)  # smoothed, over the raw values in the same colour
             axes[row][j].plot(s, v, alpha=0.25, color=line.get_color())
@@ -101,7 +102,7 @@ def plot_curves(teacher_log: list[dict], stage_logs: dict[str, list[dict]]) -> d
         axes[1][j].set(title=f"{name}: adversarial", xlabel="step")
         axes[2][j].set(title=f"{name}: D(real) − D(fake), held out", xlabel="step")
         axes[1][j].legend(fontsize=8)
-        if anchored:
+        if extra:
             axes[0][j].legend(fontsize=8)
     fig.tight_layout()
     plots["losses"] = _png(fig)

@@ -8,9 +8,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pagoda.cli import app
+from pagoda.decoder import FADE_MODE, Generator
 from pagoda.encoder import LatentStore
 from pagoda.io import save_checkpoint
-from pagoda.teacher import Denoiser, teacher_checkpoint
+from pagoda.teacher import Denoiser, load_teacher, teacher_checkpoint
 from pagoda.unet import PRESETS, UNet
 
 
@@ -101,3 +102,23 @@ def one_line_error(result, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
+
+
+def learnt_gap(one: Path, other: Path, teacher: Path) -> dict[str, float]:
+    """Per stage: ||G_other(z) − G_one(z)|| / ||G_one(z) − G_start(z)|| on fixed z, G_start the function the stage
+    started from (the teacher copy at 8 px; the stage-08 G up-sampled as the fade-in starts at 16 px)."""
+    z = 80 * torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    y = torch.arange(16) % 2
+
+    def out(G):
+        with torch.no_grad():
+            return G.eval()(z, y)
+    start = {"stage-08": out(Generator.from_teacher(load_teacher(teacher)))}
+    if (one / "stage-16").is_dir():
+        g8 = out(Generator.from_checkpoint(one / "stage-08" / "generator.pt"))
+        start["stage-16"] = torch.nn.functional.interpolate(g8, scale_factor=2, mode=FADE_MODE)
+    gap = {}
+    for s, x0 in start.items():
+        a, b = (out(Generator.from_checkpoint(r / s / "generator.pt")) for r in (one, other))
+        gap[s] = ((b - a).norm() / (a - x0).norm()).item()
+    return gap

@@ -195,7 +195,7 @@ def test_guided_generator_learns_omega_and_samples_in_one_call(guided_run, tiny_
 def test_growth_stage_with_an_anchor_trains_without_distillation(guided_run, tmp_path):
     """L_dstl (β = 3 with --guidance-max) runs in stage-08 and in growth stages without an anchor; a growth stage
     with an anchor keeps ↓G(z', y', ω') on the ω-conditioned stage-08 G instead, so it has no L_dstl and never
-    solves the teacher ODE (docs/benchmarks.md §10: with both, G32 FID at ω = 1 was 132 instead of ≈ 82)."""
+    solves the teacher ODE (docs/ablations.md, Guidance: with both, G32 FID at ω = 1 was 132 instead of ≈ 82)."""
     G8, teacher = load_models(str(guided_run / "stage-08"))
     shutil.copytree(guided_run / "stage-08", tmp_path / "stage-08")
     data = SimpleNamespace(images=torch.rand(8, 1, 16, 16) * 2 - 1, in_memory=True,

@@ -16,14 +16,13 @@ import torch
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 from typer.testing import CliRunner
 
-from helpers import read_cache, tensors, tiny_assets
+from helpers import learnt_gap, read_cache, tensors, tiny_assets
 
 from pagoda import dist
 from pagoda.cli import app
-from pagoda.decoder import FADE_MODE, Generator
 from pagoda.io import load_checkpoint
 from pagoda.launch import launch_train, resolve_workers
-from pagoda.teacher import Denoiser, load_teacher
+from pagoda.teacher import Denoiser
 from pagoda.train import TrainConfig, train
 from pagoda.unet import PRESETS, UNet
 
@@ -62,7 +61,7 @@ share = dist.gather_cat(torch.tensor(mine), info)
 assert share.tolist() == [0, 1, 2, 3, 4], share
 # the latent cache: shard i is encoded by rank i % 2, every rank then reads all of them
 from pagoda.encoder import Encoder, LatentStore, build_latent_cache
-from pagoda.teacher import Denoiser, load_teacher
+from pagoda.teacher import Denoiser
 from pagoda.unet import PRESETS, UNet
 torch.manual_seed(0)
 teacher = Denoiser(UNet(PRESETS["tiny"])).eval()
@@ -101,31 +100,11 @@ def test_collectives_under_two_gloo_processes(tmp_path):
 # of float sums (convolutions over 2 vs 4 samples, gloo adding two half-batch gradients), so their weights are not
 # bitwise equal, and kernels differ by CPU: emulating an AVX2 machine (ONEDNN_MAX_CPU_ISA=AVX2,
 # MKL_ENABLE_INSTRUCTIONS=AVX2, ATEN_CPU_CAPABILITY=avx2) moves the tiny run's stage-16 G by 3.6e-4 of what
-# training changed, and gradients perturbed by 1e-3 relative noise by 3.4e-4 (docs/benchmarks.md "Two ranks").
+# training changed, and gradients perturbed by 1e-3 relative noise by 3.4e-4 (bench/two_ranks.py; docs/benchmarks.md "Two ranks").
 # An element-wise check of every tensor (the old rtol 1e-4) fails on such machines on small Adam moments. What the
 # equivalence promises is the same *training*: the function each stage learnt, G(z), agrees to 1 % of the change
 # that the stage made, while a broken gradient average misses by 10-20 %.
 LEARNT_TOLERANCE = 1e-2
-
-
-def learnt_gap(one: Path, other: Path, teacher: Path) -> dict[str, float]:
-    """Per stage: ||G_other(z) − G_one(z)|| / ||G_one(z) − G_start(z)|| on fixed z, G_start the function the stage
-    started from (the teacher copy at 8 px; the stage-08 G up-sampled as the fade-in starts at 16 px)."""
-    z = 80 * torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(5))
-    y = torch.arange(16) % 2
-
-    def out(G):
-        with torch.no_grad():
-            return G.eval()(z, y)
-    start = {"stage-08": out(Generator.from_teacher(load_teacher(teacher)))}
-    if (one / "stage-16").is_dir():
-        g8 = out(Generator.from_checkpoint(one / "stage-08" / "generator.pt"))
-        start["stage-16"] = torch.nn.functional.interpolate(g8, scale_factor=2, mode=FADE_MODE)
-    gap = {}
-    for s, x0 in start.items():
-        a, b = (out(Generator.from_checkpoint(r / s / "generator.pt")) for r in (one, other))
-        gap[s] = ((b - a).norm() / (a - x0).norm()).item()
-    return gap
 
 
 @pytest.fixture(scope="module")
