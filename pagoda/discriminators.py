@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pagoda.backbone import EfficientNetLite0
+from pagoda.io import load_checkpoint
 from pagoda.losses import LossConfigError, pyramid
 
 CMAP_DIM = 64  # width of the class-projection space (official `cmap_dim`)
@@ -213,3 +215,24 @@ def make_discriminator(kind: str, resolution: int, channels: int, num_classes: i
     if kind == "multiscale":
         return Discriminator(resolution, channels, num_classes, base_channels=width, max_channels=4 * width)
     raise LossConfigError(f"unknown discriminator {kind!r}: choose one of {', '.join(DISCRIMINATORS)}")
+
+
+def build_discriminators(stage, channels: int, num_classes: int | None, pretrained: bool = True,
+                         resolution: int | None = None) -> tuple[nn.Module, nn.Module | None]:
+    """(D, D_recon) of a grow.StageConfig (at `resolution`, default the stage's): the discriminator and the second one
+    on reconstructions (official at 512, else None). The one builder of the stage and of the dry-run plan."""
+    def make_D():
+        return make_discriminator(stage.discriminator, resolution or stage.resolution, channels, num_classes,
+                                  stage.d_channels, stage.d_input, pretrained)
+    D_recon = make_D() if stage.rec_disc_weight > 0 else None
+    return make_D(), D_recon
+
+
+def continued_discriminators(stage, channels: int, num_classes: int | None, prev_ckpt: str | os.PathLike
+                             ) -> tuple[nn.Module, nn.Module | None]:
+    """D continuity: the previous stage's final discriminator(s) (its checkpoint), grown to this stage."""
+    Ds = build_discriminators(stage, channels, num_classes, resolution=stage.resolution // 2)
+    states = load_checkpoint(prev_ckpt)["D"]
+    for D, sd in zip([D for D in Ds if D is not None], states):
+        D.load_state_dict(sd)
+    return tuple(None if D is None else D.grow() for D in Ds)

@@ -34,7 +34,8 @@ from pagoda.decoder import Generator
 from pagoda.encoder import LatentPairs
 from pagoda.grow import get_preset, plan_stages
 from pagoda.losses import DEFAULT_DISTANCE, LossConfigError, diff_augment, g_hinge_loss, make_distance
-from pagoda.stage import RunSpec, StageTrainer, build_discriminators
+from pagoda.discriminators import build_discriminators
+from pagoda.stage import RunSpec, StageTrainer
 from pagoda.teacher import Denoiser, load_teacher
 from pagoda.train import TEACHER_PRESETS, TrainConfig
 from pagoda.unet import PRESETS as UNET_PRESETS, UNet, UNetConfig

@@ -22,12 +22,11 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from pagoda import dist
 from pagoda.data import default_workers, loader
 from pagoda.decoder import Generator
-from pagoda.discriminators import make_discriminator
+from pagoda.discriminators import build_discriminators, continued_discriminators
 from pagoda.encoder import LatentPairs
 from pagoda.grow import StageConfig
 from pagoda.images import downsample, save_image_grid
@@ -111,27 +110,6 @@ class Pairs:
 def _opt(name: str, params, lr: float, betas=(0.9, 0.999)):
     cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[name]
     return cls(params, lr=lr, betas=betas, weight_decay=0.0)
-
-
-def build_discriminators(stage: StageConfig, channels: int, num_classes: int | None, pretrained: bool = True,
-                         resolution: int | None = None) -> tuple[nn.Module, nn.Module | None]:
-    """(D, D_recon) of a stage (at `resolution`, default the stage's): the discriminator and the second one on
-    reconstructions (official at 512, else None). The one builder of the stage and of the dry-run plan."""
-    def make_D():
-        return make_discriminator(stage.discriminator, resolution or stage.resolution, channels, num_classes,
-                                  stage.d_channels, stage.d_input, pretrained)
-    D_recon = make_D() if stage.rec_disc_weight > 0 else None
-    return make_D(), D_recon
-
-
-def continued_discriminators(stage: StageConfig, channels: int, num_classes: int | None, prev_ckpt: Path
-                             ) -> tuple[nn.Module, nn.Module | None]:
-    """D continuity: the previous stage's final discriminator(s) (its checkpoint), grown to this stage."""
-    Ds = build_discriminators(stage, channels, num_classes, resolution=stage.resolution // 2)
-    states = load_checkpoint(prev_ckpt)["D"]
-    for D, sd in zip([D for D in Ds if D is not None], states):
-        D.load_state_dict(sd)
-    return tuple(None if D is None else D.grow() for D in Ds)
 
 
 class StageTrainer:
