@@ -14,7 +14,7 @@ How each number is obtained:
 - latent cache on disk: images × 2 flips × C×R×R × 2 bytes (fp16) at the teacher resolution R;
 - two real steps of every stage on random data at reduced width (all channel widths → `width`, batch 1;
   on a CUDA machine without a width: true size at the per-rank micro-batch, peak memory measured), in a
-  temporary run directory where each stage leaves its generator for the next, as in a run.
+  temporary run directory that holds stage 2's generator for the growth stages, as in a run.
 Nothing is written to the run directory.
 """
 from __future__ import annotations
@@ -190,8 +190,9 @@ def _reduced_steps(cfg: TrainConfig, stages, t_cfg: UNetConfig, width: int | Non
                 tr.G.set_alpha(1.0)
                 tr.ema.module.set_alpha(1.0)
                 G = tr.ema.module
-                tr.sdir.mkdir(parents=True)  # as a finished stage: its generator, which later stages may read
-                save_checkpoint(G.to_checkpoint(), tr.sdir / GENERATOR_FILE)  # (the demo's anchor: stage 2's G)
+                if not stage.grow:  # as in a run: stage 2's generator on disk, where a growth stage's anchor reads it
+                    tr.sdir.mkdir(parents=True)
+                    save_checkpoint(G.to_checkpoint(), tr.sdir / GENERATOR_FILE)
                 del tr
             except torch.cuda.OutOfMemoryError:
                 res["error"] = f"out of GPU memory at micro-batch {rstage.batch}: raise --accumulate"
