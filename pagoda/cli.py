@@ -3,8 +3,17 @@
     pagoda train                                  # the whole method on Fashion-MNIST (2-core CPU: ≈ 18 min)
     pagoda sample --checkpoint runs/demo --n 64   # one network call per image
     pagoda invert photo.png --checkpoint runs/demo
-    pagoda superres / edit / interpolate / inpaint   # inverse problems through the teacher's encoder and G
-    pagoda teacher train / pagoda teacher sample / pagoda encode / pagoda eval / pagoda report
+    pagoda superres low.png                       # inverse problems through the teacher's encoder and G
+    pagoda edit shirt.png --to-class 3
+    pagoda interpolate a.png b.png
+    pagoda inpaint shirt.png --mask mask.png
+    pagoda teacher train                          # the teacher alone; every --checkpoint/--teacher takes a run dir
+    pagoda teacher sample --checkpoint runs/demo
+    pagoda encode --teacher runs/demo --out latents
+    pagoda eval --checkpoint runs/demo
+    pagoda report runs/demo
+
+tests/test_readme.py runs every command shown here, in the README and in each command's `--help` examples.
 """
 from __future__ import annotations
 
@@ -13,6 +22,14 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+
+from pagoda.discriminators import DISCRIMINATORS
+from pagoda.grow import PRESETS as GROW_PRESETS
+from pagoda.io import CheckpointError
+from pagoda.losses import _DISTANCES as DISTANCES
+from pagoda.rundir import RunDir, resolve_teacher_path
+from pagoda.solvers import METHODS
+from pagoda.train import TEACHER_PRESETS, TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="PaGoDA: a one-step generator grown from a low-resolution diffusion teacher.")
@@ -27,6 +44,27 @@ def fail(msg: str) -> None:
     """One-line error and exit code 2."""
     console.print(f"[bold red]error:[/] {msg}", soft_wrap=True, highlight=False)
     raise typer.Exit(2)
+
+
+def choices(names) -> str:
+    """A registry's names as a help list: 'a | b | c'."""
+    return " | ".join(names)
+
+
+def teacher_file(path: str | None) -> str | None:
+    """A teacher option's value: a checkpoint file as given; a run directory (or its teacher/ or stage-XX/) -> the
+    run's teacher (RUN/teacher/teacher.pt, or the --teacher its config.json names)."""
+    if path is None or not Path(path).is_dir():
+        return path
+    try:
+        return str(resolve_teacher_path(path))
+    except CheckpointError:
+        fail(f"{path} holds no teacher (no teacher/teacher.pt, no --teacher in its config.json): pass a teacher .pt "
+             f"or a run directory that has one")
+
+
+DEFAULT = TrainConfig()  # every `pagoda train` default, and the run directory the other commands read by default
+RUN_DIR = DEFAULT.out
 
 
 def run(fn, *args, threads: int | None = None, **kw):
@@ -52,42 +90,44 @@ def run(fn, *args, threads: int | None = None, **kw):
 @app.command(epilog="Examples:\n\n  pagoda train\n\n  pagoda train --res 16 --out runs/small\n\n"
                     "  pagoda train --res 128 --data /data/imagenet --teacher edm_imagenet64_ema.pt --preset imagenet64 --gpus 8")
 def train(
-    res: int = typer.Option(32, help="Target resolution: teacher resolution x 2^k."),
-    data: str = typer.Option("fashion-mnist", help="'fashion-mnist', an image folder (class sub-folders) or an EDM .zip."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher checkpoint; default: train one into OUT/teacher."),
-    out: str = typer.Option("runs/demo", help="Run directory."),
-    preset: str = typer.Option("demo", help="Growth preset: demo | tiny | imagenet64."),
-    teacher_preset: str = typer.Option("demo", help="Teacher preset when training one: demo | tiny."),
+    res: int = typer.Option(DEFAULT.res, help="Target resolution: teacher resolution x 2^k."),
+    data: str = typer.Option(DEFAULT.data, help="'fashion-mnist', an image folder (class sub-folders) or an EDM .zip."),
+    teacher: Optional[str] = typer.Option(DEFAULT.teacher, callback=teacher_file,
+                                          help="Teacher checkpoint or run directory; default: train one into OUT/teacher."),
+    out: str = typer.Option(DEFAULT.out, help="Run directory."),
+    preset: str = typer.Option(DEFAULT.preset, help=f"Growth preset: {choices(GROW_PRESETS)}."),
+    teacher_preset: str = typer.Option(DEFAULT.teacher_preset, help=f"Teacher preset when training one: "
+                                       f"{choices(TEACHER_PRESETS)}."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run (finished stages are never redone)."),
-    encode_images: Optional[int] = typer.Option(None, help="Images to encode into the latent cache (each also flipped); 0 = all; default: the preset's."),
-    encode_steps: Optional[int] = typer.Option(None, help="Encoder Karras grid points (paper: 40, Heun); default: the preset's."),
-    distance: Optional[str] = typer.Option(None, help="Reconstruction distance: lite0 | features | multiscale | pseudo_huber | l2 | "
-                                           "lpips, or a sum a+b (e.g. lite0+multiscale) (default: the preset's)."),
-    discriminator: Optional[str] = typer.Option(None, help="projected (frozen EfficientNet-Lite0 features) | multiscale "
-                                                "(from scratch) (default: the preset's)."),
-    distill: float = typer.Option(0.0, help="Weight of the distillation loss (paper's ablation; 0 = off)."),
-    guidance_max: float = typer.Option(0.0, help="Train the guided one-step G(z, y, ω) for ω in [1, ω_max] "
+    encode_images: Optional[int] = typer.Option(DEFAULT.encode_images, help="Images to encode into the latent cache "
+                                                "(each also flipped); 0 = all; default: the preset's."),
+    encode_steps: Optional[int] = typer.Option(DEFAULT.encode_steps, help="Encoder Karras grid points (paper: 40, Heun); "
+                                               "default: the preset's."),
+    distance: Optional[str] = typer.Option(DEFAULT.distance, help=f"Reconstruction distance: {choices(DISTANCES)}, or a "
+                                           "sum a+b (e.g. lite0+multiscale) (default: the preset's)."),
+    discriminator: Optional[str] = typer.Option(DEFAULT.discriminator, help=f"{choices(DISCRIMINATORS)} (projected: frozen "
+                                                "EfficientNet-Lite0 features; multiscale: from scratch; default: the preset's)."),
+    distill: float = typer.Option(DEFAULT.distill, help="Weight of the distillation loss (paper's ablation; 0 = off)."),
+    guidance_max: float = typer.Option(DEFAULT.guidance_max, help="Train the guided one-step G(z, y, ω) for ω in [1, ω_max] "
                                        "(distilled from the guided teacher, β = --distill or 3; "
                                        "`pagoda sample --guidance ω`); 0 = off."),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    seed: int = typer.Option(DEFAULT.seed),
+    device: str = typer.Option(DEFAULT.device, help="auto | cpu | cuda"),
     gpus: Optional[int] = typer.Option(None, help="Start N local workers (torch.distributed elastic launch)."),
     procs: Optional[int] = typer.Option(None, help="With --gpus 0: N CPU worker processes (gloo), for testing."),
-    accumulate: int = typer.Option(1, help="Gradient accumulation steps (global batch is kept)."),
-    workers: Optional[int] = typer.Option(None, min=0, help="DataLoader processes per rank reading image files "
+    accumulate: int = typer.Option(DEFAULT.accumulate, help="Gradient accumulation steps (global batch is kept)."),
+    workers: Optional[int] = typer.Option(DEFAULT.workers, min=0, help="DataLoader processes per rank reading image files "
                                           "(default: none for Fashion-MNIST, else a share of the cores)."),
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads per process (default: the cores other "
                                           "processes leave free, re-measured every 5 s; env PAGODA_THREADS)."),
-    max_stages: Optional[int] = typer.Option(None, help="Stop after this many stages."),
-    ckpt_every: int = typer.Option(100, min=1, help="Resumable checkpoint every N steps (resume restarts there)."),
+    max_stages: Optional[int] = typer.Option(DEFAULT.max_stages, help="Stop after this many stages."),
+    ckpt_every: int = typer.Option(DEFAULT.ckpt_every, min=1, help="Resumable checkpoint every N steps (resume restarts there)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (stages, batches, params, memory, disk) "
                                  "for --gpus N ranks, run 2 steps per stage on random data; train nothing."),
     dry_run_width: Optional[int] = typer.Option(None, help="Channel width of the dry run's steps (default 32 on CPU, true size on CUDA)."),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Run the whole method: teacher (load or train), latent cache, one-step generator, growth to --res."""
-    from pagoda.train import TrainConfig
-
     out_dir = Path(out)
     if out_dir.exists() and not resume and any(out_dir.iterdir()):
         fail(f"{out_dir} already holds a run and --no-resume was given: pass another --out (nothing was deleted)")
@@ -168,7 +208,7 @@ def print_export(r: dict) -> None:
                     "\n\n  pagoda sample --checkpoint runs/demo --n 50000 --npz samples.npz --rgb"
                     "\n\n  pagoda sample --checkpoint runs/demo --n 1000 --outdir samples/")
 def sample(
-    checkpoint: str = typer.Option("runs/demo", help="Generator checkpoint or run directory (last finished stage)."),
+    checkpoint: str = typer.Option(RUN_DIR, help="Generator checkpoint or run directory (last finished stage)."),
     n: int = typer.Option(64, min=1, help="Number of images."),
     class_: Optional[int] = typer.Option(None, "--class", help="Class label (default: cycle through classes)."),
     seed: int = typer.Option(0),
@@ -193,11 +233,16 @@ def sample(
                      progress=progress))
 
 
+MODEL_HELP = dict(checkpoint="Run directory (or generator checkpoint with --teacher).",
+                  teacher="Teacher checkpoint or run directory (default: the run's).",
+                  class_="Class label of the input; default: the class that reconstructs it best.")
+
+
 @app.command(epilog="Examples:\n\n  pagoda invert photo.jpg\n\n  pagoda invert shirt.png --checkpoint runs/demo --out inverted/")
 def invert(
     image: str = typer.Argument(..., help="Any image (any mode, size, aspect)."),
-    checkpoint: str = typer.Option("runs/demo", help="Run directory (or generator checkpoint with --teacher)."),
-    teacher: Optional[str] = typer.Option(None, help="Teacher checkpoint (default: the run's)."),
+    checkpoint: str = typer.Option(RUN_DIR, help=MODEL_HELP["checkpoint"]),
+    teacher: Optional[str] = typer.Option(None, callback=teacher_file, help=MODEL_HELP["teacher"]),
     class_: Optional[int] = typer.Option(None, "--class", help="Class label; default: the class that reconstructs best."),
     out: str = typer.Option("inverted", help="Output directory."),
 ):
@@ -209,17 +254,12 @@ def invert(
     console.print(f"wrote {r['reconstruction']} and {r['side_by_side']}", soft_wrap=True)  # paths never wrapped
 
 
-MODEL_HELP = dict(checkpoint="Run directory (or generator checkpoint with --teacher).",
-                  teacher="Teacher checkpoint (default: the run's).",
-                  class_="Class label of the input; default: the class that reconstructs it best.")
-
-
 @app.command(epilog="Examples:\n\n  pagoda superres low.png\n\n  pagoda superres low.png --reference high.png --checkpoint runs/demo --out sr/")
 def superres(
     image: str = typer.Argument(..., help="Low-resolution image (any mode, size, aspect): read at the teacher resolution."),
     reference: Optional[str] = typer.Option(None, help="High-resolution image: report PSNR of G and of bicubic against it."),
-    checkpoint: str = typer.Option("runs/demo", help=MODEL_HELP["checkpoint"]),
-    teacher: Optional[str] = typer.Option(None, help=MODEL_HELP["teacher"]),
+    checkpoint: str = typer.Option(RUN_DIR, help=MODEL_HELP["checkpoint"]),
+    teacher: Optional[str] = typer.Option(None, callback=teacher_file, help=MODEL_HELP["teacher"]),
     class_: Optional[int] = typer.Option(None, "--class", help=MODEL_HELP["class_"]),
     out: str = typer.Option("superres", help="Output directory."),
 ):
@@ -234,8 +274,8 @@ def superres(
 def edit(
     image: str = typer.Argument(..., help="Any image (any mode, size, aspect)."),
     to_class: int = typer.Option(..., "--to-class", help="Class to decode the image's latent under."),
-    checkpoint: str = typer.Option("runs/demo", help=MODEL_HELP["checkpoint"]),
-    teacher: Optional[str] = typer.Option(None, help=MODEL_HELP["teacher"]),
+    checkpoint: str = typer.Option(RUN_DIR, help=MODEL_HELP["checkpoint"]),
+    teacher: Optional[str] = typer.Option(None, callback=teacher_file, help=MODEL_HELP["teacher"]),
     class_: Optional[int] = typer.Option(None, "--class", help=MODEL_HELP["class_"]),
     out: str = typer.Option("edited", help="Output directory."),
 ):
@@ -250,8 +290,8 @@ def edit(
 def interpolate(
     a: str = typer.Argument(..., help="First image."), b: str = typer.Argument(..., help="Second image."),
     steps: int = typer.Option(8, min=2, help="Frames, both ends included."),
-    checkpoint: str = typer.Option("runs/demo", help=MODEL_HELP["checkpoint"]),
-    teacher: Optional[str] = typer.Option(None, help=MODEL_HELP["teacher"]),
+    checkpoint: str = typer.Option(RUN_DIR, help=MODEL_HELP["checkpoint"]),
+    teacher: Optional[str] = typer.Option(None, callback=teacher_file, help=MODEL_HELP["teacher"]),
     class_: Optional[int] = typer.Option(None, "--class", help="Class of both images; default: each its best class."),
     out: str = typer.Option("interpolated", help="Output directory."),
 ):
@@ -265,8 +305,8 @@ def interpolate(
 def inpaint(
     image: str = typer.Argument(..., help="Any image (any mode, size, aspect)."),
     mask: str = typer.Option(..., help="Mask image: white = known pixel, black = hole (any size: nearest-resized)."),
-    checkpoint: str = typer.Option("runs/demo", help=MODEL_HELP["checkpoint"]),
-    teacher: Optional[str] = typer.Option(None, help=MODEL_HELP["teacher"]),
+    checkpoint: str = typer.Option(RUN_DIR, help=MODEL_HELP["checkpoint"]),
+    teacher: Optional[str] = typer.Option(None, callback=teacher_file, help=MODEL_HELP["teacher"]),
     class_: Optional[int] = typer.Option(None, "--class", help=MODEL_HELP["class_"]),
     iters: int = typer.Option(50, min=0, help="Adam steps of the latent optimisation through G."),
     out: str = typer.Option("inpainted", help="Output directory."),
@@ -278,13 +318,13 @@ def inpaint(
             f"(blur fill {r['psnr_hole_blur_fill']:.2f} dB)  wrote {r['side_by_side']}")
 
 
-@app.command(epilog="Example:\n\n  pagoda encode --teacher runs/demo/teacher/teacher.pt --out runs/demo/latents --n 6000")
+@app.command(epilog="Example:\n\n  pagoda encode --teacher runs/demo --out latents --n 6000")
 def encode(
-    teacher: str = typer.Option(..., help="Teacher checkpoint."),
-    data: str = typer.Option("fashion-mnist"),
+    teacher: str = typer.Option(..., callback=teacher_file, help="Teacher checkpoint or run directory."),
+    data: str = typer.Option(DEFAULT.data),
     out: str = typer.Option(..., help="Latent cache directory (resumable)."),
     n: Optional[int] = typer.Option(None, min=1, help="Images to encode (default all)."),
-    steps: int = typer.Option(40, min=2, help="Karras grid points (paper: 40)."), method: str = typer.Option("heun"),
+    steps: int = typer.Option(40, min=2, help="Karras grid points (paper: 40)."), method: str = typer.Option(DEFAULT.encode_method, help=choices(METHODS)),
     batch: int = typer.Option(256, min=1), dtype: str = typer.Option("float16", help="float16 | float32"),
     resolution: Optional[int] = typer.Option(None, help="Data resolution (default: the teacher's)."),
 ):
@@ -296,17 +336,17 @@ def encode(
 
 @teacher_app.command("train", epilog="Examples:\n\n  pagoda teacher train\n\n  pagoda teacher train --steps 200 --out runs/t")
 def teacher_train(
-    out: str = typer.Option("runs/demo/teacher"),
-    preset: str = typer.Option("demo", help="demo | tiny"),
+    out: str = typer.Option(str(RunDir(RUN_DIR).teacher_dir)),
+    preset: str = typer.Option(DEFAULT.teacher_preset, help=choices(TEACHER_PRESETS)),
     data: Optional[str] = typer.Option(None), resolution: Optional[int] = typer.Option(None),
     steps: Optional[int] = typer.Option(None, min=1), batch: Optional[int] = typer.Option(None, min=1),
     lr: Optional[float] = typer.Option(None, min=0.0), seed: Optional[int] = typer.Option(None),
-    device: str = typer.Option("auto"), progress: bool = typer.Option(True, "--progress/--no-progress"),
+    device: str = typer.Option(DEFAULT.device, help="auto | cpu | cuda"), progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Train the EDM diffusion teacher (default: Fashion-MNIST at 8x8)."""
     from dataclasses import replace
 
-    from pagoda.train import TEACHER_PRESETS, train_teacher
+    from pagoda.train import train_teacher
     if preset not in TEACHER_PRESETS:
         fail(f"unknown teacher preset {preset!r}: use one of {', '.join(TEACHER_PRESETS)}")
     over = {k: v for k, v in dict(data=data, resolution=resolution, steps=steps, batch=batch, lr=lr, seed=seed).items()
@@ -316,12 +356,12 @@ def teacher_train(
     console.print(f"teacher: {path}", soft_wrap=True)
 
 
-@teacher_app.command("sample", epilog="Examples:\n\n  pagoda teacher sample --checkpoint runs/demo/teacher/teacher.pt --method dpmpp_2m --steps 10"
+@teacher_app.command("sample", epilog="Examples:\n\n  pagoda teacher sample --checkpoint runs/demo --method dpmpp_2m --steps 10"
                                       "\n\n  pagoda teacher sample --checkpoint runs/demo/teacher/teacher.pt --n 10000 --npz teacher.npz --guidance 2")
 def teacher_sample_cmd(
-    checkpoint: str = typer.Option("runs/demo/teacher/teacher.pt"),
+    checkpoint: str = typer.Option(RUN_DIR, callback=teacher_file, help="Teacher checkpoint or run directory."),
     n: int = typer.Option(100, min=1), steps: int = typer.Option(18, min=2, help="Karras grid points (+ final 0)."),
-    method: str = typer.Option("heun", help="euler | heun | dpmpp_2m"),
+    method: str = typer.Option("heun", help=choices(METHODS)),
     class_: Optional[int] = typer.Option(None, "--class"), seed: int = typer.Option(0),
     out: str = typer.Option("teacher_samples.png"),
     guidance: float = typer.Option(1.0, min=0.0, help="Classifier-free guidance ω: D(x,σ,∅) + ω·(D(x,σ,y) − D(x,σ,∅)); 1 = off."),
@@ -348,16 +388,16 @@ def teacher_sample_cmd(
                             "  pagoda eval --checkpoint runs/demo/teacher/teacher.pt --solver dpmpp_2m --nfe 10\n\n"
                             "  pagoda eval --checkpoint runs/in128 --n 50000 --ref VIRTUAL_imagenet128_labeled.npz --gpus 8")
 def eval_cmd(
-    checkpoint: str = typer.Option("runs/demo", help="Generator checkpoint, run directory (last finished stage) or teacher checkpoint."),
+    checkpoint: str = typer.Option(RUN_DIR, help="Generator checkpoint, run directory (last finished stage) or teacher checkpoint."),
     n: int = typer.Option(10_000, min=2, help="Samples scored (FID is biased at small n: compare only at equal n)."),
-    ref: str = typer.Option("fashion-mnist", help="Reference: fashion-mnist, an image folder / EDM .zip, or an .npz with mu/sigma."),
+    ref: str = typer.Option(DEFAULT.data, help="Reference: fashion-mnist, an image folder / EDM .zip, or an .npz with mu/sigma."),
     split: str = typer.Option("train", help="Fashion-MNIST split of the reference: train | test."),
     ref_n: Optional[int] = typer.Option(None, min=2, help="Reference images (seeded subset, cached); default all. On CPU pass e.g. --ref-n 2000."),
-    solver: str = typer.Option("heun", help="Teacher only: euler | heun | dpmpp_2m."),
+    solver: str = typer.Option("heun", help=f"Teacher only: {choices(METHODS)}."),
     nfe: int = typer.Option(35, help="Teacher only: denoiser calls per image (heun: odd)."),
     resize: Optional[int] = typer.Option(None, help="Resize samples to this resolution before scoring (bicubic up, ADM down)."),
     all_stages: bool = typer.Option(False, "--all-stages", help="CHECKPOINT is a run: score its teacher and every finished stage."),
-    batch: int = typer.Option(64, min=1), seed: int = typer.Option(0), device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    batch: int = typer.Option(64, min=1), seed: int = typer.Option(0), device: str = typer.Option(DEFAULT.device, help="auto | cpu | cuda"),
     out: Optional[str] = typer.Option(None, help="JSON file the rows are merged into; default RUN/eval.json, else ./eval.json."),
     gpus: Optional[int] = typer.Option(None, help="Split the samples over N local workers (torch.distributed elastic launch)."),
     procs: Optional[int] = typer.Option(None, help="With --gpus 0: N CPU worker processes (gloo)."),
@@ -391,16 +431,15 @@ def eval_cmd(
 def report_cmd(
     run_dir: str = typer.Argument(..., help="Run directory (what `pagoda train --out` wrote)."),
     fid: Optional[int] = typer.Option(None, min=2, help="First score the teacher and every stage at N samples (slow on CPU)."),
-    ref: str = typer.Option("fashion-mnist", help="FID reference (with --fid)."),
+    ref: str = typer.Option(DEFAULT.data, help="FID reference (with --fid)."),
     ref_n: Optional[int] = typer.Option(None, min=2, help="Reference images with --fid (default: N)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    device: str = typer.Option(DEFAULT.device, help="auto | cpu | cuda"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Write RUN/report.html (self-contained) and RUN/report.md: samples, FID, losses, w and α, timings, config."""
     from pagoda.report import write_report
     if fid:
         from pagoda.evaluate import eval_progress, evaluate_run, record_results
-        from pagoda.rundir import RunDir
         with eval_progress(progress) as bar:
             rows = run(evaluate_run, run_dir, n=fid, ref=ref, ref_n=ref_n or fid, device=device, progress=bar)
         record_results(rows, RunDir(run_dir).eval)

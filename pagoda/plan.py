@@ -13,7 +13,8 @@ How each number is obtained:
   (16 bytes/param), plus the teacher (kept resident for the encoder and distillation);
 - latent cache on disk: images × 2 flips × C×R×R × 2 bytes (fp16) at the teacher resolution R;
 - two real steps of every stage on random data at reduced width (all channel widths → `width`, batch 1;
-  on a CUDA machine without a width: true size at the per-rank micro-batch, peak memory measured).
+  on a CUDA machine without a width: true size at the per-rank micro-batch, peak memory measured), in a
+  temporary run directory that holds stage 2's generator for the growth stages, as in a run.
 Nothing is written to the run directory.
 """
 from __future__ import annotations
@@ -22,7 +23,6 @@ import math
 import tempfile
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -35,6 +35,7 @@ from pagoda.encoder import LatentPairs
 from pagoda.grow import get_preset, plan_stages
 from pagoda.losses import DEFAULT_DISTANCE, LossConfigError, diff_augment, g_hinge_loss, make_distance
 from pagoda.discriminators import build_discriminators
+from pagoda.rundir import RunDir
 from pagoda.stage import RunSpec, StageTrainer
 from pagoda.teacher import Denoiser, load_teacher
 from pagoda.train import TEACHER_PRESETS, TrainConfig
@@ -123,12 +124,13 @@ def _meta_stage(cfg: TrainConfig, stage, g_cfg: UNetConfig, micro: int, distance
 
     def g_step():  # L_rec on the reconstruction + L_adv on fresh z (and the reconstruction D at 512)
         y = torch.zeros(micro, ncls, device="meta") if ncls else None  # soft labels: no .item() on meta
+        y_D = torch.zeros(micro, dtype=torch.long) if ncls else None  # D checks its labels' values: real ones, on the CPU
         aug = (lambda x: diff_augment(x, augment, torch.Generator().manual_seed(0))) if augment else (lambda x: x)
         x_rec = G(torch.randn(micro, C, R0, R0, device="meta"), y)
         loss = d(x_rec, torch.randn_like(x_rec)).mean()
-        loss = loss + g_hinge_loss(Ds[0](aug(G(torch.randn(micro, C, R0, R0, device="meta"), y)), None))
+        loss = loss + g_hinge_loss(Ds[0](aug(G(torch.randn(micro, C, R0, R0, device="meta"), y)), y_D))
         if len(Ds) > 1:
-            loss = loss + g_hinge_loss(Ds[1](aug(x_rec), None))
+            loss = loss + g_hinge_loss(Ds[1](aug(x_rec), y_D))
         return loss
 
     out["activation_bytes"] = saved_bytes(g_step, [G, d, *Ds]) if micro > 0 else 0
@@ -177,7 +179,8 @@ def _reduced_steps(cfg: TrainConfig, stages, t_cfg: UNetConfig, width: int | Non
                 torch.cuda.reset_peak_memory_stats(device)
             try:
                 pairs = LatentPairs(z, torch.arange(16), labels, _RandomData(16, C, stage.resolution, ncls, cfg.seed))
-                tr = StageTrainer(RunSpec.of(rcfg), rstage, k, teacher, G, pairs, Path(tmp) / stage.name, info)
+                tr = StageTrainer(RunSpec.of(rcfg), rstage, k, teacher, G, pairs, RunDir(tmp).stage(stage.resolution),
+                                  info)
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     s = tr.train_step()
@@ -185,9 +188,7 @@ def _reduced_steps(cfg: TrainConfig, stages, t_cfg: UNetConfig, width: int | Non
                            finite=all(math.isfinite(v) for v in s.values()))
                 if device.type == "cuda":
                     res["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-                tr.G.set_alpha(1.0)
-                tr.ema.module.set_alpha(1.0)
-                G = tr.ema.module
+                G = tr.finish()  # as in a run: the generator on disk, where a growth stage's anchor reads stage 2's
                 del tr
             except torch.cuda.OutOfMemoryError:
                 res["error"] = f"out of GPU memory at micro-batch {rstage.batch}: raise --accumulate"

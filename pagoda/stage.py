@@ -437,10 +437,17 @@ class StageTrainer:
         self._start_data()
         loop = LoopSpec(f"{self.sdir.name} ({self.R}px)", st.steps, st.batch, spec.ckpt_every, every=spec.grid_every)
         run_loop(self.train_step, self.save, loop, self.step, self.sdir if info.is_main else None, progress, self.grid)
-        self.G.set_alpha(1.0)
-        self.ema.module.set_alpha(1.0)  # fade-in over: the saved generator has the official layout only
+        G = self.finish()
         self.grid("final")
-        if info.is_main:
-            save_checkpoint(self.ema.module.to_checkpoint(), self.sdir / GENERATOR_FILE)  # marks the stage done
         dist.barrier(info)
+        return G
+
+    def finish(self) -> Generator:
+        """The fade-in is over (the saved generator has the official layout only); rank 0 writes the EMA generator to
+        sdir/generator.pt, which marks the stage done."""
+        self.G.set_alpha(1.0)
+        self.ema.module.set_alpha(1.0)
+        if self.info.is_main:
+            self.sdir.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(self.ema.module.to_checkpoint(), self.sdir / GENERATOR_FILE)
         return self.ema.module

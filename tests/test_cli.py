@@ -127,6 +127,97 @@ def test_missing_and_wrong_files_give_one_line(toy_run, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["notes.png"]  # none of these wrote anything
 
 
+# ---- every checkpoint option takes a run directory ---------------------------------------------------
+
+def _checkpoint_options():
+    """(command, option) for every option of the CLI that names a model file."""
+    return sorted((" ".join(c), f"--{p.name}") for c in COMMANDS for p in _command(c).params
+                  if p.name in ("checkpoint", "teacher"))
+
+
+def _command(path):
+    cmd = get_command(app)
+    for name in path:
+        cmd = cmd.commands[name]
+    return cmd
+
+
+def test_every_checkpoint_option_takes_a_run_directory(toy_run, tmp_path, monkeypatch):
+    """A run directory (or its teacher/ or a stage-XX/) wherever a checkpoint is asked for: teacher options read
+    RUN/teacher/teacher.pt, generator options the last finished stage."""
+    from pagoda import metrics as M
+    from helpers import StandInInception
+    monkeypatch.setattr(M, "load_inception", lambda *a, **k: StandInInception())
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    run, img = toy_run.path, tmp_path / "x.png"
+    tensor_to_pil(load_fashion_mnist("test")[0][0]).save(img)
+    out = lambda name: tmp_path / name  # noqa: E731
+    runs = {  # (command, option): the command with a run directory for that option
+        ("train", "--teacher"): ["train", "--teacher", run, "--preset", "tiny", "--res", 16, "--dry-run", "--out", out("t")],
+        ("sample", "--checkpoint"): ["sample", "--checkpoint", run, "--n", 4, "--out", out("s.png")],
+        ("invert", "--checkpoint"): ["invert", img, "--checkpoint", run, "--out", out("i1")],
+        ("invert", "--teacher"): ["invert", img, "--checkpoint", run / "stage-16" / "generator.pt", "--teacher", run,
+                                  "--out", out("i2")],
+        ("superres", "--checkpoint"): ["superres", img, "--checkpoint", run, "--teacher", run / "teacher", "--out", out("r")],
+        ("superres", "--teacher"): ["superres", img, "--checkpoint", run, "--teacher", run, "--out", out("r")],
+        ("edit", "--checkpoint"): ["edit", img, "--to-class", 3, "--checkpoint", run, "--out", out("e")],
+        ("edit", "--teacher"): ["edit", img, "--to-class", 3, "--teacher", run / "stage-08", "--checkpoint", run,
+                                "--out", out("e")],
+        ("interpolate", "--checkpoint"): ["interpolate", img, img, "--steps", 2, "--checkpoint", run, "--out", out("p")],
+        ("interpolate", "--teacher"): ["interpolate", img, img, "--steps", 2, "--checkpoint", run, "--teacher", run,
+                                       "--out", out("p")],
+        ("inpaint", "--checkpoint"): ["inpaint", img, "--mask", img, "--iters", 1, "--checkpoint", run, "--out", out("f")],
+        ("inpaint", "--teacher"): ["inpaint", img, "--mask", img, "--iters", 1, "--checkpoint", run, "--teacher", run,
+                                   "--out", out("f")],
+        ("encode", "--teacher"): ["encode", "--teacher", run, "--out", out("lat"), "--n", 2, "--steps", 4],
+        ("teacher sample", "--checkpoint"): ["teacher", "sample", "--checkpoint", run, "--n", 4, "--steps", 4,
+                                             "--out", out("t1.png")],
+        ("eval", "--checkpoint"): ["eval", "--checkpoint", run, "--n", 4, "--ref-n", 4, "--no-progress",
+                                   "--out", out("eval.json")],
+    }
+    assert sorted(runs) == _checkpoint_options()  # a new checkpoint option needs its row here
+    for (command, option), args in runs.items():
+        ok(invoke(*args))
+    # the run directory gives the very file: the same teacher samples as RUN/teacher/teacher.pt
+    ok(invoke("teacher", "sample", "--checkpoint", toy_run.teacher, "--n", 4, "--steps", 4, "--out", out("t2.png")))
+    assert np.array_equal(png(out("t1.png")), png(out("t2.png")))
+    one_line_error(invoke("teacher", "sample", "--checkpoint", tmp_path, "--n", 4), str(tmp_path), "holds no teacher")
+    one_line_error(invoke("encode", "--teacher", tmp_path, "--out", out("lat2")), str(tmp_path), "holds no teacher")
+
+
+# ---- defaults come from the config and the registries ---------------------------------------------
+
+def test_train_defaults_are_train_config_defaults():
+    """Every `pagoda train` option that is a TrainConfig field defaults to that field's default; the others are
+    the command's own (launch, dry run, progress)."""
+    from dataclasses import MISSING, fields
+
+    from pagoda.train import TrainConfig
+    own = {"gpus", "procs", "threads", "dry_run", "dry_run_width", "progress", "resume"}
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    assert MISSING not in defaults.values()
+    params = {p.name: p for p in _command(["train"]).params if p.name != "help"}
+    assert set(params) - set(defaults) == own
+    for name in set(params) & set(defaults):
+        assert params[name].default == defaults[name], name
+
+
+def test_help_lists_come_from_the_registries():
+    """Adding a preset, a distance, a discriminator or a solver shows in --help without touching the CLI."""
+    from pagoda.discriminators import DISCRIMINATORS
+    from pagoda.grow import PRESETS
+    from pagoda.losses import _DISTANCES
+    from pagoda.solvers import METHODS
+    from pagoda.train import TEACHER_PRESETS
+    helps = {(" ".join(c), p.name): p.help or "" for c in COMMANDS for p in _command(c).params}
+    expect = {("train", "preset"): PRESETS, ("train", "teacher_preset"): TEACHER_PRESETS,
+              ("teacher train", "preset"): TEACHER_PRESETS, ("train", "distance"): _DISTANCES,
+              ("train", "discriminator"): DISCRIMINATORS, ("teacher sample", "method"): METHODS,
+              ("eval", "solver"): METHODS, ("encode", "method"): METHODS}
+    for key, names in expect.items():
+        assert all(name in helps[key] for name in names), (key, helps[key])
+
+
 # ---- sample --------------------------------------------------------------------------------------
 
 def test_sample_grid(toy_run, tmp_path):

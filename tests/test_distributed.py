@@ -20,6 +20,7 @@ from helpers import learnt_gap, read_cache, tensors, tiny_assets
 
 from pagoda import dist
 from pagoda.cli import app
+from pagoda.grow import PRESETS as GROW_PRESETS
 from pagoda.io import load_checkpoint
 from pagoda.launch import launch_train, resolve_workers
 from pagoda.teacher import Denoiser
@@ -244,6 +245,30 @@ def test_dry_run_imagenet64_counts_at_true_size():
     assert plan["stages"][0]["G_params"] == plan["teacher"]["params"] == adm
     assert [(s["global_batch"], s["micro_batch"]) for s in plan["stages"]] == [(96, 12), (256, 32), (360, 45), (512, 64)]
     assert plan["latent_cache_bytes_all"] == 1_281_167 * 2 * 3 * 64 * 64 * 2
+
+
+@pytest.mark.parametrize("preset", list(GROW_PRESETS))
+def test_dry_run_steps_every_preset(preset):
+    """Every preset (its first stage and one doubling, width 32): the true-size G step on the meta device, with the
+    labels its (conditional, projected) discriminator needs, for 1 and 8 ranks, and one real step of each stage
+    on random data (a growth stage reads the generator its previous stage left, e.g. the demo's anchor)."""
+    from pagoda.plan import dry_run, teacher_config
+    cfg = TrainConfig(preset=preset)
+    cfg = TrainConfig(preset=preset, res=2 * teacher_config(cfg)[0].resolution)
+    for ranks, steps in ((1, 0), (8, 1)):
+        plan = dry_run(cfg, ranks=ranks, width=32, steps=steps)
+        assert len(plan["stages"]) == 2
+        assert all(s["activation_bytes"] > 0 for s in plan["stages"] if s["micro_batch"]), plan["stages"]
+    assert [sorted(r) for r in plan["reduced"]["stages"]] == [["batch", "d", "finite", "rec", "seconds_per_step"]] * 2
+    assert all(r["finite"] for r in plan["reduced"]["stages"])
+
+
+def test_dry_run_cli_with_cpu_processes(tmp_path):
+    res = CliRunner().invoke(app, ["train", "--res", "16", "--gpus", "0", "--procs", "2", "--dry-run",
+                                   "--out", str(tmp_path / "never")])
+    assert res.exit_code == 0, res.output
+    assert "plan for 2 rank(s)" in res.output and res.output.count("finite True") == 2
+    assert not (tmp_path / "never").exists()
 
 
 def test_split_g_step_takes_one_rec_and_one_adv_update_whatever_the_accumulation(tmp_path):
