@@ -26,7 +26,7 @@ from rich.console import Console
 from pagoda.discriminators import DISCRIMINATORS
 from pagoda.grow import PRESETS as GROW_PRESETS
 from pagoda.io import CheckpointError
-from pagoda.losses import _DISTANCES as DISTANCES
+from pagoda.losses import DISTANCES
 from pagoda.rundir import RunDir, resolve_teacher_path
 from pagoda.solvers import METHODS
 from pagoda.train import TEACHER_PRESETS, TrainConfig

@@ -234,7 +234,7 @@ class ScaledDistance(nn.Module):
         return self.k * self.part(fake, real)
 
 
-_DISTANCES = {"l2": L2Distance, "pseudo_huber": PseudoHuberDistance, "multiscale": MultiscaleDistance,
+DISTANCES = {"l2": L2Distance, "pseudo_huber": PseudoHuberDistance, "multiscale": MultiscaleDistance,
               "features": RandomFeatureDistance, "lite0": Lite0Distance, "lpips": LPIPSDistance}
 
 
@@ -251,11 +251,11 @@ def make_distance(name: str = DEFAULT_DISTANCE, channels: int = 3, input_size: i
         except ValueError:
             raise LossConfigError(f"bad distance weight in {name!r}: write k*name with a number k, e.g. 2*multiscale") from None
         return ScaledDistance(k, make_distance(part, channels, input_size, pretrained))
-    if name not in _DISTANCES:
-        raise LossConfigError(f"unknown distance {name!r}: choose one of {', '.join(_DISTANCES)}")
+    if name not in DISTANCES:
+        raise LossConfigError(f"unknown distance {name!r}: choose one of {', '.join(DISTANCES)}")
     if name == "features":
         return RandomFeatureDistance(in_channels=channels)
-    return Lite0Distance(input_size, pretrained) if name == "lite0" else _DISTANCES[name]()
+    return Lite0Distance(input_size, pretrained) if name == "lite0" else DISTANCES[name]()
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -206,12 +206,12 @@ def test_help_lists_come_from_the_registries():
     """Adding a preset, a distance, a discriminator or a solver shows in --help without touching the CLI."""
     from pagoda.discriminators import DISCRIMINATORS
     from pagoda.grow import PRESETS
-    from pagoda.losses import _DISTANCES
+    from pagoda.losses import DISTANCES
     from pagoda.solvers import METHODS
     from pagoda.train import TEACHER_PRESETS
     helps = {(" ".join(c), p.name): p.help or "" for c in COMMANDS for p in _command(c).params}
     expect = {("train", "preset"): PRESETS, ("train", "teacher_preset"): TEACHER_PRESETS,
-              ("teacher train", "preset"): TEACHER_PRESETS, ("train", "distance"): _DISTANCES,
+              ("teacher train", "preset"): TEACHER_PRESETS, ("train", "distance"): DISTANCES,
               ("train", "discriminator"): DISCRIMINATORS, ("teacher sample", "method"): METHODS,
               ("eval", "solver"): METHODS, ("encode", "method"): METHODS}
     for key, names in expect.items():
