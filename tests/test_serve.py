@@ -3,6 +3,7 @@ tests/helpers.py, and the page in a real browser (Debian's headless Chromium thr
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -20,9 +21,12 @@ import torch
 from PIL import Image
 
 from pagoda.control import summary_line
+from pagoda.decoder import Generator
 from pagoda.images import load_image, to_uint8
 from pagoda.inference import invert_result, load_models, make_sampler
+from pagoda.io import save_checkpoint
 from pagoda.serve import ApiError, ServeConfig, Worker, make_server, parse_multipart
+from pagoda.teacher import load_teacher
 
 from helpers import build_tiny_run, invoke, one_line_error
 
@@ -32,19 +36,26 @@ def tiny_run(tmp_path_factory) -> Path:
     return build_tiny_run(tmp_path_factory.getbasetemp())
 
 
+@contextlib.contextmanager
+def running(cfg: ServeConfig):
+    """The server of `cfg` answering on a thread; yields its App (with .port)."""
+    srv = make_server(cfg, quiet=True)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    srv.app.port = srv.server_address[1]
+    try:
+        yield srv.app
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        srv.app.close()
+
+
 @pytest.fixture(scope="module")
 def server(tiny_run):
-    """The server on a free loopback port, small limits, 4-point encodes (fast); yields its App."""
-    cfg = ServeConfig(checkpoint=str(tiny_run), port=0, max_upload_bytes=100_000, max_pixels=200 * 200,
-                      max_queue=16, encode_steps=4)
-    srv = make_server(cfg, quiet=True)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    srv.app.port = srv.server_address[1]
-    yield srv.app
-    srv.shutdown()
-    srv.server_close()
-    srv.app.close()
+    """The server on a free loopback port, small limits, 4-point encodes (fast)."""
+    with running(ServeConfig(checkpoint=str(tiny_run), port=0, max_upload_bytes=100_000, max_pixels=200 * 200,
+                             max_queue=16, encode_steps=4)) as app:
+        yield app
 
 
 def request(app, method: str, path: str, body: bytes = b"", headers: dict | None = None):
@@ -130,6 +141,23 @@ def test_sample_is_the_clis_images_in_one_call(server):
     assert status == 200 and pixels(body).shape == (64, 64) and headers["X-Labels"].startswith("0,1,2,")
     assert sample(server, seed=4)[2] != body and pixels(sample(server, resolution=8)[2]).shape == (32, 32)
     assert sample(server, seed=0)[2] == body  # deterministic
+
+
+def test_a_guided_stage_takes_omega(tiny_run, tmp_path):
+    """A run whose stage was trained with --guidance-max 3 (stand-in: an ω embedding set to random values)."""
+    run = tmp_path / "guided"
+    shutil.copytree(tiny_run / "teacher", run / "teacher")
+    config = json.loads((tiny_run / "config.json").read_text())
+    config["train"]["guidance_max"] = 3.0
+    (run / "config.json").write_text(json.dumps(config))
+    G = Generator.from_teacher(load_teacher(run / "teacher" / "teacher.pt"), guidance=True)
+    torch.nn.init.normal_(G.unet.guidance_embed[2].weight, std=0.1, generator=torch.Generator().manual_seed(0))
+    save_checkpoint(G.to_checkpoint(), run / "stage-08" / "generator.pt")
+    with running(ServeConfig(checkpoint=str(run), port=0)) as app:
+        assert json.loads(request(app, "GET", "/api/info")[2])["guidance"] == {"8": [1.0, 3.0]}
+        one, two = sample(app, guidance=1), sample(app, guidance=2)
+        assert one[0] == two[0] == 200 and one[2] == sample(app)[2] and two[2] != one[2]
+        error(sample(app, guidance=-1), 400, "`guidance` -1")
 
 
 @pytest.mark.parametrize("req, status, needles", [
