@@ -20,6 +20,7 @@ import email.policy
 import io
 import json
 import queue
+import signal
 import sys
 import threading
 import time
@@ -358,14 +359,20 @@ def make_server(cfg: ServeConfig, quiet: bool = False) -> ThreadingHTTPServer:
 
 
 def serve(cfg: ServeConfig, ready: Callable[[str], None] = print) -> None:
-    """Serve until Ctrl-C; `ready` gets the page's URL once the models are loaded and the port is bound."""
+    """Serve until Ctrl-C or SIGTERM; `ready` gets the page's URL once the models are loaded and the port is bound."""
     server = make_server(cfg)
     host, port = server.server_address[:2]
     ready(f"http://{host}:{port}/")
+    before = signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        signal.signal(signal.SIGTERM, before)
         server.server_close()
         server.app.close()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
