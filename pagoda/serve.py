@@ -142,7 +142,7 @@ class App:
         unknown = sorted(set(req) - set(SAMPLE_FIELDS))
         if unknown:
             raise ApiError(400, f"unknown field {unknown[0]!r}: use {', '.join(SAMPLE_FIELDS)}")
-        G = self.stage(req.get("resolution"))
+        G = self.stage(number(req, "resolution", None, int))
         seed, n = number(req, "seed", 0, int), number(req, "n", 16, int, 1, self.cfg.max_n)
         class_ = number(req, "class", None, int)
         guidance = number(req, "guidance", 1.0, float, 0.0)
@@ -197,7 +197,8 @@ class App:
 
     def no_prompt(self, prompt: str | None) -> None:
         if prompt:
-            raise ApiError(400, "this run is class-conditional, not a text run: send `class`, not `prompt`")
+            raise ApiError(400, "this run is not a text run (it has no prompts): drop `prompt`"
+                                + (", send `class`" if self.ncls else ""))
 
     def upload(self, fields: dict, key: str, resolution: int, channels: int, decode=None) -> torch.Tensor:
         """The multipart file `key` decoded as the CLI decodes a file (size-checked from its header, ADM crop)."""
