@@ -318,9 +318,9 @@ def browser():
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
 
 
-def test_page_in_chromium_redraws_on_next_seed(server):
+def test_page_in_chromium_redraws_on_next_seed_and_shows_errors(server, tmp_path):
     from selenium.webdriver.support.ui import WebDriverWait
-    driver = browser()
+    driver, notes = browser(), tmp_path / "notes.png"
     try:
         driver.get(f"http://127.0.0.1:{server.port}/")
         wait = WebDriverWait(driver, 20)
@@ -335,5 +335,10 @@ def test_page_in_chromium_redraws_on_next_seed(server):
         assert driver.find_element("id", "seed").get_attribute("value") == "1"
         assert driver.execute_script(shown)[1] != first  # a new image
         assert driver.find_element("id", "sample-error").text == ""
+        # a bad upload: the server's one-line error shown on the page
+        notes.write_text("these are not pixels")
+        driver.execute_script("document.getElementById('file').hidden = false")
+        driver.find_element("id", "file").send_keys(str(notes))
+        wait.until(lambda d: "not a readable PNG/JPEG/WebP/BMP image" in d.find_element("id", "tool-error").text)
     finally:
         driver.quit()
