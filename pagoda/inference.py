@@ -61,9 +61,9 @@ def make_sampler(kind: str, model: torch.nn.Module, solver: str = "heun", nfe: i
     label index_labels(i). The network always runs on the aligned call of images call_size·⌊i/call_size⌋ … (a
     network's output changes in its last bits with its batch), so image i's bytes depend on (seed, i, call_size)
     only, however the sequence is cut into batches or split across ranks (exports keep SAMPLE_CALL; `pagoda serve`
-    calls its n images at once: the same z and labels, equal up to the last bits). Guidance ω = `guidance` (1 = off): a teacher samples
-    with classifier-free guidance (pagoda.teacher.guided), a generator trained with --guidance-max is called once as
-    G(z, y, ω)."""
+    calls its n images at once: the same z and labels, equal up to the last bits). Guidance ω = `guidance` (1 = off):
+    a teacher samples with classifier-free guidance (pagoda.teacher.guided), a generator trained with --guidance-max
+    is called once as G(z, y, ω)."""
     cfg = model.unet.config
     R, C, ncls = cfg.resolution, cfg.in_channels, cfg.num_classes
     steps = solver_steps(solver, nfe) if kind == "teacher" else 0
