@@ -7,6 +7,7 @@
     pagoda edit shirt.png --to-class 3
     pagoda interpolate a.png b.png
     pagoda inpaint shirt.png --mask mask.png
+    pagoda serve --checkpoint runs/demo           # a local page: samples and the inverse problems as you type
     pagoda teacher train                          # the teacher alone; every --checkpoint/--teacher takes a run dir
     pagoda teacher sample --checkpoint runs/demo
     pagoda encode --teacher runs/demo --out latents
@@ -247,10 +248,10 @@ def invert(
     out: str = typer.Option("inverted", help="Output directory."),
 ):
     """Encode an image with the teacher's PF-ODE, decode it with the generator at full resolution."""
+    from pagoda.control import summary_line
     from pagoda.inference import invert_image
     r = run(invert_image, image, checkpoint, teacher, class_, out)
-    console.print(f"class {r['label']}  PSNR {r['psnr_teacher_res']:.2f} dB at {r['teacher_res']}px, "
-                  f"{r['psnr_full_res']:.2f} dB at {r['full_res']}px", soft_wrap=True)
+    summary(summary_line("invert", r))
     console.print(f"wrote {r['reconstruction']} and {r['side_by_side']}", soft_wrap=True)  # paths never wrapped
 
 
@@ -264,10 +265,9 @@ def superres(
     out: str = typer.Option("superres", help="Output directory."),
 ):
     """Super-resolution: encode the image once at the teacher resolution, decode with one G call at G's resolution."""
-    from pagoda.control import superres as superres_fn
+    from pagoda.control import summary_line, superres as superres_fn
     r = run(superres_fn, image, checkpoint, teacher, class_, reference, out)
-    vs = f", PSNR {r['psnr']:.2f} dB vs bicubic {r['psnr_bicubic']:.2f} dB" if reference else ""
-    summary(f"class {r['label']}  {r['teacher_res']}px -> {r['full_res']}px{vs}  wrote {r['side_by_side']}")
+    summary(f"{summary_line('superres', r)}  wrote {r['side_by_side']}")
 
 
 @app.command(epilog="Examples:\n\n  pagoda edit shirt.png --to-class 3\n\n  pagoda edit shirt.png --to-class 3 --class 6 --out edited/")
@@ -280,10 +280,9 @@ def edit(
     out: str = typer.Option("edited", help="Output directory."),
 ):
     """Class transfer: encode under the image's class, decode the same latent under --to-class."""
-    from pagoda.control import edit_class
+    from pagoda.control import edit_class, summary_line
     r = run(edit_class, image, to_class, checkpoint, teacher, class_, out)
-    summary(f"class {r['label']} -> {r['to_class']}  PSNR vs input {r['psnr_edit_vs_input']:.2f} dB "
-            f"(reconstruction {r['psnr_reconstruction']:.2f} dB)  wrote {r['side_by_side']}")
+    summary(f"{summary_line('edit', r)}  wrote {r['side_by_side']}")
 
 
 @app.command(epilog="Examples:\n\n  pagoda interpolate a.png b.png\n\n  pagoda interpolate a.png b.png --steps 12 --out interp/")
@@ -296,9 +295,9 @@ def interpolate(
     out: str = typer.Option("interpolated", help="Output directory."),
 ):
     """Latent interpolation: encode both images, slerp the latents, decode each frame with G (soft labels across classes)."""
-    from pagoda.control import interpolate as interpolate_fn
+    from pagoda.control import interpolate as interpolate_fn, summary_line
     r = run(interpolate_fn, a, b, steps, checkpoint, teacher, class_, out)
-    summary(f"classes {r['labels'][0]} -> {r['labels'][1]}  {r['frames']} frames  wrote {r['side_by_side']}")
+    summary(f"{summary_line('interpolate', r)}  wrote {r['side_by_side']}")
 
 
 @app.command(epilog="Examples:\n\n  pagoda inpaint shirt.png --mask mask.png\n\n  pagoda inpaint shirt.png --mask mask.png --iters 100 --out filled/")
@@ -312,10 +311,27 @@ def inpaint(
     out: str = typer.Option("inpainted", help="Output directory."),
 ):
     """Inpainting: optimise G's latent to match the known pixels under the latent prior; known pixels kept exactly."""
-    from pagoda.control import inpaint as inpaint_fn
+    from pagoda.control import inpaint as inpaint_fn, summary_line
     r = run(inpaint_fn, image, mask, checkpoint, teacher, class_, out, iters)
-    summary(f"class {r['label']}  hole {100 * r['hole_fraction']:.0f}%  PSNR in the hole {r['psnr_hole']:.2f} dB "
-            f"(blur fill {r['psnr_hole_blur_fill']:.2f} dB)  wrote {r['side_by_side']}")
+    summary(f"{summary_line('inpaint', r)}  wrote {r['side_by_side']}")
+
+
+@app.command(epilog="Examples:\n\n  pagoda serve --checkpoint runs/demo\n\n"
+                    "  curl -s 127.0.0.1:7860/api/sample -d '{\"seed\": 3, \"n\": 16}' -o grid.png\n\n"
+                    "  pagoda serve --checkpoint runs/guided --port 8000")
+def serve(
+    checkpoint: str = typer.Option(RUN_DIR, help="Run directory (every finished stage), stage directory or generator "
+                                   "checkpoint (with --teacher)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; other than loopback, anyone who reaches it can "
+                             "use the page (there is no authentication)."),
+    port: int = typer.Option(7860, min=0, max=65535, help="Port (0: any free one)."),
+    teacher: Optional[str] = typer.Option(None, callback=teacher_file, help=MODEL_HELP["teacher"]),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (default: adapted to the load)."),
+):
+    """A local web page where one-step samples and the inverse problems answer as you type, and its /api/ (docs/serve.md)."""
+    from pagoda.serve import ServeConfig, serve as serve_fn
+    cfg = ServeConfig(checkpoint=checkpoint, teacher=teacher, host=host, port=port)
+    run(serve_fn, cfg, lambda url: summary(f"serving {checkpoint} at {url}  (Ctrl-C stops)"), threads=threads)
 
 
 @app.command(epilog="Example:\n\n  pagoda encode --teacher runs/demo --out latents --n 6000")

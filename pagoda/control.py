@@ -2,8 +2,10 @@
 inpainting, the applications the PaGoDA paper shows for its encoder + one-step decoder.
 
 Each starts from z = E(↓x, y) (pagoda.inference.encode_images: the teacher's PF-ODE at its resolution R, y given
-or the class that reconstructs best) and decodes with G at G's resolution; each writes the result, a side-by-side
-PNG and a JSON of its numbers into `out` (`_save`). docs/method.md §7 says why inpainting optimises z.
+or the class that reconstructs best) and decodes with G at G's resolution. Each `*_result` works on tensors and
+returns a ToolOutput (numbers, result image, side-by-side panels; `pagoda serve` calls these); the file functions
+read the images, call it, and write the result, the side-by-side PNG and a JSON of the numbers into `out`
+(`_save`); `summary_line` is the line each command prints. docs/method.md §7 says why inpainting optimises z.
 
     pagoda superres low.png --reference high.png     # -> superres
     pagoda edit shirt.png --to-class 3                # -> edit_class
@@ -17,22 +19,22 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pagoda.images import downsample, load_mask, resample, save_image_grid, tensor_to_pil
+from pagoda.images import downsample, load_mask, resample, tensor_to_pil
 from pagoda.decoder import Generator
 from pagoda.encoder import psnr
-from pagoda.inference import check_class, encode_images, load_models, read_image
+from pagoda.inference import ToolOutput, check_class, encode_images, load_models, read_image
 from pagoda.io import save_json
 
 
-def _save(out: str, stem: str, name: str, image: torch.Tensor, panels: list[torch.Tensor], result: dict) -> dict:
-    """Write OUT/stem_name.png (the result), OUT/stem_name_side_by_side.png (panels, ×scale) and OUT/stem_name.json."""
+def _save(out: str, stem: str, name: str, r: ToolOutput, paths: dict) -> dict:
+    """Write OUT/stem_name.png (the result), OUT/stem_name_side_by_side.png (panels, ×scale) and OUT/stem_name.json
+    (the input `paths` and the numbers)."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     path, sbs = out_dir / f"{stem}_{name}.png", out_dir / f"{stem}_{name}_side_by_side.png"
-    tensor_to_pil(image).save(path)
-    x = torch.cat(panels)
-    save_image_grid(x, sbs, nrow=len(x), scale=max(1, 128 // x.shape[-1]))
-    result = {**result, "output": str(path), "side_by_side": str(sbs)}
+    tensor_to_pil(r.image).save(path)
+    r.side_by_side().save(sbs)
+    result = {**paths, **r.numbers, "output": str(path), "side_by_side": str(sbs)}
     save_json(result, out_dir / f"{stem}_{name}.json")
     return result
 
@@ -42,41 +44,54 @@ def _label(y: torch.Tensor | None, i: int = 0) -> int | None:
 
 
 @torch.no_grad()
-def superres(image: str, checkpoint: str = "runs/demo", teacher: str | None = None, class_: int | None = None,
-             reference: str | None = None, out: str = "superres", steps: int = 40) -> dict:
-    """x_R (the image at the teacher resolution R) -> G(E(x_R, y), y) at G's resolution: one encode, one G call;
-    with `reference`, PSNR against it of G's output and of bicubic up-sampling."""
-    G, D = load_models(checkpoint, teacher)
-    x_lo = read_image(image, D.resolution, D.channels)  # any size: ADM resize to R
+def superres_result(G: Generator, D, x_lo: torch.Tensor, class_: int | None = None, steps: int = 40,
+                    reference: torch.Tensor | None = None) -> ToolOutput:
+    """x_lo (1×C×R×R, the teacher resolution R) -> G(E(x_lo, y), y) at G's resolution: one encode, one G call; with
+    `reference` (1×C×H×H at G's resolution), PSNR against it of G's output and of bicubic up-sampling."""
     z, y = encode_images(G, D, x_lo, class_, steps)
     sr = G(z, y).clamp(-1, 1)
     bicubic = resample(x_lo, G.resolution)
-    result = {"image": str(image), "label": _label(y), "teacher_res": D.resolution, "full_res": G.resolution,
-              "psnr_teacher_res": float(psnr(downsample(sr, D.resolution), x_lo)[0])}
+    numbers = {"label": _label(y), "teacher_res": D.resolution, "full_res": G.resolution,
+               "psnr_teacher_res": float(psnr(downsample(sr, D.resolution), x_lo)[0])}
     panels = [F.interpolate(x_lo, size=sr.shape[-2:], mode="nearest"), bicubic, sr]
     if reference is not None:
-        ref = read_image(reference, G.resolution, G.channels)
-        result.update(reference=str(reference), psnr=float(psnr(sr, ref)[0]), psnr_bicubic=float(psnr(bicubic, ref)[0]))
-        panels.append(ref)
-    return _save(out, Path(image).stem, "superres", sr[0], panels, result)
+        numbers.update(psnr=float(psnr(sr, reference)[0]), psnr_bicubic=float(psnr(bicubic, reference)[0]))
+        panels.append(reference)
+    return ToolOutput(numbers, sr[0], panels)
+
+
+def superres(image: str, checkpoint: str = "runs/demo", teacher: str | None = None, class_: int | None = None,
+             reference: str | None = None, out: str = "superres", steps: int = 40) -> dict:
+    """superres_result of an image file (any size: ADM resize to the teacher resolution), written by _save."""
+    G, D = load_models(checkpoint, teacher)
+    ref = None if reference is None else read_image(reference, G.resolution, G.channels)
+    r = superres_result(G, D, read_image(image, D.resolution, D.channels), class_, steps, ref)
+    paths = {"image": str(image), **({"reference": str(reference)} if reference is not None else {})}
+    return _save(out, Path(image).stem, "superres", r, paths)
 
 
 @torch.no_grad()
-def edit_class(image: str, to_class: int, checkpoint: str = "runs/demo", teacher: str | None = None,
-               class_: int | None = None, out: str = "edited", steps: int = 40) -> dict:
+def edit_result(G: Generator, D, x: torch.Tensor, to_class: int, class_: int | None = None, steps: int = 40
+                ) -> ToolOutput:
     """Class transfer: z = E(↓x, y) under the image's class y (given or best), decoded as G(z, to_class)."""
-    G, D = load_models(checkpoint, teacher)
     ncls = G.unet.config.num_classes
     if ncls is None:
         raise ValueError("this generator is unconditional: class transfer needs a class-conditional run")
     check_class(ncls, to_class)
-    x = read_image(image, G.resolution, G.channels)
     z, y = encode_images(G, D, x, class_, steps)
     rec, edited = G(z, y).clamp(-1, 1), G(z, torch.full_like(y, to_class)).clamp(-1, 1)
-    result = {"image": str(image), "label": _label(y), "to_class": to_class,
-              "psnr_reconstruction": float(psnr(rec, x)[0]), "psnr_edit_vs_input": float(psnr(edited, x)[0]),
-              "psnr_edit_vs_reconstruction": float(psnr(edited, rec)[0])}
-    return _save(out, Path(image).stem, f"to{to_class}", edited[0], [x, rec, edited], result)
+    numbers = {"label": _label(y), "to_class": to_class,
+               "psnr_reconstruction": float(psnr(rec, x)[0]), "psnr_edit_vs_input": float(psnr(edited, x)[0]),
+               "psnr_edit_vs_reconstruction": float(psnr(edited, rec)[0])}
+    return ToolOutput(numbers, edited[0], [x, rec, edited])
+
+
+def edit_class(image: str, to_class: int, checkpoint: str = "runs/demo", teacher: str | None = None,
+               class_: int | None = None, out: str = "edited", steps: int = 40) -> dict:
+    """edit_result of an image file, written by _save."""
+    G, D = load_models(checkpoint, teacher)
+    r = edit_result(G, D, read_image(image, G.resolution, G.channels), to_class, class_, steps)
+    return _save(out, Path(image).stem, f"to{to_class}", r, {"image": str(image)})
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -90,15 +105,13 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def interpolate(a: str, b: str, frames: int = 8, checkpoint: str = "runs/demo", teacher: str | None = None,
-                class_: int | None = None, out: str = "interpolated", steps: int = 40) -> dict:
-    """Frames G(slerp(z_a, z_b, t), y_t), t = 0 … 1, z = E(↓x, y) of each image under its class (or `class_`).
-    Different classes: y_t = (1 − t)·onehot(y_a) + t·onehot(y_b), soft labels (the UNet embeds a label row as its
-    weighted mix of class embeddings). The end frames are the two reconstructions, exactly."""
+def interpolate_result(G: Generator, D, x: torch.Tensor, frames: int = 8, class_: int | None = None, steps: int = 40
+                       ) -> ToolOutput:
+    """Frames G(slerp(z_a, z_b, t), y_t), t = 0 … 1, z = E(↓x, y) of the two images x (2×C×H×H) under each one's
+    class (or `class_`). Different classes: y_t = (1 − t)·onehot(y_a) + t·onehot(y_b), soft labels (the UNet embeds
+    a label row as its weighted mix of class embeddings). The end frames are the two reconstructions, exactly."""
     if frames < 2:
         raise ValueError(f"--steps {frames}: an interpolation needs at least 2 frames")
-    G, D = load_models(checkpoint, teacher)
-    x = torch.cat([read_image(p, G.resolution, G.channels) for p in (a, b)])
     z, y = encode_images(G, D, x, class_, steps)
     t = torch.linspace(0, 1, frames)
     zt = slerp(z[0], z[1], t)
@@ -110,10 +123,19 @@ def interpolate(a: str, b: str, frames: int = 8, checkpoint: str = "runs/demo", 
     # one frame per call: a frame's pixels do not depend on how many frames there are
     xt = torch.cat([G(zt[k:k + 1], None if yt is None else yt[k:k + 1]) for k in range(frames)]).clamp(-1, 1)
     rec = torch.cat([G(z[k:k + 1], None if y is None else y[k:k + 1]) for k in range(2)]).clamp(-1, 1)
-    result = {"images": [str(a), str(b)], "labels": [_label(y, 0), _label(y, 1)], "frames": frames,
-              "psnr_reconstruction": [float(p) for p in psnr(rec, x)]}
+    numbers = {"labels": [_label(y, 0), _label(y, 1)], "frames": frames,
+               "psnr_reconstruction": [float(p) for p in psnr(rec, x)]}
     strip = xt.permute(1, 2, 0, 3).reshape(1, xt.shape[1], xt.shape[2], -1)[0]  # C × H × (frames·W)
-    return _save(out, f"{Path(a).stem}_{Path(b).stem}", "interpolation", strip, [x[:1], *xt.split(1), x[1:]], result)
+    return ToolOutput(numbers, strip, [x[:1], *xt.split(1), x[1:]])
+
+
+def interpolate(a: str, b: str, frames: int = 8, checkpoint: str = "runs/demo", teacher: str | None = None,
+                class_: int | None = None, out: str = "interpolated", steps: int = 40) -> dict:
+    """interpolate_result of two image files, written by _save."""
+    G, D = load_models(checkpoint, teacher)
+    x = torch.cat([read_image(p, G.resolution, G.channels) for p in (a, b)])
+    r = interpolate_result(G, D, x, frames, class_, steps)
+    return _save(out, f"{Path(a).stem}_{Path(b).stem}", "interpolation", r, {"images": [str(a), str(b)]})
 
 
 def blur_fill(x: torch.Tensor, m: torch.Tensor, iters: int = 40) -> torch.Tensor:
@@ -155,19 +177,44 @@ def inpaint_images(G: Generator, D, x: torch.Tensor, m: torch.Tensor, class_: in
         return m * x + (1 - m) * G(G.sigma_max * u, y).clamp(-1, 1), y
 
 
-def inpaint(image: str, mask: str, checkpoint: str = "runs/demo", teacher: str | None = None,
-            class_: int | None = None, out: str = "inpainted", iters: int = 50, steps: int = 40) -> dict:
-    """Fill the black pixels of `mask` (any size: nearest-resized to G's resolution) in `image` by inpaint_images;
-    PSNRs over the hole are against the input's own pixels there (meaningful when the input is complete)."""
-    G, D = load_models(checkpoint, teacher)
-    x = read_image(image, G.resolution, G.channels)
-    m = load_mask(mask, G.resolution)[None]
+def inpaint_result(G: Generator, D, x: torch.Tensor, m: torch.Tensor, class_: int | None = None, iters: int = 50,
+                   steps: int = 40, mask_name: str = "the mask") -> ToolOutput:
+    """inpaint_images of one image x (1×C×H×H) and mask m (1×1×H×H, 1 = known) at G's resolution; PSNRs over the
+    hole are against the input's own pixels there (meaningful when the input is complete)."""
     if m.min() == 1 or m.max() == 0:
-        raise ValueError(f"{mask} is all {'white' if m.min() == 1 else 'black'} at {G.resolution}px: paint the hole "
-                         f"black and the pixels to keep white")
+        raise ValueError(f"{mask_name} is all {'white' if m.min() == 1 else 'black'} at {G.resolution}px: paint the "
+                         f"hole black and the pixels to keep white")
     filled, y = inpaint_images(G, D, x, m, class_, iters, steps=steps)
     blurred = blur_fill(x, m)
-    result = {"image": str(image), "mask": str(mask), "label": _label(y), "resolution": G.resolution,
-              "hole_fraction": float(1 - m.mean()), "iters": iters,
-              "psnr_hole": float(hole_psnr(filled, x, m)[0]), "psnr_hole_blur_fill": float(hole_psnr(blurred, x, m)[0])}
-    return _save(out, Path(image).stem, "inpainted", filled[0], [m * x, blurred, filled, x], result)
+    numbers = {"label": _label(y), "resolution": G.resolution, "hole_fraction": float(1 - m.mean()), "iters": iters,
+               "psnr_hole": float(hole_psnr(filled, x, m)[0]), "psnr_hole_blur_fill": float(hole_psnr(blurred, x, m)[0])}
+    return ToolOutput(numbers, filled[0], [m * x, blurred, filled, x])
+
+
+def inpaint(image: str, mask: str, checkpoint: str = "runs/demo", teacher: str | None = None,
+            class_: int | None = None, out: str = "inpainted", iters: int = 50, steps: int = 40) -> dict:
+    """Fill the black pixels of `mask` (any size: nearest-resized to G's resolution) in `image` by inpaint_result."""
+    G, D = load_models(checkpoint, teacher)
+    x = read_image(image, G.resolution, G.channels)
+    r = inpaint_result(G, D, x, load_mask(mask, G.resolution)[None], class_, iters, steps, str(mask))
+    return _save(out, Path(image).stem, "inpainted", r, {"image": str(image), "mask": str(mask)})
+
+
+# ---- the one line each command prints ------------------------------------------------------------
+
+SUMMARIES = {
+    "invert": lambda r: f"class {r['label']}  PSNR {r['psnr_teacher_res']:.2f} dB at {r['teacher_res']}px, "
+                        f"{r['psnr_full_res']:.2f} dB at {r['full_res']}px",
+    "superres": lambda r: f"class {r['label']}  {r['teacher_res']}px -> {r['full_res']}px" + (
+        f", PSNR {r['psnr']:.2f} dB vs bicubic {r['psnr_bicubic']:.2f} dB" if "psnr" in r else ""),
+    "edit": lambda r: f"class {r['label']} -> {r['to_class']}  PSNR vs input {r['psnr_edit_vs_input']:.2f} dB "
+                      f"(reconstruction {r['psnr_reconstruction']:.2f} dB)",
+    "interpolate": lambda r: f"classes {r['labels'][0]} -> {r['labels'][1]}  {r['frames']} frames",
+    "inpaint": lambda r: f"class {r['label']}  hole {100 * r['hole_fraction']:.0f}%  PSNR in the hole "
+                         f"{r['psnr_hole']:.2f} dB (blur fill {r['psnr_hole_blur_fill']:.2f} dB)",
+}
+
+
+def summary_line(tool: str, numbers: dict) -> str:
+    """The numbers of a tool's result as the one line `pagoda TOOL` prints (and the page of `pagoda serve` shows)."""
+    return SUMMARIES[tool](numbers)

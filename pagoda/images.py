@@ -140,15 +140,21 @@ def load_image(path: str | os.PathLike, resolution: int, channels: int = 3,
 
 
 def load_mask(path: str | os.PathLike, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
-    """A mask image (white = known pixel, black = hole; any mode, size, aspect) -> 1×R×R in {0, 1}: the centre
-    square (the ADM crop's), nearest-resized to R, grey > 127 = known."""
+    """A mask image file (white = known pixel, black = hole; any mode, size, aspect) -> 1×R×R in {0, 1} (decode_mask)."""
     if Path(path).is_dir():
         raise ImageError(f"{path} is a directory; fix: pass one mask image file")
-    with _open(path, str(path), max_pixels) as img:
+    return decode_mask(path, str(path), resolution, max_pixels)
+
+
+def decode_mask(source: str | os.PathLike | io.BytesIO, name: str, resolution: int,
+                max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Open (size-checked) and decode a mask -> 1×R×R in {0, 1}: the centre square (the ADM crop's), nearest-resized
+    to R, grey > 127 = known."""
+    with _open(source, name, max_pixels) as img:
         try:
             img.load()
         except _DECODE_ERRORS as e:
-            raise ImageError(f"{path}: corrupt or truncated mask ({first_line(e)}); fix: pass a readable "
+            raise ImageError(f"{name}: corrupt or truncated mask ({first_line(e)}); fix: pass a readable "
                              f"PNG/JPEG/WebP/BMP mask") from None
         img = to_channels(img, 1)
     s = min(img.size)
@@ -174,13 +180,12 @@ def tensor_to_pil(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(a[..., 0], "L") if a.shape[-1] == 1 else Image.fromarray(a, "RGB")
 
 
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
-                    scale: int = 1) -> Path:
-    """N×C×H×W in [-1, 1] -> one PNG grid, `nrow` images per row, nearest-upscaled ×scale, written atomically."""
+def grid_image(images: torch.Tensor, nrow: int | None = None, scale: int = 1) -> Image.Image:
+    """N×C×H×W in [-1, 1] -> one 8-bit image, `nrow` images per row (default ⌈√N⌉), nearest-upscaled ×scale."""
     x = images.detach().float().cpu()
     x = x[None] if x.ndim == 3 else x
     if x.ndim != 4 or len(x) == 0:
-        raise ValueError(f"save_image_grid expects a non-empty N×C×H×W batch, got {tuple(x.shape)}")
+        raise ValueError(f"grid_image expects a non-empty N×C×H×W batch, got {tuple(x.shape)}")
     n, c, h, w = x.shape
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
@@ -188,4 +193,18 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     img = tensor_to_pil(x.reshape(rows, nrow, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, nrow * w))
     if scale > 1:
         img = img.resize((img.width * scale, img.height * scale), resample=Image.NEAREST)
+    return img
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    """An image encoded as PNG, in memory."""
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
+                    scale: int = 1) -> Path:
+    """grid_image(images, nrow, scale) as one PNG, written atomically."""
+    img = grid_image(images, nrow, scale)
     return atomic_write_bytes(path, lambda f: img.save(f, format="PNG"))

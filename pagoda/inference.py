@@ -16,19 +16,19 @@ import shutil
 import time
 import zipfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 
 from pagoda.data import default_workers, make_dataset
-from pagoda.images import downsample, load_image, resample, save_image_grid, tensor_to_pil, to_uint8
+from pagoda.images import downsample, grid_image, load_image, resample, save_image_grid, tensor_to_pil, to_uint8
 from pagoda.decoder import Generator
 from pagoda.encoder import Encoder, build_latent_cache, psnr, teacher_fingerprint
 from pagoda.io import atomic_write_bytes, save_json
 from pagoda.loop import progress_bar, step_generator
-from pagoda.rundir import resolve_generator, resolve_teacher_path
+from pagoda.rundir import RunDir, is_finished, resolve_generator, resolve_teacher_path, run_of
 from pagoda.solvers import HEUN_POINTS, karras_sigmas, nfe as count_nfe, sample, solver_steps
 from pagoda.teacher import Denoiser, guided, load_teacher
 
@@ -56,13 +56,14 @@ def index_labels(i: int, b: int, num_classes: int | None, class_: int | None = N
 
 def make_sampler(kind: str, model: torch.nn.Module, solver: str = "heun", nfe: int = 35, resize: int | None = None,
                  seed: int = 0, device: str | torch.device = "cpu", class_: int | None = None,
-                 guidance: float = 1.0) -> Callable[[int, int], torch.Tensor]:
+                 guidance: float = 1.0, call_size: int = SAMPLE_CALL) -> Callable[[int, int], torch.Tensor]:
     """generate(i, b) -> images i … i+b−1 (CPU, [−1, 1]); image i has z ~ N(0, σ_max² I) seeded by (seed, i) and
-    label index_labels(i). The network always runs on the aligned call of images SAMPLE_CALL·⌊i/SAMPLE_CALL⌋ … (a
-    network's output changes in its last bits with its batch), so image i's bytes depend on (seed, i) only, however
-    the sequence is cut into batches or split across ranks. Guidance ω = `guidance` (1 = off): a teacher samples
-    with classifier-free guidance (pagoda.teacher.guided), a generator trained with --guidance-max is called once as
-    G(z, y, ω)."""
+    label index_labels(i). The network always runs on the aligned call of images call_size·⌊i/call_size⌋ … (a
+    network's output changes in its last bits with its batch), so image i's bytes depend on (seed, i, call_size)
+    only, however the sequence is cut into batches or split across ranks (exports keep SAMPLE_CALL; `pagoda serve`
+    calls its n images at once: the same z and labels, equal up to the last bits). Guidance ω = `guidance` (1 = off):
+    a teacher samples with classifier-free guidance (pagoda.teacher.guided), a generator trained with --guidance-max
+    is called once as G(z, y, ω)."""
     cfg = model.unet.config
     R, C, ncls = cfg.resolution, cfg.in_channels, cfg.num_classes
     steps = solver_steps(solver, nfe) if kind == "teacher" else 0
@@ -72,8 +73,8 @@ def make_sampler(kind: str, model: torch.nn.Module, solver: str = "heun", nfe: i
         raise ValueError(f"--guidance {guidance} needs a class-conditional model: this one is unconditional")
 
     @torch.no_grad()
-    def call(i: int) -> torch.Tensor:  # images i … i+SAMPLE_CALL−1 in one network call (i aligned)
-        b = SAMPLE_CALL
+    def call(i: int) -> torch.Tensor:  # images i … i+call_size−1 in one network call (i aligned)
+        b = call_size
         z = torch.stack([torch.randn(C, R, R, generator=step_generator(seed, 5, k)) for k in range(i, i + b)])
         z = (sigma_max * z).to(device)
         y = index_labels(i, b, ncls, class_)
@@ -88,7 +89,7 @@ def make_sampler(kind: str, model: torch.nn.Module, solver: str = "heun", nfe: i
 
     def generate(i: int, b: int) -> torch.Tensor:
         parts = []
-        for k in range(i // SAMPLE_CALL * SAMPLE_CALL, i + b, SAMPLE_CALL):
+        for k in range(i // call_size * call_size, i + b, call_size):
             if k not in last:
                 last.clear()
                 last[k] = call(k)
@@ -258,11 +259,35 @@ def export_samples(checkpoint: str, kind: str = "generator", n: int = 64, outdir
 def load_models(checkpoint: str, teacher: str | None = None) -> tuple[Generator, Denoiser]:
     """The generator of `checkpoint` and its teacher (`teacher`, else the run's), checked to share the latent shape."""
     G = resolve_generator(checkpoint)
+    return G, load_teacher_of([G], checkpoint, teacher)
+
+
+def load_stages(checkpoint: str, teacher: str | None = None) -> tuple[list[Generator], Denoiser]:
+    """Every finished stage's generator of a run directory, lowest resolution first (a checkpoint file or a stage
+    directory: just its generator), and their teacher (`teacher`, else the run's)."""
+    path = Path(checkpoint)
+    stages = RunDir(path).finished() if path.is_dir() and not is_finished(path) else []
+    Gs = [resolve_generator(p) for p in stages] or [resolve_generator(checkpoint)]  # the latter: its one-line error
+    return Gs, load_teacher_of(Gs, checkpoint, teacher)
+
+
+def guidance_range(G: Generator, checkpoint: str) -> list[float | None] | None:
+    """[1, ω_max] of an ω-conditioned generator (ω_max from its run's config.json, else None), None if unguided."""
+    if not G.unet.config.guidance_embed:
+        return None
+    run = run_of(checkpoint)
+    train = json.loads(run.config.read_text()).get("train", {}) if run and run.config.is_file() else {}
+    return [1.0, train.get("guidance_max")]
+
+
+def load_teacher_of(Gs: list[Generator], checkpoint: str, teacher: str | None = None) -> Denoiser:
+    """The teacher of the generators `Gs` (`teacher`, else the run's), checked to share their latent shape."""
     D = load_teacher(teacher or resolve_teacher_path(checkpoint))
-    if D.resolution != G.base_resolution or D.channels != G.channels:
-        raise ValueError(f"teacher ({D.resolution}px, {D.channels} ch) does not match the generator's latent "
-                         f"({G.base_resolution}px, {G.channels} ch): pass the run's own teacher")
-    return G, D
+    for G in Gs:
+        if D.resolution != G.base_resolution or D.channels != G.channels:
+            raise ValueError(f"teacher ({D.resolution}px, {D.channels} ch) does not match the generator's latent "
+                             f"({G.base_resolution}px, {G.channels} ch): pass the run's own teacher")
+    return D
 
 
 def read_image(image: str, resolution: int, channels: int) -> torch.Tensor:
@@ -292,27 +317,46 @@ def encode_images(G: Generator, D: Denoiser, x: torch.Tensor, class_: int | None
     return z[torch.arange(B) * ncls + best], best
 
 
+class ToolOutput(NamedTuple):
+    """What an inverse problem shows: its numbers, the result image (C×H×W) and the side-by-side panels."""
+    numbers: dict
+    image: torch.Tensor
+    panels: list[torch.Tensor]
+
+    def side_by_side(self) -> Image.Image:
+        """The panels in one row, nearest-upscaled to ≥ 128 px high."""
+        x = torch.cat(self.panels)
+        return grid_image(x, nrow=len(x), scale=max(1, 128 // x.shape[-1]))
+
+
 @torch.no_grad()
+def invert_result(G: Generator, D: Denoiser, x: torch.Tensor, class_: int | None = None, steps: int = 40) -> ToolOutput:
+    """Encode x (1×C×H×H at G's resolution) with the teacher at its resolution, decode with G at full resolution:
+    PSNRs at both; panels x | ↓x (nearest up) | G(z, y)."""
+    x_lo = downsample(x, D.resolution)
+    z, y = encode_images(G, D, x, class_, steps)
+    rec = G(z, y).clamp(-1, 1)  # an image: PSNRs are those of the written PNG
+    up = torch.nn.functional.interpolate(x_lo, size=x.shape[-2:], mode="nearest")
+    numbers = {"label": None if y is None else int(y[0]), "teacher_res": D.resolution, "full_res": G.resolution,
+               "psnr_teacher_res": float(psnr(downsample(rec, D.resolution), x_lo)[0]),
+               "psnr_full_res": float(psnr(rec, x)[0])}
+    return ToolOutput(numbers, rec[0], [x, up, rec])
+
+
 def invert_image(image: str, checkpoint: str = "runs/demo", teacher: str | None = None, class_: int | None = None,
                  out: str = "inverted", steps: int = 40) -> dict:
-    """Encode `image` with the teacher (at its resolution), decode with G at full resolution; write PNGs, return PSNRs."""
+    """invert_result of an image file; writes the reconstruction, the side-by-side PNG and the PSNRs' JSON."""
     G, D = load_models(checkpoint, teacher)
     x_full = read_image(image, G.resolution, G.channels)  # any mode/size/aspect -> model channels, ADM crop
-    x_lo = downsample(x_full, D.resolution)
-    z, y = encode_images(G, D, x_full, class_, steps)
-    rec = G(z, y).clamp(-1, 1)  # an image: PSNRs are those of the written PNG
+    r = invert_result(G, D, x_full, class_, steps)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(image).stem
     rec_path = out_dir / f"{stem}_reconstruction.png"
     sbs_path = out_dir / f"{stem}_side_by_side.png"
-    tensor_to_pil(rec[0]).save(rec_path)
-    up = torch.nn.functional.interpolate(x_lo, size=x_full.shape[-2:], mode="nearest")
-    save_image_grid(torch.cat([x_full, up, rec]), sbs_path, nrow=3, scale=max(1, 128 // G.resolution))
-    result = {"image": str(image), "label": None if y is None else int(y[0]), "teacher_res": D.resolution,
-              "full_res": G.resolution, "psnr_teacher_res": float(psnr(downsample(rec, D.resolution), x_lo)[0]),
-              "psnr_full_res": float(psnr(rec, x_full)[0]),
-              "reconstruction": str(rec_path), "side_by_side": str(sbs_path)}
+    tensor_to_pil(r.image).save(rec_path)
+    r.side_by_side().save(sbs_path)
+    result = {"image": str(image), **r.numbers, "reconstruction": str(rec_path), "side_by_side": str(sbs_path)}
     save_json(result, out_dir / f"{stem}_psnr.json")
     return result
 

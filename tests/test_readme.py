@@ -99,6 +99,8 @@ REHEARSAL = Elsewhere("ImageNet and 8 GPUs: tests/test_rehearsal.py (slow) runs 
                       "real JPEGs and a raw ADM state dict, capped by --max-steps; its plan: the --dry-run row")
 TORCHRUN = Elsewhere("N GPUs (NCCL) and ImageNet; the same entry point under torchrun on CPU: "
                      "tests/test_distributed.py::test_torchrun_runs_the_same_entry_point (slow)")
+SERVER = Elsewhere("a server that runs until stopped: tests/test_serve.py starts it on a tiny run, drives every /api/ "
+                   "route (the README's curl line included) and the page in headless Chromium")
 
 RUNS: dict[str, Run | Elsewhere] = {
     # the tiny run every later command reads: the teacher into runs/demo/teacher, then train finds it there
@@ -152,6 +154,8 @@ RUNS: dict[str, Run | Elsewhere] = {
     "pagoda report runs/demo": Run(("--no-progress",)),
     "pagoda report runs/demo --fid 500": Run(("--fid", "20", "--no-progress")),
     # what cannot run here
+    "pagoda serve --checkpoint runs/demo": SERVER,
+    "pagoda serve --checkpoint runs/guided --port 8000": SERVER,
     "./dev train": Elsewhere("sets up .venv and the Debian data package, then runs `pagoda train` (run above, tiny)"),
     "./dev test": Elsewhere("sets up .venv, then runs this test suite"),
     "pagoda train --gpus 8 --res 128 --data /data/imagenet/train --teacher edm_imagenet64_ema.pt --preset imagenet64":
