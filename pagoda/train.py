@@ -158,6 +158,8 @@ class TrainConfig:
     accumulate: int = 1  # gradient accumulation: per-rank batch = global batch / (ranks * accumulate)
     workers: int | None = None  # DataLoader processes per rank for image files; None = data.default_workers
     max_stages: int | None = None  # stop after this many stages (tests, smoke runs)
+    max_steps: int | None = None  # cap every stage's generator steps (rehearsals, smoke runs); None = the preset's
+    max_batch: int | None = None  # cap every stage's global batch (rehearsals on a CPU); None = the preset's
 
 
 def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = None) -> Path:
@@ -176,7 +178,8 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
         dist.barrier(info)
     teacher = load_teacher(teacher_path, info.device)
     t_res = teacher.resolution
-    stages = plan_stages(t_res, cfg.res, cfg.preset, cfg.discriminator, cfg.distance)
+    stages = [replace(s, steps=min(s.steps, cfg.max_steps or s.steps), batch=min(s.batch, cfg.max_batch or s.batch))
+              for s in plan_stages(t_res, cfg.res, cfg.preset, cfg.discriminator, cfg.distance)]
     data = make_dataset(cfg.data, cfg.res, channels=teacher.channels)
     if data.channels != teacher.channels:
         raise ValueError(f"the data has {data.channels} channels but the teacher {teacher.channels}: pass matching --data")
