@@ -122,6 +122,10 @@ def train(
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads per process (default: the cores other "
                                           "processes leave free, re-measured every 5 s; env PAGODA_THREADS)."),
     max_stages: Optional[int] = typer.Option(DEFAULT.max_stages, help="Stop after this many stages."),
+    max_steps: Optional[int] = typer.Option(DEFAULT.max_steps, min=1, help="Cap every stage's generator steps (a "
+                                            "rehearsal of a long preset; resume needs the same cap)."),
+    max_batch: Optional[int] = typer.Option(DEFAULT.max_batch, min=1, help="Cap every stage's global batch (a "
+                                            "rehearsal on a CPU)."),
     ckpt_every: int = typer.Option(DEFAULT.ckpt_every, min=1, help="Resumable checkpoint every N steps (resume restarts there)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the plan (stages, batches, params, memory, disk) "
                                  "for --gpus N ranks, run 2 steps per stage on random data; train nothing."),
@@ -135,7 +139,7 @@ def train(
     cfg = TrainConfig(out=out, data=data, res=res, teacher=teacher, teacher_preset=teacher_preset, preset=preset,
                       encode_images=encode_images, encode_steps=encode_steps, distance=distance, discriminator=discriminator,
                       distill=distill, guidance_max=guidance_max, seed=seed, device=device, accumulate=accumulate,
-                      max_stages=max_stages,
+                      max_stages=max_stages, max_steps=max_steps, max_batch=max_batch,
                       ckpt_every=ckpt_every, workers=workers)
     if dry_run:  # plans for --gpus N ranks on any machine; launches nothing, writes nothing
         from pagoda.plan import dry_run as plan_run

@@ -32,13 +32,13 @@ from pagoda import dist
 from pagoda.data import make_dataset
 from pagoda.decoder import Generator
 from pagoda.encoder import LatentPairs
-from pagoda.grow import get_preset, plan_stages
+from pagoda.grow import get_preset
 from pagoda.losses import DEFAULT_DISTANCE, LossConfigError, diff_augment, g_hinge_loss, make_distance
 from pagoda.discriminators import build_discriminators
 from pagoda.rundir import RunDir
 from pagoda.stage import RunSpec, StageTrainer
 from pagoda.teacher import Denoiser, load_teacher
-from pagoda.train import TEACHER_PRESETS, TrainConfig
+from pagoda.train import TEACHER_PRESETS, TrainConfig, run_stages
 from pagoda.unet import PRESETS as UNET_PRESETS, UNet, UNetConfig
 
 DATASET_SIZES = {"imagenet64": 1_281_167, "fashion-mnist": 60_000}  # train images when no --data is given
@@ -206,7 +206,7 @@ def dry_run(cfg: TrainConfig, ranks: int, width: int | None = None, steps: int =
     if ranks < 1:
         raise ValueError(f"--dry-run plans for at least 1 rank, got {ranks}: pass --gpus N (N >= 1)")
     t_cfg, t_source = teacher_config(cfg)
-    stages = plan_stages(t_cfg.resolution, cfg.res, cfg.preset, cfg.discriminator, cfg.distance)
+    stages = run_stages(cfg, t_cfg.resolution)
     data = data_facts(cfg, t_cfg)
     n_enc = get_preset(cfg.preset).encode_images if cfg.encode_images is None else cfg.encode_images
     n_enc = min(n_enc or data["images"], data["images"])  # 0 = all

@@ -20,7 +20,7 @@ from pagoda.data import default_workers, loader, make_dataset
 from pagoda.images import save_image_grid
 from pagoda.decoder import Generator
 from pagoda.encoder import Encoder, LatentPairs, LatentStore, build_latent_cache
-from pagoda.grow import get_preset, plan_stages
+from pagoda.grow import StageConfig, get_preset, plan_stages
 from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
 from pagoda.loop import EMA, LoopSpec, TIMING_FILE, check_finite, fixed_labels, progress_bar, run_loop, step_generator
 from pagoda.rundir import CHECKPOINT_FILE, CONFIG_FILE, GENERATOR_FILE, TEACHER_FILE, RunDir, grid_name, is_finished
@@ -158,6 +158,14 @@ class TrainConfig:
     accumulate: int = 1  # gradient accumulation: per-rank batch = global batch / (ranks * accumulate)
     workers: int | None = None  # DataLoader processes per rank for image files; None = data.default_workers
     max_stages: int | None = None  # stop after this many stages (tests, smoke runs)
+    max_steps: int | None = None  # cap every stage's generator steps (rehearsals, smoke runs); None = the preset's
+    max_batch: int | None = None  # cap every stage's global batch (rehearsals on a CPU); None = the preset's
+
+
+def run_stages(cfg: TrainConfig, teacher_res: int) -> list[StageConfig]:
+    """The stages `pagoda train` runs: the preset's plan with --discriminator/--distance, --max-steps/--max-batch caps."""
+    return [replace(s, steps=min(s.steps, cfg.max_steps or s.steps), batch=min(s.batch, cfg.max_batch or s.batch))
+            for s in plan_stages(teacher_res, cfg.res, cfg.preset, cfg.discriminator, cfg.distance)]
 
 
 def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = None) -> Path:
@@ -176,7 +184,7 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
         dist.barrier(info)
     teacher = load_teacher(teacher_path, info.device)
     t_res = teacher.resolution
-    stages = plan_stages(t_res, cfg.res, cfg.preset, cfg.discriminator, cfg.distance)
+    stages = run_stages(cfg, t_res)
     data = make_dataset(cfg.data, cfg.res, channels=teacher.channels)
     if data.channels != teacher.channels:
         raise ValueError(f"the data has {data.channels} channels but the teacher {teacher.channels}: pass matching --data")
