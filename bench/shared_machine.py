@@ -111,12 +111,12 @@ def main() -> None:
                      "slowdown": alone["steps_per_s"] / shared["steps_per_s"]})
         print(rows[-1], flush=True)
     print_table(f"stage-08 of {a.run}: {a.steps} steps alone and beside a {a.busy_threads}-thread Inception job "
-                f"({os.cpu_count()} CPUs)", rows,
+                f"({dist.available_cpus()} CPUs)", rows,
                 [("policy", "policy", ""), ("alone_steps_per_s", "alone steps/s", ".2f"), ("alone_threads", "threads", ""),
                  ("shared_steps_per_s", "shared steps/s", ".3f"), ("shared_threads", "threads", ""),
                  ("slowdown", "× slower", ".1f")])
     write_results(a.out, "shared_machine", {"run": a.run, "steps": a.steps, "busy_threads": a.busy_threads,
-                                             "cpus": os.cpu_count(), "rows": rows})
+                                             "cpus": dist.available_cpus(), "rows": rows})
 
 
 if __name__ == "__main__":
