@@ -22,8 +22,9 @@ from quality import Scorer
 
 from pagoda.classifier import CLASSIFIER_DIR, NUM_CLASSES, classifier_for, classifier_file
 from pagoda.images import resample
-from pagoda.inference import index_labels, make_sampler
+from pagoda.inference import make_sampler
 from pagoda.io import load_checkpoint
+from pagoda.loop import index_labels
 from pagoda.rundir import RunDir
 
 OMEGAS = (1.0, 1.5, 2.0, 3.0, 4.0)

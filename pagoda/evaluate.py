@@ -26,9 +26,9 @@ import numpy as np
 from pagoda import dist
 from pagoda.classifier import CLASSIFIER_DIR, NUM_CLASSES, classifier_for
 from pagoda.dist import DistInfo, pick_device
-from pagoda.inference import index_labels, make_sampler
+from pagoda.inference import make_sampler
 from pagoda.io import CheckpointError, save_json
-from pagoda.loop import progress_bar
+from pagoda.loop import index_labels, progress_bar
 from pagoda.metrics import evaluate
 from pagoda.rundir import GENERATOR_FILE, RunDir, open_model, resolve_teacher_path, run_of, run_root
 

@@ -27,7 +27,7 @@ from pagoda.images import downsample, load_image, resample, save_image_grid, ten
 from pagoda.decoder import Generator
 from pagoda.encoder import Encoder, build_latent_cache, psnr, teacher_fingerprint
 from pagoda.io import atomic_write_bytes, save_json
-from pagoda.loop import progress_bar, step_generator
+from pagoda.loop import index_labels, progress_bar, step_generator
 from pagoda.rundir import resolve_generator, resolve_teacher_path
 from pagoda.solvers import karras_sigmas, nfe as count_nfe, sample, solver_steps
 from pagoda.teacher import Denoiser, guided, load_teacher
@@ -46,13 +46,6 @@ def check_class(num_classes: int | None, class_: int | None) -> None:
 
 
 # ---- sampling: grids and exports ------------------------------------------------------------------
-
-def index_labels(i: int, b: int, num_classes: int | None, class_: int | None = None) -> torch.Tensor | None:
-    """Labels of images i … i+b−1: `class_` for all, else i mod C (None for an unconditional model)."""
-    if num_classes is None:
-        return None
-    return torch.full((b,), class_) if class_ is not None else (i + torch.arange(b)) % num_classes
-
 
 def make_sampler(kind: str, model: torch.nn.Module, solver: str = "heun", nfe: int = 35, resize: int | None = None,
                  seed: int = 0, device: str | torch.device = "cpu", class_: int | None = None,

@@ -32,7 +32,7 @@ from pagoda.grow import StageConfig
 from pagoda.io import load_checkpoint, save_checkpoint
 from pagoda.losses import (MultiscaleDistance, TeacherSampleCache, adaptive_weight, d_hinge_loss, diff_augment,
                            g_hinge_loss, make_distance, margin)
-from pagoda.loop import EMA, LoopSpec, check_finite, fixed_labels, run_loop, step_generator
+from pagoda.loop import EMA, LoopSpec, check_finite, index_labels, run_loop, step_generator
 from pagoda.rundir import CHECKPOINT_FILE, GENERATOR_FILE, grid_name, stage_dir_name
 from pagoda.solvers import sample
 from pagoda.teacher import Denoiser, guided
@@ -399,7 +399,7 @@ class StageTrainer:
         n = 100 if self.ncls == 10 else 64
         R0 = self.G.base_resolution
         zg = self.G.sigma_max * torch.randn(n, self.C, R0, R0, generator=step_generator(self.cfg.seed, 99))
-        yg = fixed_labels(n, self.ncls)
+        yg = index_labels(0, n, self.ncls)
         G = self.ema.module
         G.set_alpha(float(self.G.alpha))
         with torch.no_grad():

@@ -22,7 +22,7 @@ from pagoda.decoder import Generator
 from pagoda.encoder import Encoder, LatentPairs, LatentStore, build_latent_cache
 from pagoda.grow import get_preset, plan_stages
 from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
-from pagoda.loop import EMA, LoopSpec, TIMING_FILE, check_finite, fixed_labels, progress_bar, run_loop, step_generator
+from pagoda.loop import EMA, LoopSpec, TIMING_FILE, check_finite, index_labels, progress_bar, run_loop, step_generator
 from pagoda.rundir import CHECKPOINT_FILE, CONFIG_FILE, GENERATOR_FILE, TEACHER_FILE, RunDir, grid_name, is_finished
 from pagoda.solvers import sample
 from pagoda.stage import StageTrainer
@@ -86,7 +86,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, progress: bool = True, de
     n_grid = 10 * (ncls or 10) if ncls else 64
     zg = D.sigma_max * torch.randn(n_grid, data.channels, cfg.resolution, cfg.resolution,
                                    generator=step_generator(cfg.seed, 7))
-    yg = fixed_labels(n_grid, ncls)
+    yg = index_labels(0, n_grid, ncls)
 
     def draw(g: torch.Generator) -> torch.Tensor:  # the first draw of step k's generator: the batch's indices
         return torch.randint(0, len(data), (cfg.batch,), generator=g)
