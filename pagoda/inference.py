@@ -233,8 +233,7 @@ def export_samples(checkpoint: str, kind: str = "generator", n: int = 64, outdir
     with progress_bar(progress) as bar:
         task = bar.add_task("export", total=len(todo), info="")
         for i, x in _blocks(generate, todo, batch):
-            a = to_uint8(x[:n - i])
-            a = a.repeat(3, axis=-1) if a.shape[-1] < shape[2] else a  # --rgb on a grey model
+            a = to_uint8(x[:n - i], channels=shape[2])  # --rgb on a grey model: the grey channel thrice
             for s in sinks:
                 s.write(i, a, todo)
             done += len(todo.intersection(range(i, i + len(a))))
