@@ -24,11 +24,11 @@ from PIL import Image
 
 from pagoda.data import default_workers, make_dataset
 from pagoda.images import downsample, load_image, resample, save_image_grid, tensor_to_pil, to_uint8
-from pagoda.decoder import Generator
+from pagoda.decoder import Generator, load_generator
 from pagoda.encoder import Encoder, build_latent_cache, psnr, teacher_fingerprint
 from pagoda.io import atomic_write_bytes, save_json
 from pagoda.loop import index_labels, progress_bar, step_generator
-from pagoda.rundir import resolve_generator, resolve_teacher_path
+from pagoda.rundir import model_file, resolve_teacher_path
 from pagoda.solvers import karras_sigmas, nfe as count_nfe, sample, solver_steps
 from pagoda.teacher import Denoiser, guided, load_teacher
 
@@ -95,7 +95,7 @@ def _sampler(kind: str, checkpoint: str, class_: int | None, seed: int, steps: i
              guidance: float = 1.0):
     """(model, generate, NFE per image) of a generator ("generator") or a teacher ("teacher") checkpoint."""
     if kind == "generator":
-        model, nfe = resolve_generator(checkpoint), 1
+        model, nfe = load_generator(model_file(checkpoint)), 1
     else:
         model = load_teacher(checkpoint)
         nfe = count_nfe(method, torch.cat([karras_sigmas(steps, model.sigma_min, model.sigma_max), torch.zeros(1)]))
@@ -249,7 +249,7 @@ def export_samples(checkpoint: str, kind: str = "generator", n: int = 64, outdir
 
 def load_models(checkpoint: str, teacher: str | None = None) -> tuple[Generator, Denoiser]:
     """The generator of `checkpoint` and its teacher (`teacher`, else the run's), checked to share the latent shape."""
-    G = resolve_generator(checkpoint)
+    G = load_generator(model_file(checkpoint))
     D = load_teacher(teacher or resolve_teacher_path(checkpoint))
     if D.resolution != G.base_resolution or D.channels != G.channels:
         raise ValueError(f"teacher ({D.resolution}px, {D.channels} ch) does not match the generator's latent "

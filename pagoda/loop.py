@@ -23,8 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pagoda.dist import update_threads
 from pagoda.io import save_json
-
-METRICS_FILE, TIMING_FILE = "metrics.jsonl", "timing.json"  # written by run_loop into a loop's directory
+from pagoda.rundir import METRICS_FILE, TIMING_FILE  # written by run_loop into a loop's directory
 
 
 class TrainingError(RuntimeError):
