@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 from pagoda.data import loader
 from pagoda.images import downsample
 from pagoda.dist import update_threads
-from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
+from pagoda.io import CheckpointError, check_config, load_checkpoint, save_checkpoint, save_json
 from pagoda.rundir import INDEX_FILE, shard_name
 from pagoda.solvers import SIGMA_MAX, SIGMA_MIN, karras_sigmas, nfe, solve
 
@@ -117,10 +117,7 @@ def build_latent_cache(encoder: Encoder, dataset: Dataset, root: str | Path, num
                      encoder.sigma_min, encoder.sigma_max, dtype, teacher_fingerprint(encoder.denoiser))
     index = root / INDEX_FILE
     if index.exists():
-        old = json.loads(index.read_text())
-        if old != asdict(info):
-            raise ValueError(f"{root} holds a latent cache of another teacher/config ({_diff(old, asdict(info))}); "
-                             f"delete that folder or pass another --out")
+        check_config(json.loads(index.read_text()), info, index, what="a latent cache", delete=root)
     elif rank == 0:
         save_json(asdict(info), index)
     store = {"float16": torch.float16, "float32": torch.float32}[dtype]
@@ -155,11 +152,6 @@ def _shard_ok(path: Path) -> bool:
         return {"z", "labels", "indices"} <= set(d)
     except CheckpointError:
         return False  # torn or corrupt: recompute
-
-
-def _diff(a: dict, b: dict) -> str:
-    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys[:3])
 
 
 class LatentStore:

@@ -14,11 +14,17 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from pagoda.discriminators import DISCRIMINATORS
-from pagoda.losses import DEFAULT_DISTANCE
 from pagoda.rundir import stage_dir_name
 
-OPTIMIZERS = ("radam", "adam")
+OPTIMIZERS = ("radam", "adam")  # pagoda/stage.py builds them
+DISCRIMINATORS = ("projected", "multiscale")  # pagoda.discriminators.make_discriminator kinds
+# Default reconstruction distance, offline: "features" = pseudo-Huber of (pyramid pixel MSE + MSE of a
+# frozen random edge/texture filter bank). Proxy measurement, Fashion-MNIST 16->32 super-resolution (small
+# conv net, 250 Adam steps, 512 test images; PSNR / Laplacian-energy ratio vs real, higher = sharper):
+# features 22.58 dB / 0.417, multiscale 22.46 / 0.390, l2 22.63 / 0.436. Features beats pixels-only under the
+# same pseudo-Huber (edge-aware, bounded per-sample gradient as in iCT); l2 is as sharp on this proxy; the GAN
+# term does most of the sharpening.
+DEFAULT_DISTANCE = "features"
 
 
 @dataclass(frozen=True)
@@ -90,13 +96,6 @@ class StageConfig:
         if unknown:
             raise ValueError(f"unknown StageConfig fields {sorted(unknown)}: the config was written by another version")
         return cls(**d)
-
-    def matches(self, saved: dict | None) -> bool:
-        """Whether a saved stage config (a checkpoint's) is this one; fields added since take their defaults."""
-        try:
-            return StageConfig.from_dict(saved or {}) == self
-        except (TypeError, ValueError):
-            return False
 
 
 @dataclass(frozen=True)

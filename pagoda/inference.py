@@ -26,7 +26,7 @@ from pagoda.data import default_workers, make_dataset
 from pagoda.images import downsample, load_image, resample, save_image_grid, tensor_to_pil, to_uint8
 from pagoda.decoder import Generator, load_generator
 from pagoda.encoder import Encoder, build_latent_cache, psnr, teacher_fingerprint
-from pagoda.io import atomic_write_bytes, save_json
+from pagoda.io import atomic_write_bytes, check_config, save_json
 from pagoda.loop import index_labels, progress_bar, step_generator
 from pagoda.rundir import model_file, resolve_teacher_path
 from pagoda.solvers import karras_sigmas, nfe as count_nfe, sample, solver_steps
@@ -141,12 +141,9 @@ class _Export:
     def __init__(self, folder: Path, settings: dict, shape: tuple[int, int, int]):
         self.folder, self.shape = folder, shape  # shape: (H, W, C) of one image
         meta = folder / EXPORT_FILE
-        if meta.is_file():
-            old = json.loads(meta.read_text())
-            k = next((k for k in settings if old.get(k) != settings[k]), None)
-            if k is not None:
-                raise ValueError(f"{folder} holds an export with {k} {old.get(k)!r}, not {settings[k]!r}: rerun "
-                                 f"with the same settings to resume, or pass another output")
+        if meta.is_file():  # resume only the same export
+            check_config(json.loads(meta.read_text()), settings, meta, what="an export", option="output",
+                         delete=folder)
         elif folder.is_dir() and any(folder.glob("[0-9]*.png")):
             raise ValueError(f"{folder} holds PNGs that `pagoda sample` did not write: pass an empty or new --outdir")
         save_json(settings, meta)

@@ -29,7 +29,7 @@ from pagoda.decoder import Generator
 from pagoda.discriminators import make_discriminator
 from pagoda.encoder import LatentPairs
 from pagoda.grow import StageConfig
-from pagoda.io import load_checkpoint, save_checkpoint
+from pagoda.io import load_checkpoint, load_state, save_checkpoint
 from pagoda.losses import (MultiscaleDistance, TeacherSampleCache, adaptive_weight, d_hinge_loss, diff_augment,
                            g_hinge_loss, make_distance, margin)
 from pagoda.loop import EMA, LoopSpec, check_finite, index_labels, run_loop, step_generator
@@ -156,19 +156,17 @@ class StageTrainer:
         return self.sdir / CHECKPOINT_FILE
 
     def state(self) -> dict:
-        return {"step": self.step, "G": self.G.state_dict(), "G_ema": self.ema.module.state_dict(),
-                "D": [D.state_dict() for D in self.Ds], "opt_G": self.opt_G.state_dict(),
-                "opt_D": self.opt_D.state_dict(), "stage": asdict(self.stage)}
+        """The training state (docs/checkpoints.md): step, config, G, G_ema, opt_G, D (a list), opt_D."""
+        return {"step": self.step, "config": asdict(self.stage), "G": self.G.state_dict(),
+                "G_ema": self.ema.module.state_dict(), "opt_G": self.opt_G.state_dict(),
+                "D": [D.state_dict() for D in self.Ds], "opt_D": self.opt_D.state_dict()}
 
     def load(self) -> bool:
         """Resume from sdir/checkpoint.pt if present (same stage config), else sync initial weights across ranks."""
         if not self.ckpt_path.exists():
             dist.broadcast_([t for m in [self.G, *self.Ds] for t in m.state_dict().values()], self.info)
             return False
-        ck = load_checkpoint(self.ckpt_path, map_location=self.dev)
-        if not self.stage.matches(ck.get("stage")):
-            raise ValueError(f"{self.ckpt_path} was written with another stage config: use another --out "
-                             f"or delete {self.sdir} to restart that stage")
+        ck = load_state(self.ckpt_path, self.stage, self.dev, delete=self.sdir)
         self.G.load_state_dict(ck["G"])
         self.ema.module.load_state_dict(ck["G_ema"])
         for D, sd in zip(self.Ds, ck["D"]):
