@@ -26,8 +26,10 @@ from pathlib import Path
 from common import device, environment, print_table, read_json, write_results
 from quality import Scorer, score_generator
 
+
+from pagoda.decoder import load_generator
 from pagoda.grow import GrowPreset, plan_stages
-from pagoda.rundir import GENERATOR_FILE, RunDir, resolve_generator
+from pagoda.rundir import GENERATOR_FILE, METRICS_FILE, TIMING_FILE, RunDir
 from pagoda.train import TrainConfig, train
 
 # The first recipe: a multi-scale D from scratch, the random-feature distance `features`, 300 / 250 / 200 steps.
@@ -130,7 +132,7 @@ KEY_FIELDS = ("augment", "seed", "distill", "guidance_max", "guided_adv")
 def _stage08_key(run: RunDir) -> tuple | None:
     """What stage-08 of a finished run was trained with: (its StageConfig, the KEY_FIELDS of its TrainConfig)."""
     cfg = read_json(run.config)
-    if not (run.stage(8) / GENERATOR_FILE).is_file() or not cfg:
+    if not run.generator(8).is_file() or not cfg:
         return None
     return json.dumps(cfg["stages"][0], sort_keys=True), *(cfg["train"].get(f) for f in KEY_FIELDS)
 
@@ -159,10 +161,10 @@ def train_row(name: str, base: RunDir, out: Path, stages: int | None = None) -> 
 
 
 def stage_log(stage_dir: Path) -> dict:
-    log = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    log = [json.loads(line) for line in (stage_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
     q = max(1, len(log) // 10)
     probes = [r["margin"] for r in log if "margin" in r]
-    timing = read_json(stage_dir / "timing.json")
+    timing = read_json(stage_dir / TIMING_FILE)
     return {"seconds": timing.get("seconds"), "cpu_seconds": timing.get("cpu_seconds"), "steps": len(log),
             "rec_start": statistics.mean(r["rec"] for r in log[:q]), "rec_end": statistics.mean(r["rec"] for r in log[-q:]),
             "d_end": statistics.mean(r["d"] for r in log[-q:]), "margin_end": probes[-1] if probes else None}
@@ -172,7 +174,7 @@ def score_row(name: str, run: RunDir, scorer: Scorer, n: int, seed: int, dev) ->
     """FID/KID and log summary of every stage this row trained (a copied base stage-08 is not scored again)."""
     rows = {}
     for sdir in run.finished()[1 if ROWS[name][2] == "base" else 0:]:
-        G = resolve_generator(sdir / GENERATOR_FILE, dev)
+        G = load_generator(sdir / GENERATOR_FILE, dev)
         rows[G.resolution] = {**score_generator(scorer, G, n, seed, dev), **stage_log(sdir)}
         print(f"{name} {sdir.name}: FID {rows[G.resolution]['fid']:.2f}", flush=True)
     preset_changes, cfg_changes, _ = ROWS[name]
@@ -212,7 +214,7 @@ def main() -> None:
         r = read_json(out / f"{name}.json")
         for res, s in sorted(r.get("stages", {}).items(), key=lambda kv: int(kv[0])):
             sdir = RunDir(out / "runs" / name).stage(int(res))  # the log summary re-read (rows scored before it grew)
-            rows.append({"row": name, **s, **(stage_log(sdir) if (sdir / "timing.json").is_file() else {})})
+            rows.append({"row": name, **s, **(stage_log(sdir) if (sdir / TIMING_FILE).is_file() else {})})
     if a.table or a.rows:
         print_table(f"growth recipe ablation, n = {a.n}, vs the test split", rows,
                     [("row", "row", ""), ("resolution", "px", "d"), ("steps", "steps", "d"), ("seconds", "s", ".0f"), ("cpu_seconds", "CPU s", ".0f"),

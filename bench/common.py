@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from pagoda.decoder import Generator
+from pagoda.decoder import Generator, load_generator
 from pagoda.dist import pick_device
 from pagoda.rundir import GENERATOR_FILE, RunDir, resolve_teacher_path
 from pagoda.io import save_json
@@ -34,11 +34,11 @@ def load_run(run: str | Path, device: str | torch.device = "cpu") -> tuple[torch
     """(teacher denoiser, {resolution: EMA generator of each finished stage}) of a run directory."""
     stages = RunDir(run).finished()
     if not stages:
-        raise SystemExit(f"error: {run} holds no finished stage (stage-*/generator.pt); train it first or pass --run")
+        raise SystemExit(f"error: {run} holds no finished stage (stage-*/{GENERATOR_FILE}); train it first or pass --run")
     teacher = load_teacher(resolve_teacher_path(run), device)
     gens = {}
     for s in stages:
-        G = Generator.from_checkpoint(s / GENERATOR_FILE, map_location=device).eval().requires_grad_(False)
+        G = load_generator(s / GENERATOR_FILE, device)
         gens[G.resolution] = G
     return teacher, gens
 

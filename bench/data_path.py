@@ -9,7 +9,6 @@ Makes (once) a class-folder data set of --images JPEGs (quality 90) from random 
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import torch
 from PIL import Image
 
 from common import environment, parser, print_table, write_results
+from pagoda import dist
 from pagoda.data import loader, make_dataset
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "cat",
@@ -73,7 +73,7 @@ def main() -> None:
         rows.append({"workers": workers, "first_batch_s": t1 - t0, "images_per_s": a.steps * a.batch / (t2 - t1),
                      "shape": list(x.shape)})
         print(rows[-1], flush=True)
-    print_table(f"data path: {a.images} JPEGs → {a.res} px, batch {a.batch}, {os.cpu_count()} CPUs", rows,
+    print_table(f"data path: {a.images} JPEGs → {a.res} px, batch {a.batch}, {dist.available_cpus()} CPUs", rows,
                 [("workers", "workers", "d"), ("first_batch_s", "first batch s", ".2f"), ("images_per_s", "images/s", ".0f")])
     write_results(a.out, "data_path", {"images": a.images, "res": a.res, "batch": a.batch, "steps": a.steps,
                                        "env": environment(torch.device("cpu")), "rows": rows})

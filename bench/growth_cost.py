@@ -14,7 +14,6 @@ teacher resolution. Teacher rows: the same network × NFE (one PF-ODE sample). W
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -22,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import environment, figure, parser, print_table, write_results
 from pagoda.decoder import Generator
 from pagoda.grow import StageConfig, plan_stages
+from pagoda.rundir import RunDir
 from pagoda.unet import PRESETS, UNet, UNetConfig
 
 CONFIGS = {"demo": ("demo8", 32, "demo"), "imagenet": ("imagenet64", 512, "imagenet64")}  # teacher, target, preset
@@ -72,7 +72,7 @@ def main() -> None:
     for name, (unet, target, preset) in CONFIGS.items():
         teacher, stages = PRESETS[unet], plan_stages(PRESETS[unet].resolution, target, preset)
         if name == "demo" and a.run:
-            cfg = json.loads((Path(a.run) / "config.json").read_text())
+            cfg = json.loads(RunDir(a.run).config.read_text())
             stages = [StageConfig.from_dict(d) for d in cfg["stages"]]
             name, teacher = f"run {a.run}", UNetConfig.from_dict(cfg["teacher"])
         rows += rows_for(name, teacher, stages)

@@ -20,10 +20,11 @@ import torch
 from common import device, draw, environment, figure, load_run, parser, print_table, write_results
 from quality import Scorer
 
-from pagoda.classifier import CLASSIFIER_DIR, NUM_CLASSES, classifier_for, classifier_file
+from pagoda.classifier import NUM_CLASSES, classifier_for, classifier_file
 from pagoda.images import resample
-from pagoda.inference import index_labels, make_sampler
+from pagoda.inference import make_sampler
 from pagoda.io import load_checkpoint
+from pagoda.loop import index_labels
 from pagoda.rundir import RunDir
 
 OMEGAS = (1.0, 1.5, 2.0, 3.0, 4.0)
@@ -42,7 +43,7 @@ def main() -> None:
     R = teacher.unet.config.resolution
     if not all(G.unet.config.guidance_embed for G in gens.values()):
         raise SystemExit(f"error: {a.run} has no ω-conditioned G: train it with `pagoda train --guidance-max 4`")
-    folder = RunDir(a.run).root / CLASSIFIER_DIR
+    folder = RunDir(a.run).classifier
     classifiers = {res: classifier_for(folder, res) for res in sorted({R, *gens})}
     clf_test = {res: load_checkpoint(folder / classifier_file(res))["test_accuracy"] for res in classifiers}
     print("classifier test accuracy: " + ", ".join(f"{r}px {100 * v:.1f}%" for r, v in clf_test.items()), flush=True)

@@ -25,6 +25,7 @@ import sys
 import time
 
 from common import parser, print_table, write_results
+from pagoda.dist import available_cpus
 
 BUSY = """
 import sys, time, torch
@@ -39,7 +40,6 @@ with torch.no_grad():
 TRAIN = """
 import json, sys, tempfile, time
 from dataclasses import fields
-from pathlib import Path
 import torch
 from pagoda import dist
 from pagoda.data import make_dataset
@@ -57,7 +57,8 @@ stage = plan_stages(teacher.resolution, cfg.res, cfg.preset if isinstance(cfg.pr
 pairs = LatentPairs.from_cache(LatentStore(run.latents), make_dataset(cfg.data, stage.resolution))
 fixed = {"pagoda": None, "1 thread": 1}.get(policy, torch.get_num_threads())
 with dist.thread_policy(fixed) as tp, tempfile.TemporaryDirectory() as tmp:
-    tr = StageTrainer(RunSpec.of(cfg), stage, 0, teacher, None, pairs, Path(tmp) / stage.name, dist.DistInfo())
+    tr = StageTrainer(RunSpec.of(cfg), stage, 0, teacher, None, pairs, RunDir(tmp).stage(stage.resolution),
+                      dist.DistInfo())
     tr.train_step()  # warm-up
     threads, t0 = [], time.perf_counter()
     for _ in range(steps):
@@ -111,12 +112,12 @@ def main() -> None:
                      "slowdown": alone["steps_per_s"] / shared["steps_per_s"]})
         print(rows[-1], flush=True)
     print_table(f"stage-08 of {a.run}: {a.steps} steps alone and beside a {a.busy_threads}-thread Inception job "
-                f"({os.cpu_count()} CPUs)", rows,
+                f"({available_cpus()} CPUs)", rows,
                 [("policy", "policy", ""), ("alone_steps_per_s", "alone steps/s", ".2f"), ("alone_threads", "threads", ""),
                  ("shared_steps_per_s", "shared steps/s", ".3f"), ("shared_threads", "threads", ""),
                  ("slowdown", "× slower", ".1f")])
     write_results(a.out, "shared_machine", {"run": a.run, "steps": a.steps, "busy_threads": a.busy_threads,
-                                             "cpus": os.cpu_count(), "rows": rows})
+                                             "cpus": available_cpus(), "rows": rows})
 
 
 if __name__ == "__main__":

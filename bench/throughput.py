@@ -26,7 +26,7 @@ from pagoda.dist import DistInfo
 from pagoda.encoder import LatentPairs, LatentStore
 from pagoda.grow import StageConfig
 from pagoda.report import logged_seconds, read_jsonl
-from pagoda.rundir import resolve_teacher_path
+from pagoda.rundir import METRICS_FILE, TIMING_FILE, RunDir, resolve_teacher_path
 from pagoda.stage import RunSpec, StageTrainer
 from pagoda.teacher import Denoiser, edm_loss, load_teacher
 from pagoda.train import TrainConfig
@@ -34,16 +34,16 @@ from pagoda.train import TrainConfig
 
 def logged(run: Path) -> list[dict]:
     """Throughput rows from the run's logs."""
-    rows = []
-    tlog, tcfg = read_jsonl(run / "teacher" / "metrics.jsonl"), read_json(run / "teacher" / "config.json").get("teacher", {})
-    t = read_json(run / "teacher" / "timing.json")
+    rows, r = [], RunDir(run)
+    tlog, tcfg = read_jsonl(r.teacher_dir / METRICS_FILE), read_json(r.teacher_config).get("teacher", {})
+    t = read_json(r.teacher_dir / TIMING_FILE)
     if t or tlog:  # teacher/timing.json; older runs: the cumulative images/s of metrics.jsonl
         rows.append({"part": "teacher", "resolution": tcfg.get("resolution"), "batch": tcfg.get("batch"), "device": "logged",
                      "steps": t.get("steps", tlog[-1]["step"] if tlog else None),
                      "seconds": t.get("seconds", logged_seconds(tlog, tcfg.get("batch", 0))),
                      "cpu_seconds": t.get("cpu_seconds"), "images_per_s": t.get("img_per_s", tlog[-1]["img_per_s"] if tlog else None)})
-    for st in read_json(run / "config.json").get("stages", []):
-        t = read_json(run / st["name"] / "timing.json")
+    for st in read_json(r.config).get("stages", []):
+        t = read_json(r.stage(st["resolution"]) / TIMING_FILE)
         if t:
             rows.append({"part": st["name"], "resolution": st["resolution"], "batch": st["batch"], "device": "logged",
                          "steps": t["steps"], "seconds": t["seconds"], "cpu_seconds": t.get("cpu_seconds"),
@@ -53,7 +53,8 @@ def logged(run: Path) -> list[dict]:
 
 def measured(run: Path, dev: torch.device, k: int) -> list[dict]:
     """Throughput rows of K fresh training steps per part on `dev` (nothing in the run is written)."""
-    cfg_all = read_json(run / "config.json")
+    r = RunDir(run)
+    cfg_all = read_json(r.config)
     known = {f.name for f in fields(TrainConfig)}
     cfg = TrainConfig(**{k_: v for k_, v in cfg_all["train"].items() if k_ in known})
     teacher = load_teacher(resolve_teacher_path(run), dev)
@@ -68,7 +69,7 @@ def measured(run: Path, dev: torch.device, k: int) -> list[dict]:
         sync(dev)
         return k * batch / (time.perf_counter() - t)
 
-    tcfg = read_json(run / "teacher" / "config.json").get("teacher", {})
+    tcfg = read_json(r.teacher_config).get("teacher", {})
     if tcfg:  # the teacher's training step: EDM loss, backward, Adam
         D = Denoiser(type(teacher.unet)(teacher.unet.config)).to(dev).train()
         opt = torch.optim.Adam(D.parameters(), lr=tcfg["lr"])
@@ -84,17 +85,17 @@ def measured(run: Path, dev: torch.device, k: int) -> list[dict]:
 
         rows.append({"part": "teacher", "resolution": tcfg["resolution"], "batch": tcfg["batch"], "device": str(dev),
                      "steps": k, "images_per_s": timed(teacher_step, tcfg["batch"])})
-    store = LatentStore(run / "latents")
+    store = LatentStore(r.latents)
     info = DistInfo(device=dev)
     with tempfile.TemporaryDirectory() as scratch:
         for i, st in enumerate(StageConfig.from_dict(d) for d in cfg_all["stages"]):
-            prev = run / f"stage-{st.resolution // 2:02d}" / "generator.pt"
+            prev = r.generator(st.resolution // 2)
             if st.grow and not prev.is_file():
                 print(f"skip {st.name}: {prev} is not there (the previous stage did not finish)")
                 continue
             G_prev = Generator.from_checkpoint(prev, map_location=dev) if st.grow else None
             pairs = LatentPairs.from_cache(store, make_dataset(cfg.data, st.resolution, channels=teacher.channels))
-            trainer = StageTrainer(RunSpec.of(cfg), st, i, teacher, G_prev, pairs, Path(scratch) / st.name, info)
+            trainer = StageTrainer(RunSpec.of(cfg), st, i, teacher, G_prev, pairs, RunDir(scratch).stage(st.resolution), info)
             rows.append({"part": st.name, "resolution": st.resolution, "batch": st.batch, "device": str(dev), "steps": k,
                          "images_per_s": timed(trainer.train_step, st.batch)})
     return rows
@@ -106,7 +107,7 @@ def main() -> None:
     p.add_argument("--devices", nargs="+", default=None, help="devices to measure on (default: cpu, and cuda if available)")
     a = p.parse_args()
     run = Path(a.run)
-    if not (run / "config.json").is_file():
+    if not RunDir(run).config.is_file():
         raise SystemExit(f"error: {run}/config.json not found: pass --run a run directory (pagoda train --out)")
     rows = logged(run)
     devices = a.devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))

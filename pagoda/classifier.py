@@ -23,7 +23,6 @@ from pagoda.data import FashionMNIST
 from pagoda.io import CheckpointError, checkpoint_kind, load_checkpoint, save_checkpoint
 
 CLASSIFIER = "pagoda.classifier"  # the "kind" of a classifier file
-CLASSIFIER_DIR = "classifier"  # RUN/classifier/
 NUM_CLASSES = 10
 ProgressFn = Callable[[int, int], None]  # (done, total) training steps
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from pagoda.dist import available_cpus
 from pagoda.images import (BAD_FILE_FIX, DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DataError, ImageError, decode_image, downsample,
                            first_line)
 from pagoda.io import atomic_write_bytes
@@ -306,8 +307,7 @@ def default_workers(dataset: Dataset, ranks: int = 1) -> int:
     """DataLoader processes per rank: none for in-memory data, else a share of the cores (at most 8)."""
     if getattr(dataset, "in_memory", False):
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // max(1, ranks) - 1))
+    return max(1, min(8, available_cpus() // max(1, ranks) - 1))
 
 
 def loader(dataset: Dataset, batches: Iterable[Sequence[int]], workers: int = 0) -> Iterator:

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagoda.io import GENERATOR, check_kind, load_checkpoint as _load_file
+from pagoda.io import ADM, GENERATOR, TEACHER, check_kind, load_checkpoint as _load_file, open_checkpoint
 from pagoda.solvers import SIGMA_MAX
-from pagoda.teacher import C_NOISE, Denoiser
+from pagoda.teacher import C_NOISE, Denoiser, load_teacher
 from pagoda.unet import GroupNorm32, ResBlock, UNet, UNetConfig
 
 FADE_MODE = "nearest"  # up-sampling of the fading-out low-res image (see module docstring)
@@ -260,6 +260,21 @@ class Generator(nn.Module):
             fh = nn.Sequential(GroupNorm32(c), nn.SiLU(), nn.Conv2d(c, self.config.out_channels, 3, padding=1))
             fh.load_state_dict(head)
             self._set_fade_head(fh.to(device=ref.device, dtype=ref.dtype))
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", expect: tuple[str, ...] = (GENERATOR, TEACHER, ADM)
+               ) -> tuple[str, Generator | Denoiser]:
+    """('generator', G) of a generator file; ('teacher', D) of a teacher file or a raw ADM state dict; frozen for
+    inference. Another kind of file than `expect` gets a one-line CheckpointError."""
+    kind, ckpt = open_checkpoint(path, expect=expect)
+    if kind == GENERATOR:
+        return "generator", Generator.from_checkpoint(ckpt).to(device).eval().requires_grad_(False)
+    return "teacher", load_teacher(path, device, ckpt)
+
+
+def load_generator(path: str | os.PathLike, device: str | torch.device = "cpu") -> Generator:
+    """The EMA generator of a generator file (RUN/stage-XX/generator.pt), frozen for inference."""
+    return load_model(path, device, expect=(GENERATOR,))[1]
 
 
 # ---- helpers ----------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagoda.backbone import EfficientNetLite0
+from pagoda.grow import DISCRIMINATORS
 from pagoda.io import load_checkpoint
 from pagoda.losses import LossConfigError, pyramid
 
@@ -201,9 +202,6 @@ class Discriminator(nn.Module):
         with torch.no_grad():
             new.gain.copy_(torch.cat([torch.zeros_like(self.gain[:1]), self.gain]))
         return new
-
-
-DISCRIMINATORS = ("projected", "multiscale")
 
 
 def make_discriminator(kind: str, resolution: int, channels: int, num_classes: int | None, width: int = 64,

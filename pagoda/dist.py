@@ -21,7 +21,8 @@ with a 4-thread job beside it, a 2-thread stage-08 ran 3-4x slower here (60x on 
 job (bench/shared_machine.py). The OpenMP wait policy stays libgomp's default: PASSIVE (threads sleep at once)
 cost 15 % alone and did not help once the count adapts. `--threads N`, PAGODA_THREADS=N or OMP_NUM_THREADS=N
 fixes the count (then a run is bit-reproducible whatever else runs); library calls outside a command keep
-torch's own setting.
+torch's own setting. Local CPU workers (`--gpus 0 --procs P`) share the cores as torchrun shares them:
+`worker_threads(P)` gives each ⌊cpus / P⌋ threads unless the count is fixed.
 """
 from __future__ import annotations
 
@@ -252,6 +253,20 @@ class ThreadPolicy:
             self.threads = threads
             torch.set_num_threads(threads)
         return threads
+
+
+@contextmanager
+def worker_threads(workers: int, device: str):
+    """While local workers are started: on CPU each gets ⌊available_cpus() / workers⌋ threads through OMP_NUM_THREADS
+    (as torchrun; inherited by spawn, read by their ThreadPolicy) unless it is set; the environment is restored."""
+    preset = os.environ.get("OMP_NUM_THREADS")
+    if device == "cpu" and preset is None:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, available_cpus() // workers))
+    try:
+        yield
+    finally:
+        if preset is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
 
 
 _POLICY: ThreadPolicy | None = None  # installed by thread_policy() for the duration of a command

@@ -24,7 +24,8 @@ from torch.utils.data import Dataset
 from pagoda.data import loader
 from pagoda.images import downsample
 from pagoda.dist import update_threads
-from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
+from pagoda.io import CheckpointError, check_config, load_checkpoint, save_checkpoint, save_json
+from pagoda.rundir import INDEX_FILE, shard_name
 from pagoda.solvers import SIGMA_MAX, SIGMA_MIN, karras_sigmas, nfe, solve
 
 
@@ -94,7 +95,7 @@ def teacher_fingerprint(module) -> str:
 
 
 def _shard_path(root: Path, i: int) -> Path:
-    return root / f"shard-{i:05d}.pt"
+    return root / shard_name(i)
 
 
 def build_latent_cache(encoder: Encoder, dataset: Dataset, root: str | Path, num_images: int | None = None,
@@ -114,12 +115,9 @@ def build_latent_cache(encoder: Encoder, dataset: Dataset, root: str | Path, num
     x0, _ = dataset[0]
     info = CacheInfo(n, shard_size, encoder.resolution, int(x0.shape[0]), encoder.steps, encoder.method,
                      encoder.sigma_min, encoder.sigma_max, dtype, teacher_fingerprint(encoder.denoiser))
-    index = root / "index.json"
+    index = root / INDEX_FILE
     if index.exists():
-        old = json.loads(index.read_text())
-        if old != asdict(info):
-            raise ValueError(f"{root} holds a latent cache of another teacher/config ({_diff(old, asdict(info))}); "
-                             f"delete that folder or pass another --out")
+        check_config(json.loads(index.read_text()), info, index, what="a latent cache", delete=root)
     elif rank == 0:
         save_json(asdict(info), index)
     store = {"float16": torch.float16, "float32": torch.float32}[dtype]
@@ -156,11 +154,6 @@ def _shard_ok(path: Path) -> bool:
         return False  # torn or corrupt: recompute
 
 
-def _diff(a: dict, b: dict) -> str:
-    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return ", ".join(f"{k}: {a.get(k)} vs {b.get(k)}" for k in keys[:3])
-
-
 class LatentStore:
     """A finished cache, memory-mapped shard by shard (ImageNet's 59 GiB never sit in RAM, and ranks
     on one node share the page cache). `store[idx, slot]` gathers latents (slot 0 = image, 1 = flip)
@@ -169,9 +162,9 @@ class LatentStore:
 
     def __init__(self, root: str | Path):
         root = Path(root)
-        index = root / "index.json"
+        index = root / INDEX_FILE
         if not index.exists():
-            raise ValueError(f"{root} is not a latent cache (no index.json); build it with `pagoda encode`")
+            raise ValueError(f"{root} is not a latent cache (no {INDEX_FILE}); build it with `pagoda encode`")
         self.info = CacheInfo(**json.loads(index.read_text()))
         self.shards, ids, labels = [], [], []
         for i in range(self.info.num_shards):

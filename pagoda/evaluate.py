@@ -24,13 +24,14 @@ from rich.table import Table
 import numpy as np
 
 from pagoda import dist
-from pagoda.classifier import CLASSIFIER_DIR, NUM_CLASSES, classifier_for
+from pagoda.classifier import NUM_CLASSES, classifier_for
+from pagoda.decoder import load_model
 from pagoda.dist import DistInfo, pick_device
-from pagoda.inference import index_labels, make_sampler
+from pagoda.inference import make_sampler
 from pagoda.io import CheckpointError, save_json
-from pagoda.loop import progress_bar
+from pagoda.loop import index_labels, progress_bar
 from pagoda.metrics import evaluate
-from pagoda.rundir import GENERATOR_FILE, RunDir, open_model, resolve_teacher_path, run_of, run_root
+from pagoda.rundir import GENERATOR_FILE, RunDir, model_file, resolve_teacher_path, run_of, run_root
 
 TaskProgressFn = Callable[[str, int, int], None]  # (task, done, total), as metrics.evaluate reports
 
@@ -57,7 +58,7 @@ class ClassAccuracy:
         if (cfg.num_classes, cfg.in_channels) != (NUM_CLASSES, 1):
             raise ValueError(f"--accuracy scores Fashion-MNIST models (10 classes, 1 channel), not this one "
                              f"({cfg.num_classes} classes, {cfg.in_channels} channels); fix: drop --accuracy")
-        folder = run_root(path).root / CLASSIFIER_DIR
+        folder = run_root(path).classifier
         if info.is_main:
             classifier_for(folder, resolution, progress)  # trained and cached once, by rank 0
         dist.barrier(info)
@@ -75,7 +76,8 @@ class ClassAccuracy:
 def _open_sampler(checkpoint: str | Path, solver: str, nfe: int, resize: int | None, seed: int, dev: torch.device,
                   guidance: float = 1.0) -> tuple[torch.nn.Module, Path, Callable[[int, int], torch.Tensor], dict]:
     """(model, file, generate, the row's head: model name, kind, checkpoint, resolution, solver, nfe, guidance, seed)."""
-    kind, model, path = open_model(checkpoint, dev)
+    path = model_file(checkpoint)
+    kind, model = load_model(path, dev)
     head = {"model": describe(kind, model, solver, nfe, resize, guidance), "kind": kind,
             "checkpoint": str(path.resolve()), "resolution": resize or model.resolution,
             "solver": solver if kind == "teacher" else None, "nfe": nfe if kind == "teacher" else 1,

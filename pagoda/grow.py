@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from pagoda.discriminators import DISCRIMINATORS
-from pagoda.losses import DEFAULT_DISTANCE
 from pagoda.rundir import stage_dir_name
 
-OPTIMIZERS = ("radam", "adam")
+OPTIMIZERS = ("radam", "adam")  # pagoda/stage.py builds them
+DISCRIMINATORS = ("projected", "multiscale")  # pagoda.discriminators.make_discriminator kinds
+# Default reconstruction distance, offline: "features" = pseudo-Huber of (pyramid pixel MSE + MSE of a frozen
+# random edge/texture filter bank); as sharp as l2 and sharper than pixels alone on a super-resolution proxy
+# (docs/ablations.md, "Older measurements"); the GAN term does most of the sharpening.
+DEFAULT_DISTANCE = "features"
 
 
 @dataclass(frozen=True)
@@ -87,13 +90,6 @@ class StageConfig:
         if unknown:
             raise ValueError(f"unknown StageConfig fields {sorted(unknown)}: the config was written by another version")
         return cls(**d)
-
-    def matches(self, saved: dict | None) -> bool:
-        """Whether a saved stage config (a checkpoint's) is this one; fields added since take their defaults."""
-        try:
-            return StageConfig.from_dict(saved or {}) == self
-        except (TypeError, ValueError):
-            return False
 
 
 @dataclass(frozen=True)

@@ -165,10 +165,16 @@ def decode_mask(source: str | os.PathLike | io.BytesIO, name: str, resolution: i
 
 # Writing images ----------------------------------------------------------------------------------
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Images (…, C, H, W) in [-1, 1] -> uint8 (…, H, W, C): round((x + 1)·127.5) (NaN as 0)."""
-    x = ((torch.nan_to_num(x.detach().float().cpu()).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.movedim(-3, -1).numpy()
+def to_uint8(x: torch.Tensor | np.ndarray, channels: int | None = None) -> np.ndarray:
+    """Images (…, C, H, W) in [-1, 1] (or already uint8) -> uint8 (…, H, W, C): round((x + 1)·127.5), NaN as 0;
+    `channels=3` repeats a grey channel (Inception's input, `--rgb` exports). The one quantisation of every PNG,
+    export and FID."""
+    x = torch.as_tensor(x).detach().cpu()
+    if x.dtype != torch.uint8:
+        x = ((torch.nan_to_num(x.float()).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    if channels is not None and x.shape[-3] != channels:
+        x = x.expand(*x.shape[:-3], channels, *x.shape[-2:])
+    return x.movedim(-3, -1).contiguous().numpy()
 
 
 def tensor_to_pil(x: torch.Tensor) -> Image.Image:

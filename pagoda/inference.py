@@ -24,11 +24,11 @@ from PIL import Image
 
 from pagoda.data import default_workers, make_dataset
 from pagoda.images import downsample, grid_image, load_image, resample, save_image_grid, tensor_to_pil, to_uint8
-from pagoda.decoder import Generator
+from pagoda.decoder import Generator, load_generator
 from pagoda.encoder import Encoder, build_latent_cache, psnr, teacher_fingerprint
-from pagoda.io import atomic_write_bytes, save_json
-from pagoda.loop import progress_bar, step_generator
-from pagoda.rundir import RunDir, is_finished, resolve_generator, resolve_teacher_path, run_of
+from pagoda.io import atomic_write_bytes, check_config, save_json
+from pagoda.loop import index_labels, progress_bar, step_generator
+from pagoda.rundir import RunDir, is_finished, model_file, resolve_teacher_path, run_of
 from pagoda.solvers import HEUN_POINTS, karras_sigmas, nfe as count_nfe, sample, solver_steps
 from pagoda.teacher import Denoiser, guided, load_teacher
 
@@ -46,13 +46,6 @@ def check_class(num_classes: int | None, class_: int | None) -> None:
 
 
 # ---- sampling: grids and exports ------------------------------------------------------------------
-
-def index_labels(i: int, b: int, num_classes: int | None, class_: int | None = None) -> torch.Tensor | None:
-    """Labels of images i … i+b−1: `class_` for all, else i mod C (None for an unconditional model)."""
-    if num_classes is None:
-        return None
-    return torch.full((b,), class_) if class_ is not None else (i + torch.arange(b)) % num_classes
-
 
 def make_sampler(kind: str, model: torch.nn.Module, solver: str = "heun", nfe: int = 35, resize: int | None = None,
                  seed: int = 0, device: str | torch.device = "cpu", class_: int | None = None,
@@ -103,7 +96,7 @@ def _sampler(kind: str, checkpoint: str, class_: int | None, seed: int, steps: i
              guidance: float = 1.0):
     """(model, generate, NFE per image) of a generator ("generator") or a teacher ("teacher") checkpoint."""
     if kind == "generator":
-        model, nfe = resolve_generator(checkpoint), 1
+        model, nfe = load_generator(model_file(checkpoint)), 1
     else:
         model = load_teacher(checkpoint)
         nfe = count_nfe(method, torch.cat([karras_sigmas(steps, model.sigma_min, model.sigma_max), torch.zeros(1)]))
@@ -149,12 +142,9 @@ class _Export:
     def __init__(self, folder: Path, settings: dict, shape: tuple[int, int, int]):
         self.folder, self.shape = folder, shape  # shape: (H, W, C) of one image
         meta = folder / EXPORT_FILE
-        if meta.is_file():
-            old = json.loads(meta.read_text())
-            k = next((k for k in settings if old.get(k) != settings[k]), None)
-            if k is not None:
-                raise ValueError(f"{folder} holds an export with {k} {old.get(k)!r}, not {settings[k]!r}: rerun "
-                                 f"with the same settings to resume, or pass another output")
+        if meta.is_file():  # resume only the same export
+            check_config(json.loads(meta.read_text()), settings, meta, what="an export", option="output",
+                         delete=folder)
         elif folder.is_dir() and any(folder.glob("[0-9]*.png")):
             raise ValueError(f"{folder} holds PNGs that `pagoda sample` did not write: pass an empty or new --outdir")
         save_json(settings, meta)
@@ -241,8 +231,7 @@ def export_samples(checkpoint: str, kind: str = "generator", n: int = 64, outdir
     with progress_bar(progress) as bar:
         task = bar.add_task("export", total=len(todo), info="")
         for i, x in _blocks(generate, todo, batch):
-            a = to_uint8(x[:n - i])
-            a = a.repeat(3, axis=-1) if a.shape[-1] < shape[2] else a  # --rgb on a grey model
+            a = to_uint8(x[:n - i], channels=shape[2])  # --rgb on a grey model: the grey channel thrice
             for s in sinks:
                 s.write(i, a, todo)
             done += len(todo.intersection(range(i, i + len(a))))
@@ -258,7 +247,7 @@ def export_samples(checkpoint: str, kind: str = "generator", n: int = 64, outdir
 
 def load_models(checkpoint: str, teacher: str | None = None) -> tuple[Generator, Denoiser]:
     """The generator of `checkpoint` and its teacher (`teacher`, else the run's), checked to share the latent shape."""
-    G = resolve_generator(checkpoint)
+    G = load_generator(model_file(checkpoint))
     return G, load_teacher_of([G], checkpoint, teacher)
 
 
@@ -267,7 +256,7 @@ def load_stages(checkpoint: str, teacher: str | None = None) -> tuple[list[Gener
     directory: just its generator), and their teacher (`teacher`, else the run's)."""
     path = Path(checkpoint)
     stages = RunDir(path).finished() if path.is_dir() and not is_finished(path) else []
-    Gs = [resolve_generator(p) for p in stages] or [resolve_generator(checkpoint)]  # the latter: its one-line error
+    Gs = [load_generator(model_file(p)) for p in stages] or [load_generator(model_file(checkpoint))]  # the latter: its one-line error
     return Gs, load_teacher_of(Gs, checkpoint, teacher)
 
 

@@ -1,8 +1,12 @@
-"""Checkpoint I/O: atomic writes (temp file + fsync + rename) and safe loads (weights_only=True).
+"""Checkpoint I/O: atomic writes (temp file + fsync + rename), safe loads (weights_only=True), and the one
+checkpoint convention (docs/checkpoints.md).
 
 A checkpoint is a dict of tensors and plain containers (dict/list/str/int/float/bool/None), so
 `torch.load(path, weights_only=True)` can read it; configs live inside as plain dicts. Model files say what
-they are in `"kind"` (a teacher, a generator); a raw ADM state dict (edm_imagenet64_ema.pt) has none.
+they are in `"kind"` (a teacher, a generator) and hold their weights under `"state_dict"`; a raw ADM state dict
+(edm_imagenet64_ema.pt) has no kind. A training state (RUN/…/checkpoint.pt) is {"step", "config", "<net>",
+"<net>_ema", "opt_<net>"}; `load_state` reads it (older key names renamed) and `check_config` refuses a file (or a
+cache's or export's settings) written under another config, in one line naming the file and the fix.
 """
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ import json
 import os
 import pickle
 import tempfile
+from dataclasses import MISSING, asdict, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,3 +123,35 @@ def open_checkpoint(path: str | os.PathLike, expect: tuple[str, ...], map_locati
     """(kind, checkpoint) of a model file whose kind must be one of `expect` (see check_kind)."""
     ckpt = load_checkpoint(path, map_location)
     return check_kind(ckpt, path, expect), ckpt
+
+
+def _plain(config) -> dict[str, Any]:
+    """A config (dataclass or dict) as JSON would store it (tuples as lists)."""
+    return json.loads(json.dumps(asdict(config) if is_dataclass(config) else dict(config)))
+
+
+def check_config(saved: dict[str, Any] | None, config, path: str | os.PathLike, what: str = "a training state",
+                 option: str = "--out", delete: str | os.PathLike | None = None) -> None:
+    """Refuse `path` unless the config saved in it is `config` (a dataclass or a dict): a one-line CheckpointError
+    naming the file, the first fields that differ and the fix (another `option`, or delete `delete` to start again).
+    Fields of a dataclass `config` that the file lacks take their defaults (files written before they existed)."""
+    defaults = {} if not is_dataclass(config) else _plain(
+        {f.name: f.default for f in fields(config) if f.default is not MISSING})
+    ours, theirs = _plain(config), {**defaults, **_plain(saved or {})}
+    if saved is not None and theirs == ours:
+        return
+    diff = ", ".join(f"{k}: {theirs.get(k)!r} vs {ours.get(k)!r}" for k in sorted(set(ours) | set(theirs))
+                     if theirs.get(k) != ours.get(k))
+    why = f"of another config ({diff[:300]})" if saved is not None else "without a config"
+    raise CheckpointError(f"{path} holds {what} {why}: pass another {option}, or delete {delete or path} to start "
+                          f"it again")
+
+
+def load_state(path: str | os.PathLike, config, map_location: str | torch.device = "cpu",
+               renamed: dict[str, str] | None = None, delete: str | os.PathLike | None = None) -> dict[str, Any]:
+    """A training state {"step", "config", "<net>", "<net>_ema", "opt_<net>"} written under `config` (check_config);
+    keys of an older layout are renamed (`renamed`: old -> new; "stage" -> "config" always)."""
+    renamed = {"stage": "config", **(renamed or {})}
+    ckpt = {renamed.get(k, k): v for k, v in load_checkpoint(path, map_location).items()}
+    check_config(ckpt.get("config"), config, path, delete=delete)
+    return ckpt

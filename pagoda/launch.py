@@ -94,7 +94,7 @@ def run_worker(cfg: TrainConfig, progress: bool = True) -> Path:
 
 @record  # writes the exception into torchelastic's error file, so the launcher can name it
 def _worker(fn: Callable, args: tuple, kwargs: dict):
-    with dist.thread_policy():  # the command's thread policy, in each worker (OMP_NUM_THREADS, set below, fixes it)
+    with dist.thread_policy():  # the command's thread policy, in each worker (dist.worker_threads fixes its count)
         return fn(*args, **kwargs)
 
 
@@ -110,22 +110,17 @@ def launch(fn: Callable, args: tuple, kwargs: dict, gpus: int, procs: int | None
     """fn(*args, **kwargs) on N local workers via elastic_launch (fn joins the group itself, from the
     environment the launcher sets); returns rank 0's result. `device=` is set in kwargs from --gpus/--procs."""
     nproc, device = resolve_workers(gpus, procs)
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if device == "cpu" and threads is None:  # as torchrun: the workers share the cores (inherited by spawn)
-        os.environ["OMP_NUM_THREADS"] = str(max(1, dist.available_cpus() // nproc))
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"pagoda-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.2,
                           start_method="spawn")
     try:
-        return elastic_launch(config, _worker)(fn, args, {**kwargs, "device": device})[0]
+        with dist.worker_threads(nproc, device):  # the workers share the cores (pagoda/dist.py)
+            return elastic_launch(config, _worker)(fn, args, {**kwargs, "device": device})[0]
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         how = f"killed by signal {-failure.exitcode}" if failure.exitcode < 0 else f"exit code {failure.exitcode}"
         raise LaunchError(f"worker rank {rank} of {nproc} failed ({how}): {_first_line(failure)}; the other workers "
                           f"were stopped; fix the cause and rerun the same command (training resumes)") from None
-    finally:
-        if threads is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
 
 
 def _train_worker(cfg: TrainConfig, progress: bool, device: str) -> str:

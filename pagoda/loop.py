@@ -24,8 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from pagoda.dist import update_threads
 from pagoda.io import save_json
-
-METRICS_FILE, TIMING_FILE = "metrics.jsonl", "timing.json"  # written by run_loop into a loop's directory
+from pagoda.rundir import METRICS_FILE, TIMING_FILE  # written by run_loop into a loop's directory
 
 
 class TrainingError(RuntimeError):
@@ -67,9 +66,12 @@ def check_finite(step: int, **losses: float) -> None:
                             f"(lower the learning rate, then rerun with --resume)")
 
 
-def fixed_labels(n: int, num_classes: int | None) -> torch.Tensor | None:
-    """Grid labels: 0, 1, ..., C−1, 0, 1, ... (one class per column of a C-wide grid)."""
-    return None if not num_classes else torch.arange(n) % num_classes
+def index_labels(i: int, b: int, num_classes: int | None, class_: int | None = None) -> torch.Tensor | None:
+    """Labels of images i … i+b−1: `class_` for all, else i mod C (None for an unconditional model). Every grid
+    and export labels its images so: a C-wide grid shows one class per column, an export's image i has class i mod C."""
+    if not num_classes:
+        return None
+    return torch.full((b,), class_) if class_ is not None else (i + torch.arange(b)) % num_classes
 
 
 LINE_EVERY = 10.0  # seconds between two progress lines when stdout is not a terminal

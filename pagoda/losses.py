@@ -25,12 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pagoda.backbone import EfficientNetLite0
+from pagoda.grow import DEFAULT_DISTANCE
 from pagoda.io import load_checkpoint, save_checkpoint
 
-# Default reconstruction distance, offline: "features" = pseudo-Huber of (pyramid pixel MSE + MSE of a frozen
-# random edge/texture filter bank); as sharp as l2 and sharper than pixels alone on a super-resolution proxy
-# (docs/ablations.md, "Older measurements"); the GAN term does most of the sharpening.
-DEFAULT_DISTANCE = "features"
 PSEUDO_HUBER_C = 0.00054  # iCT (Song & Dhariwal 2023): c = 0.00054 * sqrt(dim) for data in [-1, 1]
 
 
@@ -90,7 +87,7 @@ class MultiscaleDistance(nn.Module):
     the value does not grow with resolution (λ and learning rates stay comparable across growth stages),
     and a level that is already right (e.g. the coarse levels after growing) adds little gradient.
     Averaging one pseudo-Huber per level instead lets solved levels dominate the normalised gradient:
-    measured 1.6 dB worse on the proxy described at DEFAULT_DISTANCE.
+    measured 1.6 dB worse on the proxy described at pagoda.grow.DEFAULT_DISTANCE.
     """
 
     def __init__(self, min_size: int = 8):

@@ -1,6 +1,6 @@
 """FID / KID as the paper measures them, offline: clean-fid's pipeline and Inception weights found locally.
 
-Images (N×C×H×W, float in [-1, 1] or uint8, C = 1 or 3) -> uint8 (rounded as `images.to_uint8`), gray
+Images (N×C×H×W, float in [-1, 1] or uint8, C = 1 or 3) -> uint8 (`images.to_uint8`, as every PNG), gray
 -> RGB, clean-fid's "clean" resize to 299² (PIL bicubic on floats), clean-fid's TorchScript Inception-V3
 -> 2048-d pool features; FID = `cleanfid.fid.frechet_distance`, KID = `cleanfid.fid.kernel_distance`.
 Weights, first found wins: $PAGODA_INCEPTION, clean-fid's own /tmp/inception-2015-12-05.pt, the
@@ -38,6 +38,7 @@ from cleanfid.resize import build_resizer
 
 from pagoda.data import make_dataset
 from pagoda.dist import DistInfo, broadcast_object, gather_array, split as split_range, update_threads
+from pagoda.images import to_uint8
 
 FEATURE_DIM = 2048
 MODES = ("clean", "legacy_tensorflow")  # clean-fid's names for the two resize conventions
@@ -128,8 +129,8 @@ def load_inception(path: Path | None = None, mode: str = "clean", device: str | 
 
 # Features ----------------------------------------------------------------------------------------
 
-def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
-    """(N, C, H, W) float in [-1, 1] or uint8, C in (1, 3) -> (N, H, W, 3) uint8 (rounded as images.to_uint8)."""
+def check_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """(N, C, H, W) float in [-1, 1] or uint8, C in (1, 3), as a CPU tensor; a one-line MetricsError otherwise."""
     x = torch.as_tensor(images).detach().cpu()
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise MetricsError(f"images must be N×C×H×W with C in (1, 3), got {tuple(x.shape)}; fix: permute "
@@ -139,8 +140,7 @@ def to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
             raise MetricsError(f"integer images must be uint8, got {x.dtype}; fix: pass uint8 or floats in [-1, 1]")
         if not torch.isfinite(x).all():
             raise MetricsError("images contain NaN or inf; fix: check the generator (diverged?) before evaluating")
-        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous().numpy()
+    return x
 
 
 class FeatureExtractor:
@@ -163,7 +163,7 @@ class FeatureExtractor:
 
     def _batch(self, images: torch.Tensor | np.ndarray) -> np.ndarray:
         """One batch -> features: quantise, resize each image as clean-fid does, run the network."""
-        x = np.stack([self.resize(img) for img in to_uint8(images)])
+        x = np.stack([self.resize(img) for img in to_uint8(check_images(images), channels=3)])
         batch = torch.from_numpy(x.astype(np.float32)).permute(0, 3, 1, 2)  # NHWC memory: channels_last (≈ 1.4x on CPU)
         update_threads()
         return get_batch_features(batch, self.model, self.device)

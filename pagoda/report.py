@@ -18,8 +18,7 @@ import matplotlib
 from matplotlib.figure import Figure
 
 from pagoda.io import atomic_write_bytes
-from pagoda.loop import METRICS_FILE, TIMING_FILE
-from pagoda.rundir import CONFIG_FILE, RunDir, grid_name
+from pagoda.rundir import INDEX_FILE, METRICS_FILE, TIMING_FILE, RunDir, grid_name
 
 matplotlib.use("Agg")  # headless: never opens a window
 
@@ -126,7 +125,7 @@ def collect(run_dir: Path) -> dict:
     run = RunDir(run_dir)
     load = lambda p: json.loads(p.read_text()) if p.is_file() else {}  # noqa: E731
     tdir, stages = run.teacher_dir, run.stages()
-    tcfg = load(tdir / CONFIG_FILE).get("teacher", {})
+    tcfg = load(run.teacher_config).get("teacher", {})
     tlog = read_jsonl(tdir / METRICS_FILE)
     tgrids = sorted(tdir.glob(grid_name("*")))
     timings, t = [], load(tdir / TIMING_FILE)
@@ -152,7 +151,7 @@ def collect(run_dir: Path) -> dict:
         elif logs[s.name]:
             timings.append({"part": s.name + " (running)", "steps": logs[s.name][-1]["step"], "seconds": None,
                             "img_per_s": logs[s.name][-1].get("img_per_s"), "source": f"{s.name}/{METRICS_FILE}"})
-    return {"run": run.root, "config": load(run.config), "teacher_config": tcfg, "latents": load(run.latents / "index.json"),
+    return {"run": run.root, "config": load(run.config), "teacher_config": tcfg, "latents": load(run.latents / INDEX_FILE),
             "teacher_log": tlog, "stage_logs": logs, "grids": grids, "timings": timings,
             "eval": load(run.eval).get("results", []), "finished": [p.name for p in run.finished()]}
 

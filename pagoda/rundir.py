@@ -1,13 +1,16 @@
-"""The one owner of the run-directory layout: file and folder names, finished stages, resolving a path.
+"""The one owner of the run-directory layout: file and folder names, finished stages, resolving a path to a file.
 
     RUN/config.json              the resolved config of every stage
-    RUN/teacher/teacher.pt       the teacher (EMA weights), if trained here; + checkpoint.pt, grids, metrics.jsonl
-    RUN/latents/                 the encoder cache (index.json + shards; image and flip)
-    RUN/stage-08/ stage-16/ …    per stage: generator.pt (marks it done), checkpoint.pt, grids, metrics.jsonl
-    RUN/eval.json                `pagoda eval` rows;   RUN/report.html, report.md, report_files/   the report
+    RUN/teacher/teacher.pt       the teacher (EMA weights), if trained here; + checkpoint.pt, config.json, grids, logs
+    RUN/latents/                 the encoder cache (index.json + shard-00000.pt …; image and flip) + timing.json
+    RUN/teacher-samples.pt       the distillation pool's teacher samples (shared by the stages)
+    RUN/stage-08/ stage-16/ …    per stage: generator.pt (marks it done), checkpoint.pt, grids, logs
+    RUN/classifier/              `pagoda eval --accuracy`'s classifiers;  RUN/eval.json   `pagoda eval` rows
+    RUN/report.html, report.md, report_files/   the report
+    a loop's logs:               metrics.jsonl (one line per step), timing.json (at the end)
 
 `pagoda sample/invert/eval` accept a checkpoint file, a stage directory or a run directory (then the last
-finished stage); `open_model` tells a teacher, a generator and a raw ADM state dict apart.
+finished stage's generator): `model_file` resolves the path, pagoda/decoder.py's `load_model` loads the file.
 """
 from __future__ import annotations
 
@@ -15,20 +18,23 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from pagoda.decoder import Generator
-from pagoda.io import ADM, GENERATOR, TEACHER, CheckpointError, open_checkpoint
-from pagoda.teacher import Denoiser, load_teacher
+from pagoda.io import CheckpointError
 
 TEACHER_FILE, GENERATOR_FILE, CHECKPOINT_FILE = "teacher.pt", "generator.pt", "checkpoint.pt"
-TEACHER_SAMPLES_FILE = "teacher-samples.pt"  # RUN/teacher-samples.pt: L_dstl's teacher ODE samples (every stage)
 CONFIG_FILE = "config.json"  # RUN/config.json (every stage) and RUN/teacher/config.json (the teacher job)
+METRICS_FILE, TIMING_FILE = "metrics.jsonl", "timing.json"  # a training loop's logs (pagoda/loop.py), in its folder
+INDEX_FILE = "index.json"  # a latent cache's CacheInfo (pagoda/encoder.py)
+TEACHER_SAMPLES_FILE = "teacher-samples.pt"  # the distillation pool's teacher samples, RUN/teacher-samples.pt
 
 
 def stage_dir_name(res: int) -> str:
     """Run-directory name of the stage at `res`: "stage-08", "stage-16", "stage-128"."""
     return f"stage-{int(res):02d}"
+
+
+def shard_name(i: int) -> str:
+    """File name of latent-cache shard i: shard-00000.pt."""
+    return f"shard-{i:05d}.pt"
 
 
 def grid_name(tag: str | int) -> str:
@@ -47,9 +53,11 @@ class RunDir:
 
     config = property(lambda self: self.root / CONFIG_FILE)
     teacher_dir = property(lambda self: self.root / "teacher")
-    teacher = property(lambda self: self.root / "teacher" / TEACHER_FILE)
+    teacher = property(lambda self: self.teacher_dir / TEACHER_FILE)
+    teacher_config = property(lambda self: self.teacher_dir / CONFIG_FILE)
     latents = property(lambda self: self.root / "latents")
     teacher_samples = property(lambda self: self.root / TEACHER_SAMPLES_FILE)
+    classifier = property(lambda self: self.root / "classifier")
     eval = property(lambda self: self.root / "eval.json")
     report_html = property(lambda self: self.root / "report.html")
     report_md = property(lambda self: self.root / "report.md")
@@ -58,6 +66,14 @@ class RunDir:
     def stage(self, res: int) -> Path:
         """RUN/stage-XX of the stage at resolution `res`."""
         return self.root / stage_dir_name(res)
+
+    def generator(self, res: int) -> Path:
+        """RUN/stage-XX/generator.pt of the stage at `res` (its final EMA generator)."""
+        return self.stage(res) / GENERATOR_FILE
+
+    def checkpoint(self, res: int) -> Path:
+        """RUN/stage-XX/checkpoint.pt of the stage at `res` (its resumable training state)."""
+        return self.stage(res) / CHECKPOINT_FILE
 
     def stages(self) -> list[Path]:
         """Every stage directory (finished or not), lowest resolution first."""
@@ -92,8 +108,9 @@ def run_of(path: str | Path) -> RunDir | None:
     return run if run.is_run() else None
 
 
-def generator_file(path: str | Path) -> Path:
-    """A generator checkpoint file, a stage directory, or a run directory (its last finished stage) -> the file."""
+def model_file(path: str | Path) -> Path:
+    """A checkpoint file (itself), a stage directory or a run directory (its last finished stage) -> a generator or
+    teacher file."""
     path = Path(path)
     if path.is_dir() and is_finished(path):  # RUN/stage-XX
         return path / GENERATOR_FILE
@@ -108,16 +125,6 @@ def generator_file(path: str | Path) -> Path:
     return path
 
 
-def resolve_generator(path: str | Path, device: str | torch.device = "cpu") -> Generator:
-    """The EMA generator of a checkpoint, stage or run directory, frozen for inference."""
-    _, ckpt = open_checkpoint(generator_file(path), expect=(GENERATOR,))
-    return _frozen(Generator.from_checkpoint(ckpt), device)
-
-
-def _frozen(G: Generator, device) -> Generator:
-    return G.to(device).eval().requires_grad_(False)
-
-
 def resolve_teacher_path(path: str | Path) -> Path:
     """The teacher of a run: RUN/teacher/teacher.pt, or the --teacher recorded in RUN/config.json."""
     run = run_root(path)
@@ -128,13 +135,3 @@ def resolve_teacher_path(path: str | Path) -> Path:
         if t and Path(t).is_file():
             return Path(t)
     raise CheckpointError(f"no teacher found for {path}: pass --teacher CKPT")
-
-
-def open_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[str, Generator | Denoiser, Path]:
-    """('generator', G, file) for a generator checkpoint, stage or run directory; ('teacher', D, file) for a
-    teacher checkpoint or a raw ADM state dict."""
-    file = generator_file(path)
-    kind, ckpt = open_checkpoint(file, expect=(TEACHER, ADM, GENERATOR))
-    if kind == GENERATOR:
-        return "generator", _frozen(Generator.from_checkpoint(ckpt), device), file
-    return "teacher", load_teacher(file, device, ckpt), file

@@ -30,8 +30,8 @@ from pagoda.discriminators import build_discriminators, continued_discriminators
 from pagoda.encoder import LatentPairs
 from pagoda.grow import StageConfig
 from pagoda.images import downsample, save_image_grid
-from pagoda.io import load_checkpoint, save_checkpoint
-from pagoda.loop import EMA, LoopSpec, check_finite, fixed_labels, run_loop, step_generator
+from pagoda.io import load_state, save_checkpoint
+from pagoda.loop import EMA, LoopSpec, check_finite, index_labels, run_loop, step_generator
 from pagoda.losses import (MultiscaleDistance, TeacherSampleCache, d_hinge_loss, diff_augment, g_hinge_loss,
                            generator_loss, make_distance, margin)
 from pagoda.rundir import CHECKPOINT_FILE, GENERATOR_FILE, RunDir, grid_name
@@ -127,13 +127,13 @@ class StageTrainer:
             G = Generator.from_teacher(teacher, guidance=bool(self.guidance_max))
         else:
             if G_prev is None:
-                G_prev = Generator.from_checkpoint(run.stage(stage.resolution // 2) / GENERATOR_FILE)
+                G_prev = Generator.from_checkpoint(run.generator(stage.resolution // 2))
             G = G_prev.grow(stage.grow_channels, fade=stage.fade)
         self.G = G.to(self.dev).train()
         self.G.set_trainable(stage.activate_from)
         self.params_G = [p for p in self.G.parameters() if p.requires_grad]
         self.C, self.R, self.ncls = self.G.channels, stage.resolution, self.G.unet.config.num_classes
-        prev_ckpt = run.stage(stage.resolution // 2) / CHECKPOINT_FILE
+        prev_ckpt = run.checkpoint(stage.resolution // 2)
         if stage.d_continue and not prev_ckpt.is_file():
             warnings.warn(f"{prev_ckpt} is missing: {self.sdir.name} starts a fresh discriminator", stacklevel=2)
         D, D_recon = (continued_discriminators(stage, self.C, self.ncls, prev_ckpt)
@@ -143,7 +143,7 @@ class StageTrainer:
         self.distance = make_distance(stage.distance, self.C, stage.d_input).to(self.dev)
         self.G_base = None  # the anchor's target: the frozen stage-2 generator (the grown G's fresh samples stay on it)
         if stage.anchor > 0:
-            base = run.stage(self.G.base_resolution) / GENERATOR_FILE
+            base = run.generator(self.G.base_resolution)
             self.G_base = Generator.from_checkpoint(base, map_location=self.dev).eval().requires_grad_(False)
             self.anchor_distance = MultiscaleDistance()  # at R px: the pseudo-Huber pixel distance (one level)
         self.opt_G = _opt(stage.optimizer, self.params_G, stage.lr_G)
@@ -180,19 +180,17 @@ class StageTrainer:
         return self.sdir / CHECKPOINT_FILE
 
     def state(self) -> dict:
-        return {"step": self.step, "G": self.G.state_dict(), "G_ema": self.ema.module.state_dict(),
-                "D": [D.state_dict() for D in self.Ds], "opt_G": self.opt_G.state_dict(),
-                "opt_D": self.opt_D.state_dict(), "stage": asdict(self.stage)}
+        """The training state (docs/checkpoints.md): step, config, G, G_ema, opt_G, D (a list), opt_D."""
+        return {"step": self.step, "config": asdict(self.stage), "G": self.G.state_dict(),
+                "G_ema": self.ema.module.state_dict(), "opt_G": self.opt_G.state_dict(),
+                "D": [D.state_dict() for D in self.Ds], "opt_D": self.opt_D.state_dict()}
 
     def load(self) -> bool:
         """Resume from sdir/checkpoint.pt if present (same stage config), else sync initial weights across ranks."""
         if not self.ckpt_path.exists():
             dist.broadcast_([t for m in [self.G, *self.Ds] for t in m.state_dict().values()], self.info)
             return False
-        ck = load_checkpoint(self.ckpt_path, map_location=self.dev)
-        if not self.stage.matches(ck.get("stage")):
-            raise ValueError(f"{self.ckpt_path} was written with another stage config: use another --out "
-                             f"or delete {self.sdir} to restart that stage")
+        ck = load_state(self.ckpt_path, self.stage, self.dev, delete=self.sdir)
         self.G.load_state_dict(ck["G"])
         self.ema.module.load_state_dict(ck["G_ema"])
         for D, sd in zip(self.Ds, ck["D"]):
@@ -422,7 +420,7 @@ class StageTrainer:
         n = 100 if self.ncls == 10 else 64
         R0 = self.G.base_resolution
         zg = self.G.sigma_max * torch.randn(n, self.C, R0, R0, generator=step_generator(self.spec.seed, 99))
-        yg = fixed_labels(n, self.ncls)
+        yg = index_labels(0, n, self.ncls)
         G = self.ema.module
         G.set_alpha(float(self.G.alpha))
         with torch.no_grad():

@@ -7,7 +7,8 @@ c_noise is explicit: "adm" = 250·ln σ (the ADM / consistency-models checkpoint
 "edm" = ln(σ)/4 (NVlabs/edm's own networks). The denoiser carries its noise range [σ_min, σ_max]: the
 encoder, the generator and every sampler take σ_max from it.
 
-A teacher file is {"kind": "teacher", "unet_config", "sigma_data", "c_noise", "sigma_min", "sigma_max", "ema"};
+A teacher file is {"kind": "teacher", "state_dict" (EMA weights), "unet_config", "sigma_data", "c_noise", "sigma_min",
+"sigma_max"} (docs/checkpoints.md; files before it held the weights under "ema");
 `load_teacher` also reads a raw ADM state dict (e.g. `edm_imagenet64_ema.pt`) of a known UNet preset.
 """
 from __future__ import annotations
@@ -115,9 +116,9 @@ def guided(denoiser: Denoiser, scale: float | torch.Tensor):
 
 def teacher_checkpoint(denoiser: Denoiser, **extra) -> dict:
     """The teacher file: EMA weights, UNet config and the EDM constants (pagoda.io kind "teacher")."""
-    return {"kind": TEACHER, "unet_config": denoiser.unet.config.to_dict(), "sigma_data": denoiser.sigma_data,
-            "c_noise": denoiser.c_noise, "sigma_min": denoiser.sigma_min, "sigma_max": denoiser.sigma_max,
-            "ema": denoiser.state_dict(), **extra}
+    return {"kind": TEACHER, "state_dict": denoiser.state_dict(), "unet_config": denoiser.unet.config.to_dict(),
+            "sigma_data": denoiser.sigma_data, "c_noise": denoiser.c_noise, "sigma_min": denoiser.sigma_min,
+            "sigma_max": denoiser.sigma_max, **extra}
 
 
 def load_teacher(path: str | os.PathLike, device: str | torch.device = "cpu", ckpt: dict[str, Any] | None = None
@@ -129,7 +130,7 @@ def load_teacher(path: str | os.PathLike, device: str | torch.device = "cpu", ck
         D = Denoiser(UNet(UNetConfig.from_dict(ckpt["unet_config"])), ckpt.get("sigma_data", 0.5),
                      ckpt.get("c_noise", "adm"), sigma_min=ckpt.get("sigma_min", SIGMA_MIN),
                      sigma_max=ckpt.get("sigma_max", SIGMA_MAX))
-        D.load_state_dict(ckpt["ema"])
+        D.load_state_dict(ckpt["state_dict"] if "state_dict" in ckpt else ckpt["ema"])  # "ema": files before the convention
         return D.to(device).eval().requires_grad_(False)
     sd = ckpt.get("state_dict", ckpt)
     sd = {k.removeprefix("module.").removeprefix("model."): v for k, v in sd.items() if torch.is_tensor(v)}

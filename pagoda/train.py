@@ -21,8 +21,8 @@ from pagoda.images import save_image_grid
 from pagoda.decoder import Generator
 from pagoda.encoder import Encoder, LatentPairs, LatentStore, build_latent_cache
 from pagoda.grow import StageConfig, get_preset, plan_stages
-from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
-from pagoda.loop import EMA, LoopSpec, TIMING_FILE, check_finite, fixed_labels, progress_bar, run_loop, step_generator
+from pagoda.io import load_state, save_checkpoint, save_json
+from pagoda.loop import EMA, LoopSpec, TIMING_FILE, check_finite, index_labels, progress_bar, run_loop, step_generator
 from pagoda.rundir import CHECKPOINT_FILE, CONFIG_FILE, GENERATOR_FILE, TEACHER_FILE, RunDir, grid_name, is_finished
 from pagoda.solvers import HEUN_POINTS, sample
 from pagoda.stage import RunSpec, StageTrainer
@@ -52,6 +52,8 @@ class TeacherConfig:
     seed: int = 0
 
 
+OLD_TEACHER_KEYS = {"model": "teacher", "ema": "teacher_ema", "opt": "opt_teacher"}  # checkpoint.pt before docs/checkpoints.md
+
 TEACHER_PRESETS = {
     "demo": TeacherConfig(),  # ~10 min on 2 CPU cores
     "tiny": TeacherConfig(unet="tiny", steps=60, batch=64, grid_every=60, ckpt_every=30, sample_steps=6),
@@ -77,16 +79,15 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, progress: bool = True, de
     ema, step = EMA(denoiser, cfg.ema), 0
     ckpt_path = out / CHECKPOINT_FILE
     if ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path, map_location=dev)
-        if ck.get("config") != asdict(cfg):
-            raise CheckpointError(f"{ckpt_path} was trained with another config; use another --out or delete it")
-        denoiser.load_state_dict(ck["model"]), ema.module.load_state_dict(ck["ema"]), opt.load_state_dict(ck["opt"])
+        ck = load_state(ckpt_path, cfg, dev, renamed=OLD_TEACHER_KEYS)
+        denoiser.load_state_dict(ck["teacher"]), ema.module.load_state_dict(ck["teacher_ema"])
+        opt.load_state_dict(ck["opt_teacher"])
         step = ck["step"]
     save_json({"teacher": asdict(cfg), "unet": unet_cfg.to_dict()}, out / CONFIG_FILE)
     n_grid = 10 * (ncls or 10) if ncls else 64
     zg = denoiser.sigma_max * torch.randn(n_grid, data.channels, cfg.resolution, cfg.resolution,
                                    generator=step_generator(cfg.seed, 7))
-    yg = fixed_labels(n_grid, ncls)
+    yg = index_labels(0, n_grid, ncls)
 
     def draw(g: torch.Generator) -> torch.Tensor:  # the first draw of step k's generator: the batch's indices
         return torch.randint(0, len(data), (cfg.batch,), generator=g)
@@ -114,8 +115,8 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, progress: bool = True, de
         return {"loss": loss.item()}
 
     def save() -> None:
-        save_checkpoint({"config": asdict(cfg), "step": step, "model": denoiser.state_dict(), "ema": ema.module.state_dict(),
-                         "opt": opt.state_dict()}, ckpt_path)
+        save_checkpoint({"step": step, "config": asdict(cfg), "teacher": denoiser.state_dict(),
+                         "teacher_ema": ema.module.state_dict(), "opt_teacher": opt.state_dict()}, ckpt_path)
 
     def grid(k: int) -> None:
         T = ema.module

@@ -23,7 +23,8 @@ from pagoda.encoder import Encoder, LatentPairs, psnr
 from pagoda.grow import PRESETS, plan_stages
 from pagoda.inference import NpzExport, encode_images, load_models, make_sampler
 from pagoda.stage import RunSpec, StageTrainer
-from pagoda.rundir import resolve_generator
+from pagoda.decoder import load_generator
+from pagoda.rundir import model_file
 from pagoda.train import TrainConfig, train
 
 from helpers import build_tiny_run, invoke, ok, one_line_error
@@ -149,7 +150,7 @@ def test_export_rgb_class_and_other_batch(tiny_run, tmp_path):
     ok(invoke("sample", "--checkpoint", tiny_run, "--n", 10, "--npz", tmp_path / "c.npz", "--batch", 3, "--no-progress"))
     c = npz(tmp_path / "c")
     assert np.array_equal(c["arr_0"], a["arr_0"]) and np.array_equal(c["arr_1"], a["arr_1"])
-    generate = make_sampler("generator", resolve_generator(str(tiny_run)))
+    generate = make_sampler("generator", load_generator(model_file(tiny_run)))
     whole, share = generate(0, 70), torch.cat([generate(5, 62), generate(67, 3)])  # across a 64-image call
     assert torch.equal(share, whole[5:]) and np.array_equal(to_uint8(whole[:10]), a["arr_0"])
     # the default grid shows the same images: one row of 10 classes, 16 px ×4

@@ -333,3 +333,17 @@ def test_thread_policy_fixed_by_option_or_environment(monkeypatch):
     with pytest.raises(ValueError, match="not a number of threads"):
         with dist.thread_policy():
             pass
+
+
+def test_local_cpu_workers_share_the_cores(monkeypatch):
+    """`--gpus 0 --procs P`: each worker gets ⌊cpus / P⌋ threads (≥ 1) unless OMP_NUM_THREADS is set; restored after."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(dist, "available_cpus", lambda: 5)
+    for workers, device, threads in [(2, "cpu", "2"), (8, "cpu", "1"), (2, "cuda", None)]:
+        with dist.worker_threads(workers, device):
+            assert os.environ.get("OMP_NUM_THREADS") == threads
+        assert "OMP_NUM_THREADS" not in os.environ
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    with dist.worker_threads(2, "cpu"):
+        assert os.environ["OMP_NUM_THREADS"] == "3"
+    assert os.environ["OMP_NUM_THREADS"] == "3"

@@ -29,7 +29,8 @@ from pagoda.data import load_fashion_mnist
 from pagoda.images import downsample, resample
 from pagoda.inference import make_sampler
 from pagoda.solvers import solver_steps
-from pagoda.rundir import open_model
+from pagoda.decoder import load_model
+from pagoda.rundir import RunDir, model_file
 from pagoda.solvers import METHODS, karras_sigmas, nfe as count_nfe
 
 runner = CliRunner()
@@ -100,13 +101,13 @@ def test_eval_all_stages(run):
 def test_eval_accuracy_uses_the_cached_classifier_and_teacher_guidance(run, monkeypatch):
     from pagoda import classifier as C
     clf = quick_classifier(16)
-    C.save_classifier(clf, run / C.CLASSIFIER_DIR / C.classifier_file(16), 0.84)
+    C.save_classifier(clf, RunDir(run).classifier / C.classifier_file(16), 0.84)
     monkeypatch.setattr(C, "train_classifier", lambda *a, **k: pytest.fail("retrained a cached classifier"))
     base = ["--n", "40", "--ref-n", "40", "--batch", "16", "--no-progress", "--device", "cpu", "--accuracy"]
     res = runner.invoke(app, ["eval", "--checkpoint", str(run), *base])
     assert res.exit_code == 0, res.output
     [row] = rows(run / "eval.json")
-    _, G, _ = open_model(run, "cpu")
+    _, G = load_model(model_file(run), "cpu")
     x = make_sampler("generator", G)(0, 40)
     assert row["accuracy"] == pytest.approx(clf.accuracy(x, torch.arange(40) % 10)) and "accuracy" in res.output
     teacher = str(run / "teacher" / "teacher.pt")
@@ -198,7 +199,7 @@ def test_solver_steps_gives_exactly_the_nfe_or_refuses(method, nfe):
 
 
 def test_sampler_is_seeded_cycles_labels_and_calls_the_teacher_nfe_times(tiny_run):
-    kind, D, _ = open_model(tiny_run / "teacher" / "teacher.pt")
+    kind, D = load_model(model_file(tiny_run / "teacher" / "teacher.pt"))
     assert kind == "teacher"
     calls, labels = [], []
 
@@ -219,7 +220,8 @@ def test_sampler_is_seeded_cycles_labels_and_calls_the_teacher_nfe_times(tiny_ru
     again = make_sampler("teacher", D, "dpmpp_2m", 3, seed=7)
     assert torch.equal(torch.cat([again(0, 6), again(6, 7)]), a) and a.abs().max() <= 1
     assert not torch.equal(make_sampler("teacher", D, "dpmpp_2m", 3, seed=8)(0, 6), a[:6])
-    kind, G, path = open_model(tiny_run)
+    path = model_file(tiny_run)
+    kind, G = load_model(path)
     assert kind == "generator" and G.resolution == 16 and path.parent.name == "stage-16"
     assert make_sampler("generator", G, resize=32)(0, 3).shape == (3, 1, 32, 32)
     # image i depends on (seed, i) only: any cut into batches (or ranks) gives the same bytes

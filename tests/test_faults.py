@@ -266,7 +266,7 @@ def test_bad_options_are_one_line_and_lose_nothing(tmp_path, assets, finished_ru
                                        str(finished_run), "--no-progress"]), str(gen), "teacher")
     # the run's latent cache belongs to another teacher: refused before config.json is rewritten
     one_line_error(runner.invoke(app, base + ["--res", "8", "--encode-steps", "2", "--encode-images", "16",
-                                              "--out", str(finished_run)]), "latent cache of another teacher")
+                                              "--out", str(finished_run)]), "latent cache of another config", "teacher")
     # a missing data directory
     one_line_error(runner.invoke(app, base[:3] + ["--data", str(tmp_path / "nope"), "--res", "8", "--out",
                                                   str(finished_run)]), str(tmp_path / "nope"), "fix:")

@@ -64,15 +64,6 @@ def test_growth_stages_distance_and_anchor():
         replace(plan_stages(8, 8, "tiny")[0], anchor=1.0)
 
 
-def test_saved_stage_config_matches():
-    """A checkpoint's stage config matches when equal, also when written before a field with its default existed."""
-    s = plan_stages(8, 16, "tiny")[1]  # anchor 0 (the default)
-    old = {k: v for k, v in asdict(s).items() if k != "anchor"}
-    assert s.anchor == 0.0 and s.matches(asdict(s)) and s.matches(old)
-    assert not replace(s, anchor=1.0).matches(old) and not s.matches({**old, "steps": 1})
-    assert not s.matches(None) and not s.matches({"bogus": 1})
-
-
 def test_bad_resolution_and_preset():
     with pytest.raises(ValueError, match=r"^--res 100 is not 8·2\^k: use one of 8, 16, 32, 64, \.\.\.$"):
         plan_stages(8, 100, "demo")

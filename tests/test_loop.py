@@ -1,10 +1,13 @@
-"""pagoda.loop: progress that reads in a log file (plain lines when stdout is not a terminal)."""
+"""pagoda/loop.py: progress that reads in a log file (plain lines when stdout is not a terminal); the label rule of
+every grid and export."""
 from __future__ import annotations
 
 import io
 import json
 
-from pagoda.loop import LineProgress, LoopSpec, progress_bar, run_loop
+import torch
+
+from pagoda.loop import LineProgress, LoopSpec, index_labels, progress_bar, run_loop
 
 
 def test_line_progress_writes_full_lines_with_step_numbers_and_eta():
@@ -46,3 +49,13 @@ def test_run_loop_logs_plain_lines_when_stdout_is_a_file(tmp_path, capsys):
     (tmp_path / "q").mkdir()
     run_loop(step, lambda: None, LoopSpec("quiet", total=2, batch=4, ckpt_every=10), 0, tmp_path / "q", progress=False)
     assert capsys.readouterr().out == ""
+
+
+def test_index_labels_image_i_has_class_i_mod_C():
+    """Image i is labelled i mod C however the sequence is cut; `class_` labels all; None when unconditional."""
+    whole = index_labels(0, 25, 10)
+    assert whole.tolist() == [k % 10 for k in range(25)]
+    assert torch.equal(torch.cat([index_labels(0, 7, 10), index_labels(7, 18, 10)]), whole)
+    assert torch.equal(index_labels(0, 100, 10).view(10, 10), torch.arange(10).repeat(10, 1))  # a 10-wide grid: one class a column
+    assert index_labels(3, 4, 10, class_=7).tolist() == [7] * 4
+    assert index_labels(0, 4, None) is None and index_labels(0, 4, None, class_=None) is None

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from pagoda import metrics as M
 from pagoda.data import load_fashion_mnist
-from pagoda.images import tensor_to_pil
+from pagoda.images import tensor_to_pil, to_uint8
 
 
 class CountingModel(torch.nn.Module):
@@ -51,18 +51,22 @@ def inception_features(fmnist_test):
 @settings(max_examples=20, deadline=None)
 @given(st.integers(1, 3), st.integers(0, 2**31 - 1))
 def test_to_uint8_inverts_data_scaling_and_replicates_gray(n, seed):
+    """Inception's input: the data's [0, 255] -> [-1, 1] undone exactly, grey as RGB, uint8 passed through."""
     u = torch.randint(0, 256, (n, 1, 5, 7), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
-    out = M.to_uint8(u.float() / 127.5 - 1)  # pagoda.data's [0, 255] -> [-1, 1]
+    out = to_uint8(M.check_images(u.float() / 127.5 - 1), channels=3)  # pagoda.data's [0, 255] -> [-1, 1]
     assert out.shape == (n, 5, 7, 3) and out.dtype == np.uint8
     for c in range(3):
         np.testing.assert_array_equal(out[..., c], u[:, 0].numpy())
+    np.testing.assert_array_equal(to_uint8(M.check_images(u), channels=3), out)
 
 
-def test_to_uint8_rejects_bad_input():
+def test_check_images_rejects_bad_input():
     with pytest.raises(M.MetricsError, match="N×C×H×W"):
-        M.to_uint8(torch.zeros(2, 8, 8, 3))
+        M.check_images(torch.zeros(2, 8, 8, 3))
     with pytest.raises(M.MetricsError, match="NaN"):
-        M.to_uint8(torch.full((1, 3, 4, 4), float("nan")))
+        M.check_images(torch.full((1, 3, 4, 4), float("nan")))
+    with pytest.raises(M.MetricsError, match="uint8"):
+        M.check_images(torch.zeros(1, 3, 4, 4, dtype=torch.int32))
 
 
 def test_tensor_features_match_clean_fid_folder_pipeline(tmp_path, fmnist_test):
