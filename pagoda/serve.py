@@ -37,7 +37,8 @@ from pagoda.control import edit_result, inpaint_result, interpolate_result, summ
 from pagoda.decoder import Generator
 from pagoda.dist import update_threads
 from pagoda.images import decode_image, decode_mask, first_line, grid_image, png_bytes, tensor_to_pil
-from pagoda.inference import (ToolOutput, check_class, guidance_range, index_labels, invert_result, load_stages,
+from pagoda.loop import index_labels
+from pagoda.inference import (ToolOutput, check_class, guidance_range, invert_result, load_stages,
                               make_sampler)
 
 PAGE = "serve_page.html"  # shipped inside the package (pyproject package-data): no CDN, no other file
