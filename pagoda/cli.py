@@ -29,7 +29,7 @@ from pagoda.grow import PRESETS as GROW_PRESETS
 from pagoda.io import CheckpointError
 from pagoda.losses import DISTANCES
 from pagoda.rundir import RunDir, resolve_teacher_path
-from pagoda.solvers import METHODS
+from pagoda.solvers import HEUN_POINTS, METHODS
 from pagoda.train import TEACHER_PRESETS, TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -380,7 +380,7 @@ def teacher_train(
                                       "\n\n  pagoda teacher sample --checkpoint runs/demo/teacher/teacher.pt --n 10000 --npz teacher.npz --guidance 2")
 def teacher_sample_cmd(
     checkpoint: str = typer.Option(RUN_DIR, callback=teacher_file, help="Teacher checkpoint or run directory."),
-    n: int = typer.Option(100, min=1), steps: int = typer.Option(18, min=2, help="Karras grid points (+ final 0)."),
+    n: int = typer.Option(100, min=1), steps: int = typer.Option(HEUN_POINTS, min=2, help="Karras grid points (+ final 0)."),
     method: str = typer.Option("heun", help=choices(METHODS)),
     class_: Optional[int] = typer.Option(None, "--class"), seed: int = typer.Option(0),
     out: str = typer.Option("teacher_samples.png"),
