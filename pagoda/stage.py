@@ -27,19 +27,19 @@ from pagoda import dist
 from pagoda.data import default_workers, loader
 from pagoda.decoder import Generator
 from pagoda.discriminators import build_discriminators, continued_discriminators
+from pagoda.draws import DISTILL_POOL, Fresh, Pairs, StageDraws, StepDraw, augment
 from pagoda.encoder import LatentPairs
 from pagoda.grow import StageConfig
 from pagoda.images import downsample, save_image_grid
 from pagoda.io import load_state, save_checkpoint
 from pagoda.loop import EMA, LoopSpec, check_finite, index_labels, run_loop, step_generator
-from pagoda.losses import (MultiscaleDistance, TeacherSampleCache, d_hinge_loss, diff_augment, g_hinge_loss,
+from pagoda.losses import (MultiscaleDistance, TeacherSampleCache, d_hinge_loss, g_hinge_loss,
                            generator_loss, make_distance, margin)
 from pagoda.rundir import CHECKPOINT_FILE, GENERATOR_FILE, RunDir, grid_name
 from pagoda.solvers import HEUN_POINTS, sample
 from pagoda.teacher import Denoiser, guided
 
 GUIDED_DISTILL = 3.0  # β of L_dstl for an ω-conditioned G when --distill is not given (docs/ablations.md)
-DISTILL_POOL = 4096  # size of the fixed z pool whose teacher samples the distillation loss uses
 PROBE_BATCH, PROBE_EVERY = 64, 10  # the held-out batch of the D margin, and how often (steps) it is measured
 
 
@@ -63,50 +63,6 @@ class RunSpec:
         return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
 
-@dataclass
-class Fresh:
-    """Fresh (z', y', ω') of the adversarial terms; y' None for an unconditional G, ω' None for an unguided one."""
-
-    z: torch.Tensor  # (B, C, R0, R0) ~ N(0, σ_max² I)
-    y: torch.Tensor | None  # (B,) class labels
-    omega: torch.Tensor | None  # (B,) guidance scales
-
-    def part(self, sl: slice, device: torch.device) -> Fresh:
-        """This micro-batch's rows, on the device."""
-        return Fresh(*(None if t is None else t[sl].to(device) for t in (self.z, self.y, self.omega)))
-
-
-@dataclass
-class DStepDraw:
-    """The draws of one D step."""
-
-    real: torch.Tensor  # (B,) latent-cache entries of the real batch
-    recon: torch.Tensor  # (B,) entries whose reconstructions the reconstruction-D judges (official 512 px)
-    fresh: Fresh  # the fakes' (z', y', ω')
-    flips: torch.Tensor  # (B,) bool: h-flip the real image
-
-
-@dataclass
-class StepDraw:
-    """Everything random in one step (the global batch; each rank takes its slices)."""
-
-    entries: torch.Tensor  # (B,) latent-cache entries of the reconstruction batch
-    flips: torch.Tensor  # (B,) bool: use the h-flipped image and latent
-    fresh: Fresh  # (z', y', ω') of L_adv
-    aug_seed: int  # DiffAugment seed of this step
-    pool: torch.Tensor  # (B,) distillation-pool indices
-    d_steps: list[DStepDraw]
-
-
-@dataclass
-class Pairs:
-    """One micro-batch read from the latent cache, on the device."""
-
-    x: torch.Tensor  # (B, C, R, R) the image at the stage resolution
-    z: torch.Tensor  # (B, C, R0, R0) its latent E(x_lo)
-    y: torch.Tensor | None  # (B,) its labels
-
-
 def _opt(name: str, params, lr: float, betas=(0.9, 0.999)):
     cls = {"radam": torch.optim.RAdam, "adam": torch.optim.Adam}[name]
     return cls(params, lr=lr, betas=betas, weight_decay=0.0)
@@ -117,7 +73,7 @@ class StageTrainer:
 
     def __init__(self, spec: RunSpec, stage: StageConfig, k: int, teacher: Denoiser, G_prev: Generator | None,
                  pairs: LatentPairs, sdir: Path, info: dist.DistInfo):
-        self.spec, self.stage, self.k, self.pairs = spec, stage, k, pairs
+        self.spec, self.stage, self.pairs = spec, stage, pairs
         self.sdir, self.info, self.dev = Path(sdir), info, info.device
         run = RunDir(self.sdir.parent)
         torch.manual_seed(step_generator(spec.seed, 1000 + k).initial_seed())  # fresh blocks and D: f(seed, stage)
@@ -133,6 +89,9 @@ class StageTrainer:
         self.G.set_trainable(stage.activate_from)
         self.params_G = [p for p in self.G.parameters() if p.requires_grad]
         self.C, self.R, self.ncls = self.G.channels, stage.resolution, self.G.unet.config.num_classes
+        R0 = self.G.base_resolution
+        self.draws = StageDraws(spec.seed, k, stage.batch, len(pairs.indices), stage.d_steps_per_g, (self.C, R0, R0),
+                                self.G.sigma_max, self.ncls, self.guidance_max, spec.guided_adv)
         prev_ckpt = run.checkpoint(stage.resolution // 2)
         if stage.d_continue and not prev_ckpt.is_file():
             warnings.warn(f"{prev_ckpt} is missing: {self.sdir.name} starts a fresh discriminator", stacklevel=2)
@@ -205,34 +164,6 @@ class StageTrainer:
             save_checkpoint(self.state(), self.ckpt_path)
 
     # ---- randomness and data -----------------------------------------------------------------------
-    def rng(self, *keys: int) -> torch.Generator:
-        return step_generator(self.spec.seed, 1000 + self.k, *keys)
-
-    def fresh(self, g: torch.Generator, n: int) -> Fresh:
-        """n fresh (z', y', ω'); ω' only for an ω-conditioned G (else nothing is drawn)."""
-        z = self.G.sigma_max * torch.randn(n, self.C, self.G.base_resolution, self.G.base_resolution, generator=g)
-        y = torch.randint(0, self.ncls, (n,), generator=g) if self.ncls else None
-        omega = 1 + (self.guidance_max - 1) * torch.rand(n, generator=g) if self.guidance_max else None
-        if omega is not None and not self.spec.guided_adv:  # the real data are the ω = 1 distribution: judge only that
-            omega = torch.ones_like(omega)
-        return Fresh(z, y, omega)
-
-    def draws(self, step: int) -> StepDraw:
-        """The random draws of step k, from generators seeded by (seed, stage, k[, D step j + 1])."""
-        B, N = self.stage.batch, len(self.pairs.indices)
-        g = self.rng(step)
-        entries, flips = torch.randint(0, N, (B,), generator=g), torch.rand(B, generator=g) < 0.5
-        fresh = self.fresh(g, B)
-        aug_seed = int(torch.randint(0, 2**62, (1,), generator=g))
-        pool = torch.randint(0, DISTILL_POOL, (B,), generator=g)
-        d_steps = []
-        for j in range(self.stage.d_steps_per_g):
-            gj = self.rng(step, j + 1)
-            real, recon = torch.randint(0, N, (B,), generator=gj), torch.randint(0, N, (B,), generator=gj)
-            fresh_j = self.fresh(gj, B)
-            d_steps.append(DStepDraw(real, recon, fresh_j, torch.rand(B, generator=gj) < 0.5))
-        return StepDraw(entries, flips, fresh, aug_seed, pool, d_steps)
-
     def slices(self) -> list[slice]:
         """This rank's micro-batches: slices of the global batch."""
         r, A, B = self.info.rank, self.A, self.B
@@ -264,22 +195,15 @@ class StageTrainer:
         parts = [Pairs(x[i:i + B], z[i:i + B], y[i:i + B] if self.ncls else None) for i in range(0, len(x), B)]
         return parts[:self.A], parts[self.A:]
 
-    def augment(self, x: torch.Tensor, seed: int, first: int) -> torch.Tensor:
-        """DiffAugment, sample i drawn from (seed, first + i), its index in the global batch: the same
-        augmentation however the batch is split over ranks and accumulation steps."""
-        if not self.spec.augment:
-            return x
-        return diff_augment(x, self.spec.augment, [step_generator(seed, first + i) for i in range(len(x))])
-
     # ---- the losses of one micro-batch ---------------------------------------------------------------
     def adversarial_terms(self, fresh: Fresh, x_rec, y, aug_seed: int, first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(L_adv, a·L_anchor) on the fresh fakes G(z', y', ω') [+ the reconstruction D's term on x_rec]."""
         with self.amp:
             fake = self.G(fresh.z, fresh.y, fresh.omega).float()
-            adv = g_hinge_loss(self.D(self.augment(fake, aug_seed, first), fresh.y))
+            adv = g_hinge_loss(self.D(augment(fake, self.spec.augment, aug_seed, first), fresh.y))
             if self.D_recon is not None:  # official 512 px: a 2nd discriminator judges reconstructions
                 adv = adv + self.stage.rec_disc_weight * g_hinge_loss(
-                    self.D_recon(self.augment(x_rec, aug_seed + 7, first), y))
+                    self.D_recon(augment(x_rec, self.spec.augment, aug_seed + 7, first), y))
             anchor = None
             if self.G_base is not None:
                 with torch.no_grad():
@@ -367,17 +291,18 @@ class StageTrainer:
         self.opt_D.zero_grad(set_to_none=True)
         total = 0.0
         for sl, real, recon in zip(self.slices(), reals, recons):
+            def aug(x, seed):  # real sample i and fake sample i get the same DiffAugment draw (as the official code)
+                return augment(x, self.spec.augment, seed, sl.start)
             f = fresh.part(sl, self.dev)
             with torch.no_grad(), self.amp:
                 fake = self.G(f.z, f.y, f.omega).float()
-            with self.amp:  # real sample i and fake sample i get the same DiffAugment draw (as the official code)
-                loss = d_hinge_loss(self.D(self.augment(real.x, aug_seed, sl.start), real.y),
-                                    self.D(self.augment(fake, aug_seed, sl.start), f.y))
+            with self.amp:
+                loss = d_hinge_loss(self.D(aug(real.x, aug_seed), real.y), self.D(aug(fake, aug_seed), f.y))
                 if recon is not None:  # reconstructions of another real batch vs that batch
                     with torch.no_grad():
                         x_rec = self.G(recon.z, recon.y).float()
-                    loss = loss + d_hinge_loss(self.D_recon(self.augment(recon.x, aug_seed + 2, sl.start), recon.y),
-                                               self.D_recon(self.augment(x_rec, aug_seed + 3, sl.start), recon.y))
+                    loss = loss + d_hinge_loss(self.D_recon(aug(recon.x, aug_seed + 2), recon.y),
+                                               self.D_recon(aug(x_rec, aug_seed + 3), recon.y))
             check_finite(self.step, d=loss.item())
             (loss / A).backward()
             total += loss.item() / A
@@ -394,7 +319,7 @@ class StageTrainer:
         order = torch.randperm(len(images), generator=g).tolist()
         held = [i for i in order if i not in cached][:PROBE_BATCH] or order[:PROBE_BATCH]
         x, y = next(loader(images, [held], 0))
-        fresh = self.fresh(g, len(held))
+        fresh = self.draws.fresh(g, len(held))
         real = Pairs(x.to(self.dev), None, y.to(self.dev) if self.ncls else None)
         return real, Fresh(fresh.z.to(self.dev), None if fresh.y is None else fresh.y.to(self.dev), None)
 

@@ -26,7 +26,8 @@ from pagoda.cli import app
 from pagoda.decoder import Generator
 from pagoda.encoder import CacheInfo
 from pagoda.io import CheckpointError, load_checkpoint, save_checkpoint, save_json
-from pagoda.stage import Pairs, StageTrainer
+from pagoda.draws import Pairs
+from pagoda.stage import StageTrainer
 from pagoda.loop import TrainingError
 from pagoda.train import TrainConfig, train
 
