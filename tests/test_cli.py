@@ -174,7 +174,11 @@ def test_every_checkpoint_option_takes_a_run_directory(toy_run, tmp_path, monkey
                                              "--out", out("t1.png")],
         ("eval", "--checkpoint"): ["eval", "--checkpoint", run, "--n", 4, "--ref-n", 4, "--no-progress",
                                    "--out", out("eval.json")],
+        ("serve", "--checkpoint"): ["serve", "--checkpoint", run],
+        ("serve", "--teacher"): ["serve", "--checkpoint", run / "stage-16", "--teacher", run],
     }
+    import pagoda.serve  # the server would run until stopped: build its models (pagoda.serve.App) and return
+    monkeypatch.setattr(pagoda.serve, "serve", lambda cfg, ready: pagoda.serve.App(cfg))
     assert sorted(runs) == _checkpoint_options()  # a new checkpoint option needs its row here
     for (command, option), args in runs.items():
         ok(invoke(*args))
