@@ -101,7 +101,7 @@ class BuiltinTextEncoder(nn.Module):
         super().__init__()
         if config.width % config.heads:
             raise TextError(f"text width {config.width} is not divisible by {config.heads} heads; fix: change one")
-        self.config, self.width = config, config.width
+        self.config, self.width, self.context = config, config.width, config.context
         self.tokenizer = ByteTokenizer(config.context)
         self.token_embedding = nn.Embedding(ByteTokenizer.vocab_size, config.width)
         self.positional_embedding = nn.Parameter(torch.randn(config.context, config.width) * config.width**-0.5)

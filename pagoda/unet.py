@@ -257,7 +257,7 @@ class TextPooling(nn.Module):
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """tokens (B, L, C), mask (B, L) -> (B, C); 0 for an all-padding row (the null text)."""
-        b, n, c = tokens.shape
+        b, c = tokens.shape[0], tokens.shape[2]
         x = self.norm_in(tokens)
         m = mask.to(x.dtype)[..., None]
         mean = (x * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
