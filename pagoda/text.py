@@ -129,14 +129,14 @@ class T5TextEncoder(nn.Module):
     def __init__(self, path: str | Path, context: int = CONTEXT):
         super().__init__()
         path = Path(path).expanduser()
+        if not (path / "config.json").is_file():
+            raise TextError(f"{path}: not a T5 folder (no config.json); fix: pass t5:PATH to a folder written by "
+                            f"save_pretrained (model + tokenizer)")
         try:  # optional extra, imported only by the backend that needs it (3 s at import)
             from transformers import AutoTokenizer, T5EncoderModel
         except ImportError:
             raise TextError("the t5: text encoder needs the optional package transformers; fix: "
                             "pip install 'pagoda[t5]', or use the builtin encoder") from None
-        if not (path / "config.json").is_file():
-            raise TextError(f"{path}: not a T5 folder (no config.json); fix: pass t5:PATH to a folder written by "
-                            f"save_pretrained (model + tokenizer)")
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
             self.model = T5EncoderModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)

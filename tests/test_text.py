@@ -172,6 +172,10 @@ def test_t5_encoder_from_a_local_folder(tiny_t5):
     assert net(torch.randn(3, 1, 8, 8), torch.randn(3), text=out).shape == (3, 1, 8, 8)
     with pytest.raises(TextError, match="longer than the text context"):
         enc(["a" * (CONTEXT + 1)])
+    (tiny_t5.parent / "no-weights").mkdir()
+    (tiny_t5.parent / "no-weights" / "config.json").write_text("{}")
+    with pytest.raises(TextError, match="cannot load a T5 encoder and tokenizer .*; fix: save both with save_pretrained"):
+        make_text_encoder(f"t5:{tiny_t5.parent / 'no-weights'}")
 
 
 def test_t5_bad_inputs(tmp_path, monkeypatch):
@@ -179,6 +183,7 @@ def test_t5_bad_inputs(tmp_path, monkeypatch):
         make_text_encoder(f"t5:{tmp_path}")
     with pytest.raises(TextError, match="unknown text encoder 't5:'"):
         make_text_encoder("t5:")
+    (tmp_path / "config.json").write_text("{}")
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if the extra were not installed
     with pytest.raises(TextError, match=r"needs the optional package transformers; fix: pip install 'pagoda\[t5\]'"):
         make_text_encoder(f"t5:{tmp_path}")
