@@ -245,9 +245,8 @@ class StageTrainer:
         d = self.draws(step)
         g_batches, d_batches = self.next_batches()
         adv_on = self.adv_on(step)
-        stats = dict(rec=0.0, dstl=0.0, adv=0.0, w=0.0, d=0.0, alpha=alpha)
-        if self.G_base is not None and adv_on:
-            stats["anchor"] = 0.0
+        stats = dict(rec=0.0, **({"dstl": 0.0} if self.beta > 0 else {}), adv=0.0, w=0.0, d=0.0, alpha=alpha,
+                     **({"anchor": 0.0} if self.G_base is not None and adv_on else {}))  # terms that are on
         # ---- G step; official 256/512 px (split_g_step): the L_rec update first, then L_adv through the new weights
         split = st.split_g_step and adv_on
         weights = []  # w of each micro-batch, for the adversarial pass of a split step

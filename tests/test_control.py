@@ -210,7 +210,9 @@ def test_growth_stage_with_an_anchor_trains_without_distillation(guided_run, tmp
     assert trainers[0.0].beta == 3.0 and trainers[0.0].teacher_samples is not None
     assert trainers[2.0].beta == 0.0 and trainers[2.0].teacher_samples is None and trainers[2.0].G_base is not None
     stats = trainers[2.0].train_step()
-    assert stats["rec"] > 0 and not (tmp_path / "teacher-samples.pt").exists()
+    assert stats["rec"] > 0 and "dstl" not in stats and not (tmp_path / "teacher-samples.pt").exists()
+    logged = trainers[0.0].train_step()  # L_dstl logged on its own, not inside L_rec
+    assert logged["dstl"] > 0 and logged["rec"] > 0 and (tmp_path / "teacher-samples.pt").is_file()
 
 
 def test_superres_encodes_once_and_reports_bicubic(tiny_run, images, tmp_path, monkeypatch):
