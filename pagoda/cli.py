@@ -25,7 +25,7 @@ import typer
 from rich.console import Console
 
 from pagoda.discriminators import DISCRIMINATORS
-from pagoda.grow import PRESETS as GROW_PRESETS
+from pagoda.grow import PRESETS as GROW_PRESETS, WIDTH_FORMS, check_width
 from pagoda.io import CheckpointError
 from pagoda.losses import DISTANCES
 from pagoda.rundir import RunDir, resolve_teacher_path
@@ -62,6 +62,14 @@ def teacher_file(path: str | None) -> str | None:
     except CheckpointError:
         fail(f"{path} holds no teacher (no teacher/teacher.pt, no --teacher in its config.json): pass a teacher .pt "
              f"or a run directory that has one")
+
+
+def width_schedule(schedule: str | None) -> str | None:
+    """--grow-width's value, checked before anything runs (pagoda.grow.check_width)."""
+    try:
+        return None if schedule is None else check_width(schedule)
+    except ValueError as e:
+        fail(str(e))
 
 
 DEFAULT = TrainConfig()  # every `pagoda train` default, and the run directory the other commands read by default
@@ -108,6 +116,8 @@ def train(
                                            "sum a+b (e.g. lite0+multiscale) (default: the preset's)."),
     discriminator: Optional[str] = typer.Option(DEFAULT.discriminator, help=f"{choices(DISCRIMINATORS)} (projected: frozen "
                                                 "EfficientNet-Lite0 features; multiscale: from scratch; default: the preset's)."),
+    grow_width: Optional[str] = typer.Option(DEFAULT.grow_width, callback=width_schedule, help=f"Width of the grown "
+                                             f"blocks: {WIDTH_FORMS} (default: the preset's)."),
     distill: float = typer.Option(DEFAULT.distill, help="Weight of the distillation loss (paper's ablation; 0 = off)."),
     guidance_max: float = typer.Option(DEFAULT.guidance_max, help="Train the guided one-step G(z, y, ω) for ω in [1, ω_max] "
                                        "(distilled from the guided teacher, β = --distill or 3; "
@@ -138,6 +148,7 @@ def train(
         fail(f"{out_dir} already holds a run and --no-resume was given: pass another --out (nothing was deleted)")
     cfg = TrainConfig(out=out, data=data, res=res, teacher=teacher, teacher_preset=teacher_preset, preset=preset,
                       encode_images=encode_images, encode_steps=encode_steps, distance=distance, discriminator=discriminator,
+                      grow_width=grow_width,
                       distill=distill, guidance_max=guidance_max, seed=seed, device=device, accumulate=accumulate,
                       max_stages=max_stages, max_steps=max_steps, max_batch=max_batch,
                       ckpt_every=ckpt_every, workers=workers)

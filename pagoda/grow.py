@@ -9,9 +9,19 @@ each further stage is one doubling of stage 3 (R → 2R → 4R ...), initialised
 Presets are named `GrowPreset` instances: `imagenet64` (official values, PAPER.md), `demo` (Fashion-MNIST
 on a 2-core CPU), `tiny` (tests). Per-stage lists are indexed by stage (0 = decoder at R, 1 = first
 doubling, ...); a stage beyond the end of a list takes its last entry.
+
+The width of the grown blocks follows a schedule (`grow_widths`; preset field `grow_width`, `pagoda train
+--grow-width`), C = the teacher trunk's top-level width, R' = a doubling's output resolution:
+
+    constant     every doubling at C (each takes the previous width; every preset's default)
+    halve        C/2, C/4, ... (ProGAN / StyleGAN halve the width per doubling)
+    B/R          min(C, C·B/R'): C up to B px, then halved per doubling (ProGAN's min(16384/R, 512) has this
+                 shape; 256/R on ImageNet-64 is the official 192, 192, 96)
+    W1,W2,...    explicit widths per doubling (the last repeats), e.g. 192,192,96
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields
 
 from pagoda.rundir import stage_dir_name
@@ -110,7 +120,7 @@ class GrowPreset:
     d_steps_per_g: int = 1  # discriminator steps per generator step
     distance: str = DEFAULT_DISTANCE  # reconstruction distance
     grow_distance: str | None = None  # the growth stages' distance; None = `distance`
-    grow_channels: int | None = None  # width of each doubling; None = the trunk's top-level width
+    grow_width: str = "constant"  # width schedule of the grown blocks (module docstring, grow_widths)
     optimizer: str = "radam"  # optimizer for G and D
     grow_optimizer: str | None = None  # optimizer of the growth stages; None = `optimizer`
     adv_start: tuple[int, ...] = (0,)  # L_rec-only warm-up steps per stage (last repeats)
@@ -130,14 +140,15 @@ class GrowPreset:
 PRESETS: dict[str, GrowPreset] = {
     # Official ImageNet-64 → 512 values (PAPER.md "Official hyperparameters"): RAdam, weight decay 0,
     # lr_G 8e-6, lr_D 2e-3, EMA 0.999, global batch 96 (stage 2) / 256 (→128) / 360 (→256) / 512 (→512),
-    # "up to 600k steps" (an upper bound, not a measured count), λ 0.2 then 1.0, activate_from 9, width 192,
+    # "up to 600k steps" (an upper bound, not a measured count), λ 0.2 then 1.0, activate_from 9, growth width 192
+    # (constant; the official code's table has 96 at 512 px = `--grow-width 256/R`: docs/method.md §4),
     # G splits rec/adv steps at 256 and 512, a 2nd discriminator on reconstructions (0.5) at 512.
     # Projected D and distance on frozen features at a 224-px input (official: DeiT-B + EfficientNet-Lite0; the DeiT
     # weights are not obtainable offline, so both use Lite0 alone). Not official: fade_steps (ours; official growth
     # has no fade-in, = 0).
     "imagenet64": GrowPreset(
         name="imagenet64", steps=(600_000,), batch=(96, 256, 360, 512), lr_G=8e-6, lr_D=2e-3, lam=(0.2, 1.0),
-        activate_from=9, fade_steps=(0, 5_000), ema=0.999, distance="lite0", grow_channels=192,
+        activate_from=9, fade_steps=(0, 5_000), ema=0.999, distance="lite0",
         split_g_from=256, rec_disc_from=512, rec_disc_weight=0.5, discriminator="projected", d_input=224,
     ),
     # Fashion-MNIST demo, teacher `unet.PRESETS["demo8"]` (6 trunk output blocks; activate_from 3 trains the
@@ -192,13 +203,41 @@ def _at(values: tuple, i: int):
     return values[min(i, len(values) - 1)]
 
 
+WIDTH_FORMS = "constant, halve, B/R (e.g. 256/R) or widths per doubling (e.g. 192,192,96)"
+
+
+def check_width(schedule: str) -> str:
+    """The width schedule itself when it is one (module docstring), else a one-line ValueError naming the forms."""
+    s = str(schedule).strip()
+    if s in ("constant", "halve") or re.fullmatch(r"[1-9]\d*/R", s) or re.fullmatch(r"[1-9]\d*(,[1-9]\d*)*", s):
+        return s
+    raise ValueError(f"--grow-width {schedule!r} is not a width schedule: use {WIDTH_FORMS}")
+
+
+def grow_widths(schedule: str, teacher_res: int, n: int, top_width: int | None = None) -> tuple[int | None, ...]:
+    """Width of each of `n` doublings of a teacher at `teacher_res` whose trunk's top level is `top_width` wide
+    (None = the previous width: `constant`). Every width >= 1 is valid (pagoda.unet.GroupNorm32)."""
+    s = check_width(schedule)
+    if s == "constant":
+        return (None,) * n
+    if "/" not in s and s != "halve":
+        return tuple(_at(tuple(int(w) for w in s.split(",")), i) for i in range(n))
+    if top_width is None:
+        raise ValueError(f"the width schedule {s!r} needs the teacher's top-level width: pass top_width")
+    base = teacher_res if s == "halve" else int(s[:-2])
+    return tuple(max(1, min(top_width, top_width * base // (teacher_res * 2**k))) for k in range(1, n + 1))
+
+
 def plan_stages(teacher_res: int, target_res: int, preset: str | GrowPreset, discriminator: str | None = None,
-                distance: str | None = None) -> list[StageConfig]:
-    """Stage 2 at the teacher resolution, then one growth stage per doubling up to target_res; `discriminator` and
-    `distance` (--discriminator, --distance) replace the preset's."""
+                distance: str | None = None, width: str | None = None, top_width: int | None = None) -> list[StageConfig]:
+    """Stage 2 at the teacher resolution, then one growth stage per doubling up to target_res; `discriminator`,
+    `distance` and `width` (--discriminator, --distance, --grow-width) replace the preset's; `top_width` = the
+    teacher trunk's top-level width (UNetConfig.top_width), needed by the `halve` and `B/R` schedules."""
     p = get_preset(preset)
+    k = doublings(teacher_res, target_res)
+    widths = (None,) + grow_widths(width or p.grow_width, teacher_res, k, top_width)
     stages = []
-    for i in range(doublings(teacher_res, target_res) + 1):
+    for i in range(k + 1):
         res, grows = teacher_res * 2**i, i > 0
 
         def own(field: str):  # a growth stage's `grow_<field>` where set, else `<field>`
@@ -210,7 +249,7 @@ def plan_stages(teacher_res: int, target_res: int, preset: str | GrowPreset, dis
             activate_from=p.activate_from if grows else None,  # stage 2: every parameter trains
             fade_steps=_at(p.fade_steps, i) if grows else 0,
             ema=own("ema"), d_steps_per_g=p.d_steps_per_g, distance=distance or own("distance"),
-            grow_channels=p.grow_channels if grows else None,
+            grow_channels=widths[i],
             optimizer=own("optimizer"),
             adv_start=_at(p.adv_start, i),
             split_g_step=p.split_g_from is not None and res >= p.split_g_from,

@@ -206,7 +206,7 @@ def dry_run(cfg: TrainConfig, ranks: int, width: int | None = None, steps: int =
     if ranks < 1:
         raise ValueError(f"--dry-run plans for at least 1 rank, got {ranks}: pass --gpus N (N >= 1)")
     t_cfg, t_source = teacher_config(cfg)
-    stages = run_stages(cfg, t_cfg.resolution)
+    stages = run_stages(cfg, t_cfg)
     data = data_facts(cfg, t_cfg)
     n_enc = get_preset(cfg.preset).encode_images if cfg.encode_images is None else cfg.encode_images
     n_enc = min(n_enc or data["images"], data["images"])  # 0 = all

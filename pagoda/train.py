@@ -27,7 +27,7 @@ from pagoda.rundir import CHECKPOINT_FILE, CONFIG_FILE, GENERATOR_FILE, TEACHER_
 from pagoda.solvers import HEUN_POINTS, sample
 from pagoda.stage import RunSpec, StageTrainer
 from pagoda.teacher import Denoiser, edm_loss, load_teacher, teacher_checkpoint
-from pagoda.unet import PRESETS as UNET_PRESETS, UNet
+from pagoda.unet import PRESETS as UNET_PRESETS, UNet, UNetConfig
 
 
 # --------------------------------------------------------------------------------------------------
@@ -148,6 +148,7 @@ class TrainConfig:
     encode_method: str = "heun"
     distance: str | None = None  # reconstruction distance (pagoda.losses); None = the preset's
     discriminator: str | None = None  # 'projected' (frozen EfficientNet-Lite0) or 'multiscale'; None = the preset's
+    grow_width: str | None = None  # width schedule of the grown blocks (pagoda.grow.grow_widths); None = the preset's
     augment: str = "color,translation,cutout"  # DiffAugment policy for D inputs ('' = none)
     distill: float = 0.0  # weight β of the distillation loss d(G(z), ODE_teacher(z)) (paper's ablation; 0 = off)
     guidance_max: float = 0.0  # > 1: ω-conditioned G(z, y, ω), distilled from the guided teacher for ω ~ U[1, ω_max]
@@ -163,10 +164,13 @@ class TrainConfig:
     max_batch: int | None = None  # cap every stage's global batch (rehearsals on a CPU); None = the preset's
 
 
-def run_stages(cfg: TrainConfig, teacher_res: int) -> list[StageConfig]:
-    """The stages `pagoda train` runs: the preset's plan with --discriminator/--distance, --max-steps/--max-batch caps."""
+def run_stages(cfg: TrainConfig, teacher: UNetConfig) -> list[StageConfig]:
+    """The stages `pagoda train` runs on `teacher`: the preset's plan with --discriminator/--distance/--grow-width,
+    --max-steps/--max-batch caps."""
+    plan = plan_stages(teacher.resolution, cfg.res, cfg.preset, cfg.discriminator, cfg.distance, cfg.grow_width,
+                       teacher.top_width)
     return [replace(s, steps=min(s.steps, cfg.max_steps or s.steps), batch=min(s.batch, cfg.max_batch or s.batch))
-            for s in plan_stages(teacher_res, cfg.res, cfg.preset, cfg.discriminator, cfg.distance)]
+            for s in plan]
 
 
 def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = None) -> Path:
@@ -178,14 +182,14 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
     if cfg.teacher is None and not teacher_path.exists():
         if cfg.teacher_preset not in TEACHER_PRESETS:
             raise ValueError(f"unknown teacher preset {cfg.teacher_preset!r}: use one of {', '.join(TEACHER_PRESETS)}")
-        plan_stages(TEACHER_PRESETS[cfg.teacher_preset].resolution, cfg.res, cfg.preset)  # bad --res: fail before training
+        tcfg = replace(TEACHER_PRESETS[cfg.teacher_preset], data=cfg.data)
+        run_stages(cfg, replace(UNET_PRESETS[tcfg.unet], resolution=tcfg.resolution))  # bad --res: fail before training
         if info.is_main:
-            tcfg = replace(TEACHER_PRESETS[cfg.teacher_preset], data=cfg.data)
             train_teacher(tcfg, run.teacher_dir, progress=progress, device=cfg.device, workers=cfg.workers)
         dist.barrier(info)
     teacher = load_teacher(teacher_path, info.device)
     t_res = teacher.resolution
-    stages = run_stages(cfg, t_res)
+    stages = run_stages(cfg, teacher.unet.config)
     data = make_dataset(cfg.data, cfg.res, channels=teacher.channels)
     if data.channels != teacher.channels:
         raise ValueError(f"the data has {data.channels} channels but the teacher {teacher.channels}: pass matching --data")

@@ -44,7 +44,7 @@ class UNetConfig:
     resblock_updown: bool = True  # res blocks do the up/down sampling (else plain resample layers)
     qkv_layout: str = "flash"  # "flash" = (three, heads, dim) channel order; "legacy" = (heads, three, dim)
     dropout: float = 0.0  # dropout inside res blocks
-    grow_channels: tuple[int, ...] = ()  # width of each appended doubling; empty for a teacher
+    grow_channels: tuple[int, ...] = ()  # width of each appended doubling (any width >= 1, see GroupNorm32); empty for a teacher
     grow_res_blocks: int = 2  # plain res blocks after the up-sampling block, per doubling
     grow_scale_shift_norm: bool = False  # scale-shift norm in growth blocks (official: no)
     guidance_embed: bool = False  # ω-conditioning (PaGoDA's guided one-step G): an embedding of the guidance scale ω
@@ -58,10 +58,11 @@ class UNetConfig:
             raise ValueError(f"qkv_layout must be 'flash' or 'legacy', got {self.qkv_layout!r}")
         if self.resolution % (2 ** (len(self.channel_mult) - 1)):
             raise ValueError(f"resolution {self.resolution} is not divisible by 2^(levels-1) for channel_mult {self.channel_mult}")
-        widths = [self.model_channels * m for m in self.channel_mult] + list(self.grow_channels)
-        bad = [w for w in widths if w % 32]
+        bad = [w for w in (self.model_channels * m for m in self.channel_mult) if w % 32]
         if bad:
-            raise ValueError(f"channel widths {bad} are not multiples of 32 (GroupNorm uses 32 groups): change model_channels/channel_mult/grow_channels")
+            raise ValueError(f"trunk widths {bad} are not multiples of 32 (ADM's GroupNorm uses 32 groups): change model_channels/channel_mult")
+        if any(w < 1 for w in self.grow_channels):
+            raise ValueError(f"grow_channels {list(self.grow_channels)} must all be >= 1")
 
     @property
     def output_resolution(self) -> int:
@@ -80,9 +81,14 @@ class UNetConfig:
             raise ValueError(f"unknown UNetConfig fields {sorted(unknown)}: the checkpoint was written by another version")
         return cls(**d)
 
+    @property
+    def top_width(self) -> int:
+        """Width of the trunk's top (full-resolution) level, the one the head reads in a teacher."""
+        return self.model_channels * self.channel_mult[0]
+
     def grown(self, channels: int | None = None) -> "UNetConfig":
         """The same config with one more doubling appended (width defaults to the last level's)."""
-        last = self.grow_channels[-1] if self.grow_channels else self.model_channels * self.channel_mult[0]
+        last = self.grow_channels[-1] if self.grow_channels else self.top_width
         return replace(self, grow_channels=self.grow_channels + (int(channels or last),))
 
 
@@ -118,10 +124,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm(32) computed in float32 (as ADM), cast back to the input dtype."""
+    """GroupNorm computed in float32 (as ADM), cast back to the input dtype: 32 groups (ADM) at every width that is a
+    multiple of 32 (the whole trunk, the official growth widths), else gcd(32, width) (thin growth blocks, e.g. 16)."""
 
     def __init__(self, channels: int):
-        super().__init__(32, channels)
+        super().__init__(math.gcd(32, channels), channels)
 
     def forward(self, x):
         return super().forward(x.float()).type(x.dtype)

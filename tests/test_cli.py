@@ -93,6 +93,7 @@ def test_help_shows_examples(command):
     (["teacher", "train", "--steps", "0"], "--steps"),
     (["invert"], "Missing argument"),
     (["frobnicate"], "No such command"),
+    (["train", "--grow-width", "wide"], "--grow-width 'wide' is not a width schedule: use constant, halve"),
 ])
 def test_bad_flags_exit_2_without_traceback(args, message):
     result = invoke(*args)

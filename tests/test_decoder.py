@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from pagoda.decoder import FADE_MODE, Generator
+from pagoda.grow import grow_widths
 from pagoda.io import save_checkpoint
 from pagoda.teacher import Denoiser
 from pagoda.unet import PRESETS, UNet, UNetConfig
@@ -88,6 +89,27 @@ def test_growth_is_function_preserving(mc, grow, grb, nrb, res, cond, batch, see
         K = H.grow()
         assert K.resolution == 4 * res
         torch.testing.assert_close(K(z, y), _up(H(z, y)), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "halve", "16/R", "64,48,24"])
+def test_every_width_schedule_grows_function_preserving(schedule):
+    """Three doublings 8 → 64 under each width schedule: at α = 0 each grown G equals the nearest up-sampling of the
+    previous one (also where the width changes and the old head fades out); widths that are not multiples of 32 get
+    gcd(32, width) GroupNorm groups; the checkpoint reloads the same function."""
+    G = _tiny()
+    widths = grow_widths(schedule, 8, 3, G.config.top_width)
+    z, y = 80 * torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([3, 7])
+    with torch.no_grad():
+        for k, width in enumerate(widths):
+            H = G.grow(width)
+            torch.testing.assert_close(H(z, y), _up(G(z, y)), atol=1e-6, rtol=0)
+            _randomise(H, seed=k + 1)  # "trained": the next doubling must preserve a non-trivial function
+            H.set_alpha(1.0)
+            G = H
+        assert G.resolution == 64
+        assert G.config.grow_channels == tuple(w or 32 for w in widths)  # constant: the trunk's top width, 32
+        assert G.unet.out[0].num_groups == math.gcd(32, G.config.grow_channels[-1])  # 32, or 8 for 24 / 8 channels
+        torch.testing.assert_close(Generator.from_checkpoint(G.to_checkpoint())(z, y), G(z, y), atol=0, rtol=0)
 
 
 def test_fade_path_not_computed_at_alpha_one_and_fade_off():

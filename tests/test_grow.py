@@ -5,7 +5,7 @@ from dataclasses import asdict, replace
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pagoda.grow import PRESETS, StageConfig, doublings, get_preset, plan_stages
+from pagoda.grow import PRESETS, StageConfig, check_width, doublings, get_preset, grow_widths, plan_stages
 from pagoda.rundir import stage_dir_name
 from pagoda.unet import PRESETS as UNET_PRESETS
 from pagoda.unet import UNet
@@ -34,7 +34,7 @@ def test_imagenet64_official_values():
     assert [s.batch for s in stages] == [96, 256, 360, 512]
     assert [s.lam for s in stages] == [0.2, 1.0, 1.0, 1.0]
     assert [s.activate_from for s in stages] == [None, 9, 9, 9]
-    assert [s.grow_channels for s in stages] == [None, 192, 192, 192]
+    assert [s.grow_channels for s in stages] == [None] * 4  # constant: every doubling at the trunk's top width, 192
     assert [s.split_g_step for s in stages] == [False, False, True, True]
     assert [s.rec_disc_weight for s in stages] == [0.0, 0.0, 0.0, 0.5]
     for s in stages:
@@ -95,3 +95,23 @@ def test_fade_ramp_and_unknown_fields():
         StageConfig.from_dict({**asdict(stages[0]), "bogus": 1})
     with pytest.raises(ValueError, match="ema decay"):
         replace(stages[0], ema=1.5)
+
+
+def test_width_schedules():
+    """constant keeps the previous width; halve, B/R and explicit lists give a width per doubling (last repeats)."""
+    assert grow_widths("constant", 64, 3, 192) == (None, None, None)
+    assert grow_widths("halve", 64, 3, 192) == (96, 48, 24)  # ProGAN / StyleGAN
+    assert grow_widths("256/R", 64, 3, 192) == (192, 192, 96)  # the official table's 192 at 128/256 px, 96 at 512
+    assert grow_widths("128/R", 64, 3, 192) == (192, 96, 48) and grow_widths("64/R", 64, 3, 192) == (96, 48, 24)  # = halve
+    assert grow_widths("192,192,96", 64, 3) == (192, 192, 96) and grow_widths("64,32", 8, 3) == (64, 32, 32)
+    assert grow_widths("halve", 8, 2, 32) == (16, 8) and grow_widths("16/R", 8, 2, 32) == (32, 16)
+    assert grow_widths("halve", 8, 6, 32)[-1] == 1  # never below one channel
+    # every preset's default is constant: the stages keep today's layout (grow_channels None = the previous width)
+    assert all(p.grow_width == "constant" for p in PRESETS.values())
+    assert [s.grow_channels for s in plan_stages(8, 32, "demo", top_width=32)] == [None, None, None]
+    assert [s.grow_channels for s in plan_stages(64, 512, "imagenet64", width="256/R", top_width=192)] == [None, 192, 192, 96]
+    with pytest.raises(ValueError, match="needs the teacher's top-level width"):
+        plan_stages(8, 32, "demo", width="halve")
+    for bad in ("wide", "0,32", "32,", "R/256", "0/R", "-32", ""):
+        with pytest.raises(ValueError, match=r"is not a width schedule: use constant, halve, B/R"):
+            check_width(bad)

@@ -51,6 +51,9 @@ def test_imagenet64_state_dict_matches_public_checkpoint():
 def test_bad_config_and_input():
     with pytest.raises(ValueError, match="multiples of 32"):
         UNetConfig(model_channels=48)
+    with pytest.raises(ValueError, match=r"grow_channels \[32, 0\] must all be >= 1"):
+        UNetConfig(grow_channels=(32, 0))
+    assert UNet(UNetConfig(grow_channels=(48,))).out[0].num_groups == 16  # gcd(32, 48): thin growth blocks
     with pytest.raises(ValueError, match="qkv_layout"):
         UNetConfig(qkv_layout="nope")
     net = UNet(PRESETS["tiny"])
