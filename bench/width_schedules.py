@@ -1,0 +1,107 @@
+"""FID against cost per width schedule of the grown blocks: runs that differ only in `--grow-width`, side by side.
+
+    # the runs: one teacher, latent cache and stage-08 copied into each, then only the growth stages differ
+    pagoda train --grow-width constant --out runs/w-constant       # and halve, 16/R, ...
+    OMP_NUM_THREADS=2 .venv/bin/python bench/width_schedules.py --runs runs/w-constant runs/w-halve runs/w-16R \
+        --n 2000 --ref-n 2000 --out results/width_schedules
+
+Per run and finished stage: the schedule's width(s) of the grown blocks, parameters and GFLOP per image (counted
+on the meta device, bench/growth_cost.py), images/s of one call of --batch images (best of --repeats, alone:
+set OMP_NUM_THREADS), × faster than the run's teacher with Heun 35 NFE at its resolution, the stage's training
+CPU seconds and wall seconds (its timing.json: measured while it trained, so only runs trained side by side under
+the same load compare), and FID / KID at n one-step samples against the Fashion-MNIST test split (bench/quality.py's
+Scorer). FID rows are kept in OUT/fid_cache.json by the md5 of the generator file (and n, ref_n, seed), so the
+script can score runs while they train and be re-run alone for the timings (--fid-only skips them).
+Writes OUT/width_schedules.json and .png (FID against GFLOP per image, one line per schedule).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from common import device, environment, figure, load_run, parser, print_table, read_json, time_call, write_results
+from growth_cost import flops_per_image
+from quality import Scorer, score_generator
+from pagoda.inference import make_sampler
+from pagoda.rundir import RunDir
+
+
+def main() -> None:
+    p = parser(__doc__, "width_schedules", run=False)
+    p.add_argument("--runs", nargs="+", required=True, help="run directories that differ only in --grow-width")
+    p.add_argument("--n", type=int, default=2000, help="samples per FID row")
+    p.add_argument("--ref-n", type=int, default=2000, help="test images in the FID reference")
+    p.add_argument("--batch", type=int, default=64, help="images per timed call")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fid-only", action="store_true", help="score the finished stages only (no timing, no table)")
+    a = p.parse_args()
+    dev = device(a.device)
+    scorer, rows = Scorer(dev, ref_n=a.ref_n), []
+    cache_path = Path(a.out) / "fid_cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+
+    def fid_row(run: str, res: int, G) -> dict:  # FID/KID of G, from the cache when this file was scored before
+        md5 = hashlib.md5((Path(run) / f"stage-{res:02d}" / "generator.pt").read_bytes()).hexdigest()
+        key = f"{md5}-n{a.n}-ref{a.ref_n}-seed{a.seed}"
+        if key not in cache:
+            cache[key] = score_generator(scorer, G, a.n, a.seed, dev)
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            cache_path.write_text(json.dumps(cache, indent=1))
+        return cache[key]
+
+    teacher_ips = None
+    for run in a.runs:
+        cfg = read_json(RunDir(run).config)
+        schedule = cfg["train"].get("grow_width") or "preset default"
+        teacher, gens = load_run(run, dev)
+        if a.fid_only:
+            for res, G in sorted(gens.items()):
+                print(f"{run} G{res}: FID {fid_row(run, res, G.eval())['fid']:.2f}", flush=True)
+            continue
+        if teacher_ips is None:  # every run shares the teacher: time its Heun-35 sampler once
+            heun = make_sampler("teacher", teacher, "heun", 35, seed=a.seed, device=dev, call_size=a.batch)
+            teacher_ips = a.batch / time_call(lambda: heun(0, a.batch), dev, repeats=2)
+        widths = {s["resolution"]: s["grow_channels"] for s in cfg["stages"]}
+        for res, G in sorted(gens.items()):
+            G.eval()
+            params, flops = flops_per_image(G.unet.config)
+            z = G.sigma_max * torch.randn(a.batch, G.unet.config.in_channels, G.base_resolution, G.base_resolution,
+                                          generator=torch.Generator().manual_seed(a.seed))
+            y = torch.arange(a.batch) % G.unet.config.num_classes if G.unet.config.num_classes else None
+            with torch.no_grad():
+                ips = a.batch / time_call(lambda: G(z, y), dev, repeats=a.repeats, warmup=2)
+            timing = read_json(Path(run) / f"stage-{res:02d}" / "timing.json")
+            row = {"run": str(run), "schedule": schedule, "stage": f"G{res}", "resolution": res,
+                   "width": widths.get(res), "params_M": params / 1e6, "gflop": flops / 1e9, "img_per_s": ips,
+                   "x_teacher": ips / teacher_ips, "train_cpu_s": timing.get("cpu_seconds"),
+                   "train_wall_s": timing.get("seconds"), "steps": timing.get("steps"),
+                   **fid_row(run, res, G)}
+            rows.append(row)
+            print(f"{schedule} G{res}: FID {row['fid']:.2f}  {row['gflop']:.3f} GFLOP  {ips:.0f} img/s", flush=True)
+    if a.fid_only:
+        return
+    print_table(f"width schedules: FID at n = {a.n} vs {a.ref_n} test images; teacher Heun-35 {teacher_ips:.0f} img/s",
+                rows, [("schedule", "schedule", ""), ("stage", "stage", ""), ("width", "width", ""),
+                       ("params_M", "params M", ".3f"), ("gflop", "GFLOP/img", ".4f"), ("img_per_s", "img/s", ".0f"),
+                       ("x_teacher", "× teacher", ".1f"), ("train_cpu_s", "train CPU s", ".0f"),
+                       ("fid", "FID", ".2f"), ("kid_x1e3", "KID×10³", ".2f")])
+    fig = figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for schedule in dict.fromkeys(r["schedule"] for r in rows):
+        pts = [(r["gflop"], r["fid"], r["stage"]) for r in rows if r["schedule"] == schedule]
+        ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], "o-", label=schedule)
+        for x, y, s in pts:
+            ax.annotate(s, (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set(xscale="log", xlabel="GFLOP per image (one call)", ylabel=f"FID (n = {a.n})",
+           title="FID against cost per width schedule")
+    ax.legend()
+    write_results(a.out, "width_schedules", {"environment": environment(dev), "n": a.n, "ref_n": a.ref_n,
+                                              "teacher_heun35_img_per_s": teacher_ips, "rows": rows}, fig)
+
+
+if __name__ == "__main__":
+    main()
