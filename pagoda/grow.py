@@ -175,12 +175,15 @@ PRESETS: dict[str, GrowPreset] = {
     # demo's recipe (projected D, Lite0 + pyramid distance, anchor, D continued, L_rec warm-up) with:
     # - `halve` widths (32, 16, 8 after the 64-wide trunk): pixels ×4 per doubling, width ÷2, so each doubling
     #   costs about as much as the previous one; a constant width makes the 64-px stage ≈ 16× the 16-px one;
-    # - the projected D at a 64-px input (the images are 64 px; Lite0's maps at 32-px input are too coarse for them).
+    # - the projected D at a 64-px input (the images are 64 px; Lite0's maps at 32-px input are too coarse for them);
+    # - every image in the latent cache (each caption has one image), L_rec alone for 150 steps per growth stage.
+    # Estimated ≈ 50 min alone on 2 cores (teacher ≈ 13, cache ≈ 7, stages ≈ 30), from timed 10-step runs of each
+    # stage under load, scaled by the demo teacher measured the same way; the whole preset not yet timed.
     "emoji": GrowPreset(
-        name="emoji", steps=(500, 400, 300, 250), batch=(32, 32, 16, 16), lr_G=2e-4, grow_lr_G=4e-4, lr_D=2e-3,
+        name="emoji", steps=(500, 400, 350, 300), batch=(32, 32, 16, 16), lr_G=2e-4, grow_lr_G=4e-4, lr_D=2e-3,
         lam=(0.2, 1.0), activate_from=3, fade_steps=(0, 40), ema=0.995, grow_ema=0.99, d_channels=32,
         encode_images=0, encode_steps=20, grow_width="halve", optimizer="adam", discriminator="projected",
-        d_input=64, distance="lite0+multiscale", adv_start=(0, 200), grow_distance="lite0+4*multiscale", anchor=4.0,
+        d_input=64, distance="lite0+multiscale", adv_start=(0, 150), grow_distance="lite0+4*multiscale", anchor=4.0,
         d_continue=True, teacher_preset="emoji",
     ),
     # Tests: teacher `unet.PRESETS["tiny"]` (4 trunk output blocks), a handful of steps.
