@@ -55,8 +55,8 @@ class Generator(nn.Module):
         if not sigma_max > 0 or not sigma_data > 0:
             raise ValueError(f"sigma_max and sigma_data must be positive, got {sigma_max} and {sigma_data}")
         self.unet, self.sigma_max, self.sigma_data, self.c_noise = unet, float(sigma_max), float(sigma_data), c_noise
-        if (text_encoder is None) != (unet.config.text_dim is None):
-            raise ValueError(f"a text UNet (text_dim {unet.config.text_dim}) needs a text encoder, and only it")
+        if text_encoder is not None and unet.config.text_dim is None:
+            raise ValueError("a text encoder needs a text UNet: build the UNet with text_dim=the encoder's width")
         self.text_encoder = text_encoder if text_encoder is None else text_encoder.eval().requires_grad_(False)
         self.fade = False  # True while this generator has a fade-in path (grown with fade=True)
         self.register_buffer("alpha", torch.ones(()), persistent=False)  # fade-in weight α ∈ [0, 1]

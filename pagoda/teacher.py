@@ -57,8 +57,8 @@ class Denoiser(nn.Module):
         super().__init__()
         if c_noise not in C_NOISE:
             raise ValueError(f"unknown c_noise convention {c_noise!r}: use 'adm' or 'edm'")
-        if (text_encoder is None) != (unet.config.text_dim is None):
-            raise ValueError(f"a text UNet (text_dim {unet.config.text_dim}) needs a text encoder, and only it")
+        if text_encoder is not None and unet.config.text_dim is None:
+            raise ValueError("a text encoder needs a text UNet: build the UNet with text_dim=the encoder's width")
         self.unet, self.sigma_data, self.c_noise, self.clamp = unet, sigma_data, c_noise, clamp
         self.sigma_min, self.sigma_max = float(sigma_min), float(sigma_max)
         self.text_encoder = text_encoder  # captions -> TextEmbedding (pagoda.text); trained with the teacher, then frozen
@@ -85,7 +85,8 @@ class Denoiser(nn.Module):
         if sigma.ndim == 0:
             sigma = sigma.expand(x.shape[0])
         c_skip, c_out, c_in = (_bcast(c, x) for c in edm_scalings(sigma, self.sigma_data))
-        F_x = self.unet((c_in * x).float(), C_NOISE[self.c_noise](sigma), labels, text=text)
+        x_in, c_noise = (c_in * x).float(), C_NOISE[self.c_noise](sigma)
+        F_x = self.unet(x_in, c_noise, labels) if text is None else self.unet(x_in, c_noise, labels, text=text)
         D_x = c_skip * x.float() + c_out * F_x.float()
         if self.clamp:
             D_x = D_x.clamp(-1, 1)
