@@ -12,8 +12,8 @@ mixing (CCM: fixed random 1×1 convs to w, 2w, 4w, 8w channels) and cross-scale 
 deeper map, bilinear ×2, fixed random 1×1 conv) → 4 trainable heads, one per scale: spectral-normed 4×4
 stride-2 convs + LeakyReLU(0.2) down to ≤ 8 px, a 4×4 conv to a 64-d map, projected on the class embedding
 (<h, e(y)>/√64, Miyato & Koyama 2018). A text D (`text_dim`) projects on a linear map of the caption's pooled text
-embedding instead, e(y) = W·pooled(y) (y a pagoda.text.TextEmbedding). Official heads use BatchNorm; ours leave it out so that a global batch
-gives the same update however it is split over ranks and accumulation steps.
+embedding instead, e(y) = W·pooled(y) (y a pagoda.text.TextEmbedding). Official heads use BatchNorm; ours leave it
+out so that a global batch gives the same update however it is split over ranks and accumulation steps.
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ class Fresh:
     """Fresh (z', y', ω') of the adversarial terms; y' None for an unconditional G, ω' None for an unguided one."""
 
     z: torch.Tensor  # (B, C, R0, R0) ~ N(0, σ_max² I)
-    y: torch.Tensor | None  # (B,) class labels
+    y: torch.Tensor | None  # (B,) class labels (a text run: caption indices; after `part(..., condition)` their text)
     omega: torch.Tensor | None  # (B,) guidance scales
 
     def part(self, sl: slice, device: torch.device, condition: Callable | None = None) -> Fresh:
@@ -66,7 +66,7 @@ class Pairs:
 
     x: torch.Tensor  # (B, C, R, R) the image at the stage resolution
     z: torch.Tensor  # (B, C, R0, R0) its latent E(x_lo)
-    y: torch.Tensor | None  # (B,) its labels
+    y: torch.Tensor | None  # (B,) its labels (a text run: its caption's TextEmbedding)
 
 
 @dataclass(frozen=True)

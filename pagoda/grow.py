@@ -7,8 +7,9 @@ each further stage is one doubling of stage 3 (R → 2R → 4R ...), initialised
     [asdict(s) for s in stages]             # RUN/config.json; StageConfig.from_dict reads each back
 
 Presets are named `GrowPreset` instances: `imagenet64` (official values, PAPER.md), `demo` (Fashion-MNIST
-on a 2-core CPU), `emoji` (text to image: captioned colour emoji, 8 → 64 px, 2-core CPU), `tiny` (tests). Per-stage lists are indexed by stage (0 = decoder at R, 1 = first
-doubling, ...); a stage beyond the end of a list takes its last entry.
+on a 2-core CPU), `emoji` (text to image: captioned colour emoji, 8 → 64 px, 2-core CPU), `tiny` (tests).
+Per-stage lists are indexed by stage (0 = decoder at R, 1 = first doubling, ...); a stage beyond the end of a
+list takes its last entry.
 
 The width of the grown blocks follows a schedule (`grow_widths`; preset field `grow_width`, `pagoda train
 --grow-width`), C = the teacher trunk's top-level width, R' = a doubling's output resolution:

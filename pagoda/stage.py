@@ -275,7 +275,8 @@ class StageTrainer:
             for sl, pairs, w in zip(self.slices(), g_batches, weights):
                 with self.amp:
                     x_rec = self.G(pairs.z, pairs.y).float() if self.D_recon is not None else None
-                adv, anchor = self.adversarial_terms(d.fresh.part(sl, self.dev, self.labels), x_rec, pairs.y, d.aug_seed, sl.start)
+                fresh = d.fresh.part(sl, self.dev, self.labels)
+                adv, anchor = self.adversarial_terms(fresh, x_rec, pairs.y, d.aug_seed, sl.start)
                 ((st.lam * w * adv + (0 if anchor is None else anchor)) / A).backward()
         self._step_G()
         # ---- D steps, each on a separate real batch

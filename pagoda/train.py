@@ -231,8 +231,8 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
     dist.barrier(info)
     if info.is_main and encoded[0]:  # this build's cost (rank 0's share; a resumed build counts what it encoded)
         dt = time.perf_counter() - t0
-        save_json({"seconds": dt, "cpu_seconds": time.process_time() - c0, "images": encoded[0], "flips": getattr(data, "hflip", True),
-                   "img_per_s": encoded[0] / max(dt, 1e-9)}, run.latents / TIMING_FILE)
+        save_json({"seconds": dt, "cpu_seconds": time.process_time() - c0, "images": encoded[0],
+                   "flips": getattr(data, "hflip", True), "img_per_s": encoded[0] / max(dt, 1e-9)}, run.latents / TIMING_FILE)
     store = LatentStore(run.latents)  # memory-mapped: every rank reads only the entries it draws
     if info.is_main:  # written once the inputs proved usable: a refused run leaves the old config.json
         save_json({"train": asdict(cfg), "teacher": teacher.unet.config.to_dict(),
