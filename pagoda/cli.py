@@ -105,8 +105,8 @@ def train(
                                           help="Teacher checkpoint or run directory; default: train one into OUT/teacher."),
     out: str = typer.Option(DEFAULT.out, help="Run directory."),
     preset: str = typer.Option(DEFAULT.preset, help=f"Growth preset: {choices(GROW_PRESETS)}."),
-    teacher_preset: str = typer.Option(DEFAULT.teacher_preset, help=f"Teacher preset when training one: "
-                                       f"{choices(TEACHER_PRESETS)}."),
+    teacher_preset: Optional[str] = typer.Option(DEFAULT.teacher_preset, help=f"Teacher preset when training one: "
+                                                 f"{choices(TEACHER_PRESETS)} (default: the growth preset's)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Continue an interrupted run (finished stages are never redone)."),
     encode_images: Optional[int] = typer.Option(DEFAULT.encode_images, help="Images to encode into the latent cache "
                                                 "(each also flipped); 0 = all; default: the preset's."),
@@ -225,8 +225,10 @@ def print_export(r: dict) -> None:
                     "\n\n  pagoda sample --checkpoint runs/demo --n 1000 --outdir samples/")
 def sample(
     checkpoint: str = typer.Option(RUN_DIR, help="Generator checkpoint or run directory (last finished stage)."),
-    n: int = typer.Option(64, min=1, help="Number of images."),
+    n: int = typer.Option(64, min=1, help="Number of images (per prompt with --prompt)."),
     class_: Optional[int] = typer.Option(None, "--class", help="Class label (default: cycle through classes)."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Caption of a text model (repeatable): --n "
+                                               "images per prompt, one grid row each."),
     seed: int = typer.Option(0),
     out: str = typer.Option("samples.png", help="Output PNG grid."),
     outdir: Optional[str] = typer.Option(None, help=EXPORT_HELP["outdir"]),
@@ -238,15 +240,17 @@ def sample(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Sample with one network call per image: z ~ N(0, σ_max² I) at the teacher resolution → G(z); image i has
-    z seeded by (seed, i) and label i mod C, so exports of different n share their first images."""
+    z seeded by (seed, i) and label i mod C (or, with --prompt, caption i // n), so exports of different n share their
+    first images."""
+    prompts = prompt or None
     if outdir is None and npz is None:
         from pagoda.inference import sample_grid
-        path = run(sample_grid, checkpoint, n, class_, seed, out, batch, guidance)
+        path = run(sample_grid, checkpoint, n, class_, seed, out, batch, guidance, prompts)
         console.print(f"wrote {path}", soft_wrap=True)
         return
     from pagoda.inference import export_samples
     print_export(run(export_samples, checkpoint, "generator", n, outdir, npz, class_, seed, batch, rgb, guidance=guidance,
-                     progress=progress))
+                     progress=progress, prompts=prompts))
 
 
 MODEL_HELP = dict(checkpoint="Run directory (or generator checkpoint with --teacher).",
@@ -368,7 +372,7 @@ def encode(
 @teacher_app.command("train", epilog="Examples:\n\n  pagoda teacher train\n\n  pagoda teacher train --steps 200 --out runs/t")
 def teacher_train(
     out: str = typer.Option(str(RunDir(RUN_DIR).teacher_dir)),
-    preset: str = typer.Option(DEFAULT.teacher_preset, help=choices(TEACHER_PRESETS)),
+    preset: str = typer.Option("demo", help=choices(TEACHER_PRESETS)),
     data: Optional[str] = typer.Option(None), resolution: Optional[int] = typer.Option(None),
     steps: Optional[int] = typer.Option(None, min=1), batch: Optional[int] = typer.Option(None, min=1),
     lr: Optional[float] = typer.Option(None, min=0.0), seed: Optional[int] = typer.Option(None),

@@ -14,6 +14,12 @@ at init the new path is already close to the old one (fresh res blocks are ident
 block replicates pixels) and ramping α causes no jump, and (ii) 2x2 box averaging, the ADM down-sampling
 used for the encoder's input, inverts it exactly: avgpool(G_2R(z)) = G_R(z) at α = 0.
 α is a non-persistent buffer: checkpoints carry it via `to_checkpoint()`, never in the state dict.
+
+A text G (UNet `text_dim`) carries the teacher's frozen text encoder as the submodule `text_encoder` (state-dict
+names "text_encoder.*"; its `pagoda.text.text_spec` under the checkpoint's "text_encoder"); it is never trained:
+
+    G = load_generator("RUN/stage-64/generator.pt")
+    x = G(z, G.encode_text(["red apple", "cat face"]))          # or G(z, text, ω) for an ω-conditioned G
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from torch import nn
 from pagoda.io import ADM, GENERATOR, TEACHER, check_kind, load_checkpoint as _load_file, open_checkpoint
 from pagoda.solvers import SIGMA_MAX
 from pagoda.teacher import C_NOISE, Denoiser, load_teacher
+from pagoda.text import TextEmbedding, split_condition, text_encoder_from_spec, text_spec
 from pagoda.unet import GroupNorm32, ResBlock, UNet, UNetConfig
 
 FADE_MODE = "nearest"  # up-sampling of the fading-out low-res image (see module docstring)
@@ -40,13 +47,17 @@ TRUNK_PREFIXES = ("time_embed.", "label_emb.", "encoder_proj.", "encoder_pooling
 class Generator(nn.Module):
     """One-step generator G(z, y) = F(z/√(σ_max²+σ_d²), c_noise(σ_max), y) (PaGoDA stage 2, eq. for G)."""
 
-    def __init__(self, unet: UNet, sigma_max: float = SIGMA_MAX, sigma_data: float = 0.5, c_noise: str = "adm"):
+    def __init__(self, unet: UNet, sigma_max: float = SIGMA_MAX, sigma_data: float = 0.5, c_noise: str = "adm",
+                 text_encoder: nn.Module | None = None):
         super().__init__()
         if c_noise not in C_NOISE:
             raise ValueError(f"unknown c_noise convention {c_noise!r}: use 'adm' (250·ln σ) or 'edm' (ln(σ)/4)")
         if not sigma_max > 0 or not sigma_data > 0:
             raise ValueError(f"sigma_max and sigma_data must be positive, got {sigma_max} and {sigma_data}")
         self.unet, self.sigma_max, self.sigma_data, self.c_noise = unet, float(sigma_max), float(sigma_data), c_noise
+        if text_encoder is not None and unet.config.text_dim is None:
+            raise ValueError("a text encoder needs a text UNet: build the UNet with text_dim=the encoder's width")
+        self.text_encoder = text_encoder if text_encoder is None else text_encoder.eval().requires_grad_(False)
         self.fade = False  # True while this generator has a fade-in path (grown with fade=True)
         self.register_buffer("alpha", torch.ones(()), persistent=False)  # fade-in weight α ∈ [0, 1]
         # Frozen snapshot of the previous head, only when a doubling changed the width (the shared head
@@ -75,7 +86,8 @@ class Generator(nn.Module):
             copy_.load_state_dict(unet.state_dict(), strict=False)  # every weight but the new guidance_embed.*
         else:
             copy_ = copy.deepcopy(unet)
-        G = cls(copy_, sigma_max=sigma_max, sigma_data=sigma_data, c_noise=conv)
+        text_encoder = copy.deepcopy(teacher.text_encoder) if isinstance(teacher, Denoiser) else None
+        G = cls(copy_, sigma_max=sigma_max, sigma_data=sigma_data, c_noise=conv, text_encoder=text_encoder)
         G.unet.requires_grad_(True)
         return G
 
@@ -116,10 +128,24 @@ class Generator(nn.Module):
                 f"sigma_max={self.sigma_max}, alpha={float(self.alpha):g}, fade={self.fade}")
 
     # ---- the generator ------------------------------------------------------------------------------
-    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None, guidance: torch.Tensor | None = None,
-                text=None) -> torch.Tensor:
-        """G(z, y) (or G(z, y, ω) for an ω-conditioned generator: guidance = ω per sample, None = 1); a text-conditioned
-        G takes text = (tokens, mask) of pagoda.text (UNet `text_dim`)."""
+    def train(self, mode: bool = True) -> Generator:
+        super().train(mode)
+        if self.text_encoder is not None:
+            self.text_encoder.eval()  # frozen
+        return self
+
+    def encode_text(self, captions: list[str]) -> TextEmbedding:
+        """The captions' embedding for the condition slot ("" = the null caption); a text G only."""
+        if self.text_encoder is None:
+            raise ValueError("this model is class-conditional (or unconditional), not text-conditional: drop --prompt")
+        with torch.no_grad():
+            return self.text_encoder(list(captions))
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | TextEmbedding | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
+        """G(z, y) (or G(z, y, ω) for an ω-conditioned generator: guidance = ω per sample, None = 1); y = class labels,
+        or for a text G the TextEmbedding of `encode_text`."""
+        labels, text = split_condition(labels)
         R, C = self.base_resolution, self.config.in_channels
         if z.ndim != 4 or z.shape[1] != C or z.shape[-2:] != (R, R):
             raise ValueError(f"G expects latents z of shape (B, {C}, {R}, {R}) at the teacher resolution, got {tuple(z.shape)}")
@@ -167,7 +193,7 @@ class Generator(nn.Module):
                 if name not in new or new[name].shape != value.shape:  # cannot happen with a consistent UNet
                     raise RuntimeError(f"grow(): parameter {name} {tuple(value.shape)} has no match in the grown UNet")
                 new[name].copy_(value)
-        G = Generator(unet, self.sigma_max, self.sigma_data, self.c_noise).to(device=p.device)
+        G = Generator(unet, self.sigma_max, self.sigma_data, self.c_noise, self.text_encoder).to(device=p.device)
         G.train(self.training)
         G.fade = bool(fade)
         G.alpha.fill_(0.0 if fade else 1.0)
@@ -217,6 +243,7 @@ class Generator(nn.Module):
             "alpha": float(self.alpha),
             "fade": self.fade,
             "fade_head": None if self._fade_head is None else self._fade_head.state_dict(),
+            **({} if self.text_encoder is None else {"text_encoder": text_spec(self.text_encoder)}),
         }
 
     @classmethod
@@ -230,7 +257,8 @@ class Generator(nn.Module):
             raise ValueError(_mismatch(cfg, expected, where))
         with torch.device("meta"):  # no wasted random init: parameters come from the checkpoint
             unet = UNet(cfg)
-        G = cls(unet, d["sigma_max"], d["sigma_data"], d["c_noise"])
+        text_encoder = text_encoder_from_spec(d["text_encoder"]) if "text_encoder" in d else None
+        G = cls(unet, d["sigma_max"], d["sigma_data"], d["c_noise"], text_encoder)
         _load_strict(G, d["state_dict"], where, assign=True)
         G.alpha = G.alpha.to(G.last_layer_weight.device)
         G._restore_fade(d)
@@ -288,8 +316,10 @@ def _strip_unet_prefix(module, state_dict, prefix, local_metadata) -> None:
 
 
 def _add_unet_prefix(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs) -> None:
-    """load_state_dict pre-hook: accept official names "<prefix>X" by mapping them to "<prefix>unet.X"."""
-    for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(prefix + "unet.")]:
+    """load_state_dict pre-hook: accept official names "<prefix>X" by mapping them to "<prefix>unet.X" (the text
+    encoder's "<prefix>text_encoder.*" stay)."""
+    ours = (prefix + "unet.", prefix + "text_encoder.")
+    for k in [k for k in state_dict if k.startswith(prefix) and not k.startswith(ours)]:
         state_dict[prefix + "unet." + k[len(prefix):]] = state_dict.pop(k)
 
 

@@ -6,10 +6,15 @@ rank takes its slices of every draw) into the update of 1 rank with batch N·B.
                        num_classes=10, guidance_max=0.0, guided_adv=True)
     d = draws(step)                       # StepDraw: the L_rec batch's entries and flips, (z', y', ω'), seeds, D steps
     x = augment(x, policy, d.aug_seed, first)   # DiffAugment, sample i from (seed, first + i): split-independent
+
+A text run draws caption indices where a class run draws classes (`num_classes` = the number of training captions;
+y' uniform over them, as y' over the classes, no null caption); `caption_condition` turns indices into the text G,
+D and the teacher take.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -24,12 +29,13 @@ class Fresh:
     """Fresh (z', y', ω') of the adversarial terms; y' None for an unconditional G, ω' None for an unguided one."""
 
     z: torch.Tensor  # (B, C, R0, R0) ~ N(0, σ_max² I)
-    y: torch.Tensor | None  # (B,) class labels
+    y: torch.Tensor | None  # (B,) class labels (a text run: caption indices; after `part(..., condition)` their text)
     omega: torch.Tensor | None  # (B,) guidance scales
 
-    def part(self, sl: slice, device: torch.device) -> Fresh:
-        """This micro-batch's rows, on the device."""
-        return Fresh(*(None if t is None else t[sl].to(device) for t in (self.z, self.y, self.omega)))
+    def part(self, sl: slice, device: torch.device, condition: Callable | None = None) -> Fresh:
+        """This micro-batch's rows, on the device; y' through `condition` (caption_condition) when given."""
+        z, y, omega = (None if t is None else t[sl].to(device) for t in (self.z, self.y, self.omega))
+        return Fresh(z, y if condition is None or y is None else condition(y), omega)
 
 
 @dataclass
@@ -60,7 +66,7 @@ class Pairs:
 
     x: torch.Tensor  # (B, C, R, R) the image at the stage resolution
     z: torch.Tensor  # (B, C, R0, R0) its latent E(x_lo)
-    y: torch.Tensor | None  # (B,) its labels
+    y: torch.Tensor | None  # (B,) its labels (a text run: its caption's TextEmbedding)
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,13 @@ class StageDraws:
             fresh_j = self.fresh(gj, B)
             d_steps.append(DStepDraw(real, recon, fresh_j, torch.rand(B, generator=gj) < 0.5))
         return StepDraw(entries, flips, fresh, aug_seed, pool, d_steps)
+
+
+def caption_condition(model, captions: list[str]) -> Callable:
+    """y (caption indices) -> model.encode_text(the captions) (a pagoda.text.TextEmbedding on the model's device)."""
+    def condition(y: torch.Tensor):
+        return model.encode_text([captions[i] for i in y.tolist()])
+    return condition
 
 
 def augment(x: torch.Tensor, policy: str, seed: int, first: int) -> torch.Tensor:

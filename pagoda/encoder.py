@@ -106,7 +106,8 @@ def build_latent_cache(encoder: Encoder, dataset: Dataset, root: str | Path, num
     """Encode dataset[:num_images] and its flips into `root/shard-*.pt`; shard i is done by rank i % world_size.
 
     Each shard: {"z": (n, 2, C, R, R) [image, flip], "labels": (n,), "indices": (n,)}; (n, 1, C, R, R) [image] for a
-    data set whose `hflip` is False (text data). Finished shards
+    data set whose `hflip` is False (text data; a text teacher encodes each image under its own caption,
+    `dataset.captions[label]`, and the shard keeps the caption index as its label). Finished shards
     (present and readable) are skipped, so a killed run resumes; each shard is written atomically. Images
     are read by `workers` DataLoader processes (data.loader). `progress(done, total, images_per_s)` after every batch.
     """
@@ -125,6 +126,9 @@ def build_latent_cache(encoder: Encoder, dataset: Dataset, root: str | Path, num
         save_json(asdict(info), index)
     store = {"float16": torch.float16, "float32": torch.float32}[dtype]
     conditional = getattr(getattr(getattr(encoder.denoiser, "unet", None), "config", None), "num_classes", None) is not None
+    text = getattr(encoder.denoiser, "text_encoder", None) is not None
+    if text and not hasattr(dataset, "captions"):
+        raise ValueError("a text teacher encodes captioned data (e.g. --data emoji); this data set has no captions")
     todo = [s for s in range(info.num_shards) if s % world_size == rank and not _shard_ok(_shard_path(root, s))]
     shards = [list(range(s * shard_size, min(n, (s + 1) * shard_size))) for s in todo]
     batches = [ids[b:b + batch_size] for ids in shards for b in range(0, len(ids), batch_size)]
@@ -135,7 +139,9 @@ def build_latent_cache(encoder: Encoder, dataset: Dataset, root: str | Path, num
         for b in range(0, len(ids), batch_size):
             x, y = next(batch_iter)
             xx = torch.cat([x, x.flip(-1)]) if info.flips else x  # image and its horizontal flip, one batch
-            z = encoder.encode(xx, y.repeat(1 + info.flips) if conditional else None)
+            y2 = y.repeat(1 + info.flips)
+            cond = encoder.denoiser.encode_text([dataset.captions[i] for i in y2.tolist()]) if text else y2
+            z = encoder.encode(xx, cond if conditional or text else None)
             zs.append(torch.stack(z.chunk(1 + info.flips), dim=1).to(store))
             labels.append(y)
             done += len(y)

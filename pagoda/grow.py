@@ -7,8 +7,9 @@ each further stage is one doubling of stage 3 (R → 2R → 4R ...), initialised
     [asdict(s) for s in stages]             # RUN/config.json; StageConfig.from_dict reads each back
 
 Presets are named `GrowPreset` instances: `imagenet64` (official values, PAPER.md), `demo` (Fashion-MNIST
-on a 2-core CPU), `tiny` (tests). Per-stage lists are indexed by stage (0 = decoder at R, 1 = first
-doubling, ...); a stage beyond the end of a list takes its last entry.
+on a 2-core CPU), `emoji` (text to image: captioned colour emoji, 8 → 64 px, 2-core CPU), `tiny` (tests).
+Per-stage lists are indexed by stage (0 = decoder at R, 1 = first doubling, ...); a stage beyond the end of a
+list takes its last entry.
 
 The width of the grown blocks follows a schedule (`grow_widths`; preset field `grow_width`, `pagoda train
 --grow-width`), C = the teacher trunk's top-level width, R' = a doubling's output resolution:
@@ -135,6 +136,7 @@ class GrowPreset:
     anchor: float = 0.0  # growth stages: weight of the anchor d(↓G(z'), G_R(z')) (StageConfig.anchor)
     encode_images: int = 0  # data-set images in the latent cache (each also flipped); 0 = all (paper)
     encode_steps: int = 40  # encoder Karras grid points (paper: 40 with Heun = 78 NFE)
+    teacher_preset: str = "demo"  # the teacher `pagoda train` trains when given none (train.TEACHER_PRESETS)
 
 
 PRESETS: dict[str, GrowPreset] = {
@@ -168,6 +170,22 @@ PRESETS: dict[str, GrowPreset] = {
         encode_steps=20,
         optimizer="adam", discriminator="projected", d_input=32, distance="lite0+multiscale", adv_start=(0, 450),
         grow_distance="lite0+4*multiscale", anchor=4.0, d_continue=True,
+    ),
+    # Text to image on captioned colour emoji (issue 21), teacher preset `emoji` (RGB text teacher at 8 px,
+    # `unet.PRESETS["emoji8"]`), 8 → 16 → 32 → 64 (8×, the paper's growth factor) in ≤ 60 min on 2 CPU cores. The
+    # demo's recipe (projected D, Lite0 + pyramid distance, anchor, D continued, L_rec warm-up) with:
+    # - `halve` widths (32, 16, 8 after the 64-wide trunk): pixels ×4 per doubling, width ÷2, so each doubling
+    #   costs about as much as the previous one; a constant width makes the 64-px stage ≈ 16× the 16-px one;
+    # - the projected D at a 64-px input (the images are 64 px; Lite0's maps at 32-px input are too coarse for them);
+    # - every image in the latent cache (each caption has one image), L_rec alone for 150 steps per growth stage.
+    # Estimated ≈ 50 min alone on 2 cores (teacher ≈ 13, cache ≈ 7, stages ≈ 30), from timed 10-step runs of each
+    # stage under load, scaled by the demo teacher measured the same way; the whole preset not yet timed.
+    "emoji": GrowPreset(
+        name="emoji", steps=(500, 400, 350, 300), batch=(32, 32, 16, 16), lr_G=2e-4, grow_lr_G=4e-4, lr_D=2e-3,
+        lam=(0.2, 1.0), activate_from=3, fade_steps=(0, 40), ema=0.995, grow_ema=0.99, d_channels=32,
+        encode_images=0, encode_steps=20, grow_width="halve", optimizer="adam", discriminator="projected",
+        d_input=64, distance="lite0+multiscale", adv_start=(0, 150), grow_distance="lite0+4*multiscale", anchor=4.0,
+        d_continue=True, teacher_preset="emoji",
     ),
     # Tests: teacher `unet.PRESETS["tiny"]` (4 trunk output blocks), a handful of steps.
     "tiny": GrowPreset(

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from pagoda.io import atomic_write_bytes
 
@@ -202,6 +202,17 @@ def grid_image(images: torch.Tensor, nrow: int | None = None, scale: int = 1) ->
     return img
 
 
+def label_rows(img: Image.Image, labels: list[str], width: int = 160) -> Image.Image:
+    """`img` with a white margin of `width` px on its left holding labels[j] beside row j (rows of equal height)."""
+    out = Image.new(img.mode, (img.width + width, img.height), "white" if img.mode == "RGB" else 255)
+    out.paste(img, (width, 0))
+    draw, h = ImageDraw.Draw(out), img.height / max(1, len(labels))
+    for j, label in enumerate(labels):
+        draw.text((4, int(j * h + h / 2) - 5), label if len(label) <= width // 6 else label[: width // 6 - 1] + "…",
+                  fill="black" if img.mode == "RGB" else 0)
+    return out
+
+
 def png_bytes(img: Image.Image) -> bytes:
     """An image encoded as PNG, in memory."""
     buf = io.BytesIO()
@@ -210,7 +221,8 @@ def png_bytes(img: Image.Image) -> bytes:
 
 
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
-                    scale: int = 1) -> Path:
-    """grid_image(images, nrow, scale) as one PNG, written atomically."""
+                    scale: int = 1, row_labels: list[str] | None = None) -> Path:
+    """grid_image(images, nrow, scale) as one PNG (rows labelled with `row_labels`), written atomically."""
     img = grid_image(images, nrow, scale)
+    img = label_rows(img, row_labels) if row_labels else img
     return atomic_write_bytes(path, lambda f: img.save(f, format="PNG"))

@@ -31,10 +31,23 @@ from pagoda.loop import index_labels, progress_bar, step_generator
 from pagoda.rundir import RunDir, is_finished, model_file, resolve_teacher_path, run_of
 from pagoda.solvers import HEUN_POINTS, karras_sigmas, nfe as count_nfe, sample, solver_steps
 from pagoda.teacher import Denoiser, guided, load_teacher
+from pagoda.text import check_prompt
 
 CLASS_SEARCH_MAX = 16  # invert tries every class up to this many; beyond, --class is required
 EXPORT_FILE = "export.json"  # an export folder's (or FILE.parts/') settings, checked on resume
 SAMPLE_CALL = 64  # images per network call when sampling: image i always runs with images 64⌊i/64⌋ … 64⌊i/64⌋+63
+
+
+def check_prompts(model: torch.nn.Module, class_: int | None, prompts: list[str] | None) -> None:
+    """One-line ValueErrors: --prompt on a model without text, --class on a text model, a bad prompt (text.check_prompt)."""
+    encoder = getattr(model, "text_encoder", None)
+    if prompts and encoder is None:
+        raise ValueError("this model is not text-conditional (it has no text encoder): drop --prompt"
+                         + ("" if model.unet.config.num_classes is None else " and pass --class N"))
+    if encoder is not None and class_ is not None:
+        raise ValueError('this model is text-conditional, it has no classes: pass --prompt "red apple" instead of --class')
+    for prompt in prompts or []:
+        check_prompt(prompt, encoder.context)
 
 
 def check_class(num_classes: int | None, class_: int | None) -> None:
@@ -49,20 +62,21 @@ def check_class(num_classes: int | None, class_: int | None) -> None:
 
 def make_sampler(kind: str, model: torch.nn.Module, solver: str = "heun", nfe: int = 35, resize: int | None = None,
                  seed: int = 0, device: str | torch.device = "cpu", class_: int | None = None,
-                 guidance: float = 1.0, call_size: int = SAMPLE_CALL) -> Callable[[int, int], torch.Tensor]:
+                 guidance: float = 1.0, call_size: int = SAMPLE_CALL, prompts: list[str] | None = None,
+                 per_prompt: int = 1) -> Callable[[int, int], torch.Tensor]:
     """generate(i, b) -> images i … i+b−1 (CPU, [−1, 1]); image i has z ~ N(0, σ_max² I) seeded by (seed, i) and
     label index_labels(i). The network always runs on the aligned call of images call_size·⌊i/call_size⌋ … (a
     network's output changes in its last bits with its batch), so image i's bytes depend on (seed, i, call_size)
     only, however the sequence is cut into batches or split across ranks (exports keep SAMPLE_CALL; `pagoda serve`
     calls its n images at once: the same z and labels, equal up to the last bits). Guidance ω = `guidance` (1 = off):
     a teacher samples with classifier-free guidance (pagoda.teacher.guided), a generator trained with --guidance-max
-    is called once as G(z, y, ω)."""
+    is called once as G(z, y, ω). A text model with `prompts`: image i has caption prompts[i // per_prompt] (cycling)."""
     cfg = model.unet.config
     R, C, ncls = cfg.resolution, cfg.in_channels, cfg.num_classes
     steps = solver_steps(solver, nfe) if kind == "teacher" else 0
     sigma_max = model.sigma_max  # the generator's or the teacher's
     D = guided(model, guidance) if kind == "teacher" else None
-    if guidance != 1.0 and ncls is None:
+    if guidance != 1.0 and ncls is None and not prompts:
         raise ValueError(f"--guidance {guidance} needs a class-conditional model: this one is unconditional")
 
     @torch.no_grad()
@@ -72,6 +86,8 @@ def make_sampler(kind: str, model: torch.nn.Module, solver: str = "heun", nfe: i
         z = (sigma_max * z).to(device)
         y = index_labels(i, b, ncls, class_)
         y = None if y is None else y.to(device)
+        if prompts:
+            y = model.encode_text([prompts[k // per_prompt % len(prompts)] for k in range(i, i + b)])
         if kind == "generator":
             x = model(z, y) if guidance == 1.0 else model(z, y, torch.full((b,), float(guidance), device=device))
         else:
@@ -93,7 +109,7 @@ def make_sampler(kind: str, model: torch.nn.Module, solver: str = "heun", nfe: i
 
 
 def _sampler(kind: str, checkpoint: str, class_: int | None, seed: int, steps: int = HEUN_POINTS, method: str = "heun",
-             guidance: float = 1.0):
+             guidance: float = 1.0, prompts: list[str] | None = None, per_prompt: int = 1):
     """(model, generate, NFE per image) of a generator ("generator") or a teacher ("teacher") checkpoint."""
     if kind == "generator":
         model, nfe = load_generator(model_file(checkpoint)), 1
@@ -101,8 +117,10 @@ def _sampler(kind: str, checkpoint: str, class_: int | None, seed: int, steps: i
         model = load_teacher(checkpoint)
         nfe = count_nfe(method, torch.cat([karras_sigmas(steps, model.sigma_min, model.sigma_max), torch.zeros(1)]))
     ncls = model.unet.config.num_classes
+    check_prompts(model, class_, prompts)
     check_class(ncls, class_)
-    return model, make_sampler(kind, model, method, nfe, seed=seed, class_=class_, guidance=guidance), nfe
+    return model, make_sampler(kind, model, method, nfe, seed=seed, class_=class_, guidance=guidance, prompts=prompts,
+                               per_prompt=per_prompt), nfe
 
 
 def _blocks(generate, indices: Iterable[int], batch: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -112,19 +130,22 @@ def _blocks(generate, indices: Iterable[int], batch: int) -> Iterator[tuple[int,
         yield k * batch, generate(k * batch, batch)
 
 
-def _grid(model, generate, n: int, batch: int, class_: int | None, out: str) -> Path:
-    x = torch.cat([x for _, x in _blocks(generate, range(n), min(batch, n))])[:n]
+def _grid(model, generate, n: int, batch: int, class_: int | None, out: str, prompts: list[str] | None = None) -> Path:
+    """n images as a grid: one row per prompt (labelled; n per prompt), else one column per class (≤ 16 classes)."""
+    total = n * len(prompts) if prompts else n
+    x = torch.cat([x for _, x in _blocks(generate, range(total), min(batch, total))])[:total]
     ncls = model.unet.config.num_classes
-    return save_image_grid(x, out, nrow=ncls if (ncls and class_ is None and ncls <= 16) else None,
-                           scale=max(1, 64 // x.shape[-1]))
+    nrow = n if prompts else ncls if (ncls and class_ is None and ncls <= 16) else None
+    return save_image_grid(x, out, nrow=nrow, scale=max(1, 64 // x.shape[-1]), row_labels=prompts)
 
 
 @torch.no_grad()
 def sample_grid(checkpoint: str, n: int = 64, class_: int | None = None, seed: int = 0, out: str = "samples.png",
-                batch: int = 64, guidance: float = 1.0) -> Path:
-    """n one-step samples G(z, y[, ω]), z ~ N(0, σ_max² I), as a PNG grid (export_samples' z and labels)."""
-    G, generate, _ = _sampler("generator", checkpoint, class_, seed, guidance=guidance)
-    return _grid(G, generate, n, batch, class_, out)
+                batch: int = 64, guidance: float = 1.0, prompts: list[str] | None = None) -> Path:
+    """n one-step samples G(z, y[, ω]), z ~ N(0, σ_max² I), as a PNG grid (export_samples' z and labels); a text G
+    with `prompts`: n per prompt, one labelled row each (image k of prompt j is image j·n + k)."""
+    G, generate, _ = _sampler("generator", checkpoint, class_, seed, guidance=guidance, prompts=prompts, per_prompt=n)
+    return _grid(G, generate, n, batch, class_, out, prompts)
 
 
 @torch.no_grad()
@@ -214,16 +235,19 @@ class NpzExport(_Export):
 @torch.no_grad()
 def export_samples(checkpoint: str, kind: str = "generator", n: int = 64, outdir: str | None = None,
                    npz: str | None = None, class_: int | None = None, seed: int = 0, batch: int = 64, rgb: bool = False,
-                   steps: int = HEUN_POINTS, method: str = "heun", guidance: float = 1.0, progress: bool = False) -> dict:
+                   steps: int = HEUN_POINTS, method: str = "heun", guidance: float = 1.0, progress: bool = False,
+                   prompts: list[str] | None = None) -> dict:
     """Images 0 … n−1 of a generator or a teacher as numbered PNGs (`outdir`) and/or the ADM evaluator's .npz
-    (arr_0 uint8 N×H×W×C, C = the model's channels or 3 with `rgb`; arr_1 int64 labels), resumable."""
+    (arr_0 uint8 N×H×W×C, C = the model's channels or 3 with `rgb`; arr_1 int64 labels), resumable; a text model with
+    `prompts`: n per prompt, image j·n + k = image k of prompt j (export.json records the prompts)."""
     if outdir is None and npz is None:
         raise ValueError("nothing to write: pass --outdir DIR and/or --npz FILE")
-    model, generate, nfe = _sampler(kind, checkpoint, class_, seed, steps, method, guidance)
-    ncls = model.unet.config.num_classes
+    model, generate, nfe = _sampler(kind, checkpoint, class_, seed, steps, method, guidance, prompts, n)
+    ncls, n = model.unet.config.num_classes, n * len(prompts) if prompts else n
     shape = (model.resolution, model.resolution, 3 if rgb else model.channels)
     settings = {"kind": kind, "model": teacher_fingerprint(model), "seed": seed, "class": class_,
-                "channels": shape[2], "guidance": guidance, **({"method": method, "nfe": nfe} if kind == "teacher" else {})}
+                "channels": shape[2], "guidance": guidance, **({"method": method, "nfe": nfe} if kind == "teacher" else {}),
+                **({"prompts": prompts} if prompts else {})}
     sinks = ([PngExport(Path(outdir), settings, shape)] if outdir else []) + \
             ([NpzExport(Path(npz), settings, shape)] if npz else [])
     todo = set().union(*(s.missing(n) for s in sinks))

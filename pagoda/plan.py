@@ -38,7 +38,7 @@ from pagoda.discriminators import build_discriminators
 from pagoda.rundir import RunDir
 from pagoda.stage import RunSpec, StageTrainer
 from pagoda.teacher import Denoiser, load_teacher
-from pagoda.train import TEACHER_PRESETS, TrainConfig, run_stages
+from pagoda.train import TrainConfig, run_stages, teacher_preset
 from pagoda.unet import PRESETS as UNET_PRESETS, UNet, UNetConfig
 
 DATASET_SIZES = {"imagenet64": 1_281_167, "fashion-mnist": 60_000}  # train images when no --data is given
@@ -52,13 +52,13 @@ def teacher_config(cfg: TrainConfig) -> tuple[UNetConfig, str]:
     name = cfg.preset if isinstance(cfg.preset, str) else cfg.preset.name
     if name in UNET_PRESETS:
         return UNET_PRESETS[name], f"random {name} teacher (no --teacher)"
-    tp = TEACHER_PRESETS[cfg.teacher_preset]
+    tp = teacher_preset(cfg)
     ucfg = replace(UNET_PRESETS[tp.unet], resolution=tp.resolution)
     if cfg.data != "fashion-mnist":  # as train_teacher: channels and classes from the data
         ds = make_dataset(cfg.data, tp.resolution)
         ucfg = replace(ucfg, in_channels=ds.channels, out_channels=ds.channels,
                        num_classes=getattr(ds, "num_classes", None))
-    return ucfg, f"teacher preset {cfg.teacher_preset!r} (trained by the run)"
+    return ucfg, f"teacher preset {cfg.teacher_preset or get_preset(cfg.preset).teacher_preset!r} (trained by the run)"
 
 
 def data_facts(cfg: TrainConfig, t_cfg: UNetConfig) -> dict:

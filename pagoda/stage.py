@@ -14,6 +14,8 @@ Randomness of step k is drawn from a generator seeded by (seed, stage, k): one *
 identical on every rank, of which each rank takes its slice. Hence `--resume` is bit-exact and N ranks
 x batch B computes the same update as 1 rank x batch N·B (gradients are averaged over ranks). The real
 images and latents of each step are read ahead by `data.loader` (worker processes for image files).
+A text run (G with a text encoder, data with `captions`) conditions G, D and the teacher on the caption's
+embedding where a class run passes class labels (y: a caption index until `labels` encodes it).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from pagoda import dist
 from pagoda.data import default_workers, loader
 from pagoda.decoder import Generator
 from pagoda.discriminators import build_discriminators, continued_discriminators
-from pagoda.draws import DISTILL_POOL, Fresh, Pairs, StageDraws, StepDraw, augment
+from pagoda.draws import DISTILL_POOL, Fresh, Pairs, StageDraws, StepDraw, augment, caption_condition
 from pagoda.encoder import LatentPairs
 from pagoda.grow import StageConfig
 from pagoda.images import downsample, save_image_grid
@@ -89,14 +91,18 @@ class StageTrainer:
         self.G.set_trainable(stage.activate_from)
         self.params_G = [p for p in self.G.parameters() if p.requires_grad]
         self.C, self.R, self.ncls = self.G.channels, stage.resolution, self.G.unet.config.num_classes
-        R0 = self.G.base_resolution
+        captions = getattr(pairs.images, "captions", None) if self.G.text_encoder is not None else None
+        self.condition = caption_condition(self.G, captions) if captions else None  # caption index -> text
+        self.ncond = self.ncls or (len(captions) if captions else None)  # classes, or captions, y is drawn from
+        R0, text_dim = self.G.base_resolution, self.G.config.text_dim
         self.draws = StageDraws(spec.seed, k, stage.batch, len(pairs.indices), stage.d_steps_per_g, (self.C, R0, R0),
-                                self.G.sigma_max, self.ncls, self.guidance_max, spec.guided_adv)
+                                self.G.sigma_max, self.ncond, self.guidance_max, spec.guided_adv)
         prev_ckpt = run.checkpoint(stage.resolution // 2)
         if stage.d_continue and not prev_ckpt.is_file():
             warnings.warn(f"{prev_ckpt} is missing: {self.sdir.name} starts a fresh discriminator", stacklevel=2)
-        D, D_recon = (continued_discriminators(stage, self.C, self.ncls, prev_ckpt)
-                      if stage.d_continue and prev_ckpt.is_file() else build_discriminators(stage, self.C, self.ncls))
+        D, D_recon = (continued_discriminators(stage, self.C, self.ncls, prev_ckpt, text_dim)
+                      if stage.d_continue and prev_ckpt.is_file()
+                      else build_discriminators(stage, self.C, self.ncls, text_dim=text_dim))
         self.D, self.D_recon = D.to(self.dev), D_recon and D_recon.to(self.dev)
         self.Ds = [self.D] + ([self.D_recon] if self.D_recon is not None else [])
         self.distance = make_distance(stage.distance, self.C, stage.d_input).to(self.dev)
@@ -118,10 +124,10 @@ class StageTrainer:
         if self.beta > 0:
             def teacher_ode(z, y, omega):  # D_ω = D(x,σ,∅) + ω (D(x,σ,y) − D(x,σ,∅)), one batched call per step
                 denoiser = teacher if omega is None else guided(teacher, omega)
-                return sample(denoiser, z, HEUN_POINTS, "heun", y, teacher.sigma_min, teacher.sigma_max)
+                return sample(denoiser, z, HEUN_POINTS, "heun", self.labels(y), teacher.sigma_min, teacher.sigma_max)
             t_res = self.G.base_resolution
             self.teacher_samples = TeacherSampleCache(
-                teacher_ode, DISTILL_POOL, (self.C, t_res, t_res), self.ncls, self.G.sigma_max, seed=spec.seed,
+                teacher_ode, DISTILL_POOL, (self.C, t_res, t_res), self.ncond, self.G.sigma_max, seed=spec.seed,
                 path=run.teacher_samples, device=self.dev, guidance_max=self.guidance_max or 1.0)
         W, A = info.world_size, spec.accumulate
         if stage.batch % (W * A):
@@ -164,6 +170,12 @@ class StageTrainer:
             save_checkpoint(self.state(), self.ckpt_path)
 
     # ---- randomness and data -----------------------------------------------------------------------
+    def labels(self, y: torch.Tensor | None):
+        """The condition slot of drawn or read labels y: class labels, a text run's caption embedding, or None."""
+        if y is None or not self.ncond:
+            return None
+        return self.condition(y) if self.condition is not None else y
+
     def slices(self) -> list[slice]:
         """This rank's micro-batches: slices of the global batch."""
         r, A, B = self.info.rank, self.A, self.B
@@ -192,7 +204,7 @@ class StageTrainer:
         batch, then its reconstruction-D batch), on the device."""
         x, z, y = (t.to(self.dev) for t in next(self.batches))
         B = self.B
-        parts = [Pairs(x[i:i + B], z[i:i + B], y[i:i + B] if self.ncls else None) for i in range(0, len(x), B)]
+        parts = [Pairs(x[i:i + B], z[i:i + B], self.labels(y[i:i + B])) for i in range(0, len(x), B)]
         return parts[:self.A], parts[self.A:]
 
     # ---- the losses of one micro-batch ---------------------------------------------------------------
@@ -219,6 +231,7 @@ class StageTrainer:
             dstl = None
             if self.teacher_samples is not None:
                 z, y, omega, x0 = self.teacher_samples.get(pool)
+                y = self.labels(y)
                 dstl = self.distance(downsample(self.G(z, y, omega).float(), x0.shape[-1]), x0).mean()
         return x_rec, rec, dstl
 
@@ -252,7 +265,7 @@ class StageTrainer:
         weights = []  # w of each micro-batch, for the adversarial pass of a split step
         self.opt_G.zero_grad(set_to_none=True)
         for sl, pairs in zip(self.slices(), g_batches):
-            loss = self.generator_loss(pairs, d.fresh.part(sl, self.dev), d, sl, adv_on)
+            loss = self.generator_loss(pairs, d.fresh.part(sl, self.dev, self.labels), d, sl, adv_on)
             ((loss.reconstruction if split else loss.total) / A).backward()
             weights.append(loss.w)
             for name in stats.keys() & {"rec", "dstl", "adv", "w", "anchor"}:
@@ -262,7 +275,8 @@ class StageTrainer:
             for sl, pairs, w in zip(self.slices(), g_batches, weights):
                 with self.amp:
                     x_rec = self.G(pairs.z, pairs.y).float() if self.D_recon is not None else None
-                adv, anchor = self.adversarial_terms(d.fresh.part(sl, self.dev), x_rec, pairs.y, d.aug_seed, sl.start)
+                fresh = d.fresh.part(sl, self.dev, self.labels)
+                adv, anchor = self.adversarial_terms(fresh, x_rec, pairs.y, d.aug_seed, sl.start)
                 ((st.lam * w * adv + (0 if anchor is None else anchor)) / A).backward()
         self._step_G()
         # ---- D steps, each on a separate real batch
@@ -292,7 +306,7 @@ class StageTrainer:
         for sl, real, recon in zip(self.slices(), reals, recons):
             def aug(x, seed):  # real sample i and fake sample i get the same DiffAugment draw (as the official code)
                 return augment(x, self.spec.augment, seed, sl.start)
-            f = fresh.part(sl, self.dev)
+            f = fresh.part(sl, self.dev, self.labels)
             with torch.no_grad(), self.amp:
                 fake = self.G(f.z, f.y, f.omega).float()
             with self.amp:
@@ -319,8 +333,8 @@ class StageTrainer:
         held = [i for i in order if i not in cached][:PROBE_BATCH] or order[:PROBE_BATCH]
         x, y = next(loader(images, [held], 0))
         fresh = self.draws.fresh(g, len(held))
-        real = Pairs(x.to(self.dev), None, y.to(self.dev) if self.ncls else None)
-        return real, Fresh(fresh.z.to(self.dev), None if fresh.y is None else fresh.y.to(self.dev), None)
+        real = Pairs(x.to(self.dev), None, self.labels(y.to(self.dev)))
+        return real, Fresh(fresh.z.to(self.dev), self.labels(None if fresh.y is None else fresh.y.to(self.dev)), None)
 
     @torch.no_grad()
     def probe(self) -> float:
@@ -344,11 +358,11 @@ class StageTrainer:
         n = 100 if self.ncls == 10 else 64
         R0 = self.G.base_resolution
         zg = self.G.sigma_max * torch.randn(n, self.C, R0, R0, generator=step_generator(self.spec.seed, 99))
-        yg = index_labels(0, n, self.ncls)
+        yg = index_labels(0, n, self.ncond)
         G = self.ema.module
         G.set_alpha(float(self.G.alpha))
         with torch.no_grad():
-            x = G(zg.to(self.dev), None if yg is None else yg.to(self.dev))
+            x = G(zg.to(self.dev), self.labels(None if yg is None else yg.to(self.dev)))
         save_image_grid(x, self.sdir / grid_name(tag), nrow=10 if self.ncls == 10 else None, scale=max(1, 128 // self.R))
 
     # ---- the loop ----------------------------------------------------------------------------------

@@ -10,13 +10,19 @@ Two backends with one call, `encoder(captions) -> TextEmbedding(tokens (B, L, D)
 The empty caption is the null condition of classifier-free guidance: every position is padding (mask all False),
 pooled = 0, and the UNet (pagoda/unet.py) then computes exactly what it computes with no text at all.
 
+A text model carries its encoder as the frozen submodule `text_encoder` of the teacher (`pagoda.teacher.Denoiser`)
+and of the generator (`pagoda.decoder.Generator`); both have `encode_text(captions) -> TextEmbedding`, and take
+that embedding in the condition slot where a class model takes class labels: `D(x, sigma, text)`, `G(z, text[, ω])`
+(the solver still sees only D(x, sigma, labels)). A checkpoint stores `text_spec(encoder)` beside the weights
+(a `t5:` encoder: only its spec; its weights are read from PATH again).
+
     enc = make_text_encoder("builtin")                   # or "t5:/models/t5-small"
     text = enc(["red apple", ""])                        # tokens (2, 96, 128), mask (2, 96), pooled (2, 128)
     UNet(replace(cfg, text_dim=enc.width))(x, c_noise, None, text=text)
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -72,6 +78,28 @@ class ByteTokenizer:
     def decode(self, ids: torch.Tensor) -> list[str]:
         """The captions of (B, L) ids (padding dropped)."""
         return [bytes(t - 1 for t in row.tolist() if t > 0).decode("utf-8") for row in ids]
+
+
+def drop_captions(captions: list[str], p: float, generator: torch.Generator | None = None) -> list[str]:
+    """Each caption replaced by the empty (null) caption with probability p (classifier-free guidance training)."""
+    drop = torch.rand(len(captions), generator=generator) < p
+    return ["" if d else c for c, d in zip(captions, drop.tolist())]
+
+
+def null_text(text: TextEmbedding) -> TextEmbedding:
+    """The null condition of `text`'s shape: every position padding, pooled 0 (what the empty caption encodes to,
+    as the network sees it: masked tokens are never read)."""
+    return TextEmbedding(text.tokens, torch.zeros_like(text.mask), torch.zeros_like(text.pooled))
+
+
+def cat_text(*texts: TextEmbedding) -> TextEmbedding:
+    """Batches of text embeddings stacked along the batch."""
+    return TextEmbedding(*(torch.cat(parts) for parts in zip(*texts)))
+
+
+def split_condition(labels) -> tuple[torch.Tensor | None, TextEmbedding | None]:
+    """(class labels, text) of a model's condition slot: a TextEmbedding is text, anything else class labels."""
+    return (None, labels) if isinstance(labels, TextEmbedding) else (labels, None)
 
 
 def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -139,12 +167,18 @@ class T5TextEncoder(nn.Module):
                             "pip install 'pagoda[t5]', or use the builtin encoder") from None
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self.model = T5EncoderModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
+            model = T5EncoderModel.from_pretrained(path, local_files_only=True).eval().requires_grad_(False)
         except (OSError, ValueError, KeyError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise TextError(f"{path}: cannot load a T5 encoder and tokenizer ({first}); fix: save both with "
                             f"save_pretrained into that folder") from None
-        self.spec, self.context, self.width = f"t5:{path}", context, self.model.config.d_model
+        object.__setattr__(self, "model", model)  # not a submodule: a checkpoint stores the spec, never T5's weights
+        self.spec, self.context, self.width = f"t5:{path}", context, model.config.d_model
+
+    def _apply(self, fn, *args, **kwargs):  # move the hidden model with .to()/.cuda()
+        super()._apply(fn, *args, **kwargs)
+        self.model._apply(fn, *args, **kwargs)
+        return self
 
     def train(self, mode: bool = True) -> T5TextEncoder:
         return super().train(False)  # frozen: always in eval mode
@@ -162,6 +196,17 @@ class T5TextEncoder(nn.Module):
         empty = torch.tensor([not c for c in captions], device=device)
         mask = mask & ~empty[:, None]  # the empty caption is the null condition, not T5's lone </s>
         return TextEmbedding(h, mask, masked_mean(h, mask))
+
+
+def text_spec(encoder: nn.Module) -> dict:
+    """What a checkpoint stores to rebuild `encoder` (its weights travel in the model's state dict)."""
+    return {"spec": encoder.spec, **({"config": asdict(encoder.config)} if encoder.spec == "builtin" else {})}
+
+
+def text_encoder_from_spec(d: dict) -> nn.Module:
+    """The encoder of `text_spec`'s dict, frozen (a builtin one still holds random weights: load them after)."""
+    config = BuiltinTextConfig(**d["config"]) if "config" in d else None
+    return make_text_encoder(d["spec"], config).eval().requires_grad_(False)
 
 
 def make_text_encoder(spec: str = "builtin", config: BuiltinTextConfig | None = None) -> nn.Module:

@@ -3,6 +3,11 @@
     pagoda teacher train                     # Fashion-MNIST teacher at 8x8 (CPU, minutes)
     pagoda train                             # the whole method on Fashion-MNIST: teacher 8 -> G 8 -> 16 -> 32
     pagoda train --res 128 --data DIR --teacher edm_imagenet64_ema.pt --preset imagenet64 --gpus 8
+    pagoda train --data emoji --res 64 --preset emoji   # text to image: 8-px text teacher, G grown 8 -> 64
+
+Captioned data (`dataset.captions`, e.g. --data emoji) trains a text teacher: UNet `text_dim` = the encoder's width,
+the text encoder (`text_encoder`: 'builtin', trained jointly, or 't5:PATH', frozen) a submodule of the Denoiser,
+captions dropped to the empty (null) caption with `label_dropout`, no flips (pagoda/text.py has the interface).
 
 Every random draw of step k comes from a generator seeded by (seed, stage, k) (pagoda/loop.py), so
 `--resume` after a kill continues bit-identically. The run directory's layout is pagoda/rundir.py's.
@@ -27,6 +32,7 @@ from pagoda.rundir import CHECKPOINT_FILE, CONFIG_FILE, GENERATOR_FILE, TEACHER_
 from pagoda.solvers import HEUN_POINTS, sample
 from pagoda.stage import RunSpec, StageTrainer
 from pagoda.teacher import Denoiser, edm_loss, load_teacher, teacher_checkpoint
+from pagoda.text import drop_captions, make_text_encoder
 from pagoda.unet import PRESETS as UNET_PRESETS, UNet, UNetConfig
 
 
@@ -45,7 +51,8 @@ class TeacherConfig:
     batch: int = 128
     lr: float = 2e-3  # Adam learning rate (with warm-up over the first 200 steps)
     ema: float = 0.999  # EMA decay of the weights used for sampling
-    label_dropout: float = 0.1  # drop the class with this probability (classifier-free guidance later)
+    label_dropout: float = 0.1  # drop the class (or caption) with this probability (classifier-free guidance later)
+    text_encoder: str = "builtin"  # captioned data: 'builtin' (trained with the teacher) or 't5:PATH' (frozen)
     grid_every: int = 500  # write a sample grid every N steps (and at the end)
     ckpt_every: int = 500  # write a resumable checkpoint every N steps (and at the end)
     sample_steps: int = HEUN_POINTS  # Heun grid points of the grids (35 NFE)
@@ -57,6 +64,7 @@ OLD_TEACHER_KEYS = {"model": "teacher", "ema": "teacher_ema", "opt": "opt_teache
 TEACHER_PRESETS = {
     "demo": TeacherConfig(),  # ~10 min on 2 CPU cores
     "tiny": TeacherConfig(unet="tiny", steps=60, batch=64, grid_every=60, ckpt_every=30, sample_steps=6),
+    "emoji": TeacherConfig(data="emoji", unet="emoji8", steps=1000, batch=64, lr=1e-3),  # text teacher, ≈ 13 min
 }
 
 
@@ -70,11 +78,12 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, progress: bool = True, de
         return final
     dev = dist.pick_device(device)
     data = make_dataset(cfg.data, cfg.resolution)
-    ncls = getattr(data, "num_classes", None)
-    unet_cfg = replace(UNET_PRESETS[cfg.unet], resolution=cfg.resolution, in_channels=data.channels,
-                       out_channels=data.channels, num_classes=ncls)
+    ncls, captions = getattr(data, "num_classes", None), getattr(data, "captions", None)
     torch.manual_seed(cfg.seed)
-    denoiser = Denoiser(UNet(unet_cfg)).to(dev)
+    text_encoder = make_text_encoder(cfg.text_encoder) if captions else None
+    unet_cfg = replace(UNET_PRESETS[cfg.unet], resolution=cfg.resolution, in_channels=data.channels,
+                       out_channels=data.channels, num_classes=ncls, text_dim=text_encoder and text_encoder.width)
+    denoiser = Denoiser(UNet(unet_cfg), text_encoder=text_encoder).to(dev)
     opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
     ema, step = EMA(denoiser, cfg.ema), 0
     ckpt_path = out / CHECKPOINT_FILE
@@ -88,6 +97,7 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, progress: bool = True, de
     zg = denoiser.sigma_max * torch.randn(n_grid, data.channels, cfg.resolution, cfg.resolution,
                                    generator=step_generator(cfg.seed, 7))
     yg = index_labels(0, n_grid, ncls)
+    grid_captions = captions and [captions[i * len(captions) // n_grid] for i in range(n_grid)]  # spread over the set
 
     def draw(g: torch.Generator) -> torch.Tensor:  # the first draw of step k's generator: the batch's indices
         return torch.randint(0, len(data), (cfg.batch,), generator=g)
@@ -100,12 +110,15 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, progress: bool = True, de
         g = step_generator(cfg.seed, 1, step)
         draw(g)  # read ahead by the loader; drawn again so that g continues from the same state
         x, y = next(batches)
-        x = torch.where(torch.rand(cfg.batch, 1, 1, 1, generator=g) < 0.5, x.flip(-1), x)  # flip augmentation
+        flip = torch.rand(cfg.batch, 1, 1, 1, generator=g) < 0.5  # flip augmentation (never for text data)
+        x = torch.where(flip, x.flip(-1), x) if getattr(data, "hflip", True) else x
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / 200)
         noise_g = g if dev.type == "cpu" else torch.Generator(dev).manual_seed(step_generator(cfg.seed, 2, step).initial_seed())
-        loss = edm_loss(denoiser, x.to(dev), y.to(dev) if ncls else None, label_dropout=cfg.label_dropout,
-                        generator=noise_g).mean()  # noise: f(seed, step)
+        if captions:  # the encoder trains with the UNet (a t5: one is frozen); dropped captions = the null ""
+            y = denoiser.encode_text(drop_captions([captions[i] for i in y.tolist()], cfg.label_dropout, g))
+        loss = edm_loss(denoiser, x.to(dev), (y if captions else y.to(dev)) if ncls or captions else None,
+                        label_dropout=cfg.label_dropout, generator=noise_g).mean()  # noise: f(seed, step)
         check_finite(step, loss=loss.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -120,7 +133,8 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, progress: bool = True, de
 
     def grid(k: int) -> None:
         T = ema.module
-        x = sample(T, zg.to(dev), cfg.sample_steps, "heun", None if yg is None else yg.to(dev), T.sigma_min, T.sigma_max)
+        y = T.encode_text(grid_captions) if captions else None if yg is None else yg.to(dev)
+        x = sample(T, zg.to(dev), cfg.sample_steps, "heun", y, T.sigma_min, T.sigma_max)
         save_image_grid(x, out / grid_name(k), nrow=10 if yg is not None else None, scale=4)
 
     spec = LoopSpec("teacher", cfg.steps, cfg.batch, cfg.ckpt_every, every=cfg.grid_every, at_end=True)
@@ -141,7 +155,7 @@ class TrainConfig:
     data: str = "fashion-mnist"  # 'fashion-mnist', an image folder, or an EDM .zip
     res: int = 32  # target resolution: teacher_res * 2^k
     teacher: str | None = None  # teacher checkpoint; None = train one first (teacher_preset)
-    teacher_preset: str = "demo"  # TEACHER_PRESETS name, used when no teacher is given
+    teacher_preset: str | None = None  # TEACHER_PRESETS name, used when no teacher is given; None = the growth preset's
     preset: str = "demo"  # growth preset (pagoda.grow.PRESETS): steps, batches, lrs, λ, fade-in per stage
     encode_images: int | None = None  # data-set images to encode (each also flipped); None = preset's, 0 = all
     encode_steps: int | None = None  # encoder Karras grid points; None = preset's (paper: 40 -> 78 NFE, Heun)
@@ -164,6 +178,14 @@ class TrainConfig:
     max_batch: int | None = None  # cap every stage's global batch (rehearsals on a CPU); None = the preset's
 
 
+def teacher_preset(cfg: TrainConfig) -> TeacherConfig:
+    """The teacher preset a run trains: --teacher-preset, else the growth preset's (GrowPreset.teacher_preset)."""
+    name = cfg.teacher_preset or get_preset(cfg.preset).teacher_preset
+    if name not in TEACHER_PRESETS:
+        raise ValueError(f"unknown teacher preset {name!r}: use one of {', '.join(TEACHER_PRESETS)}")
+    return TEACHER_PRESETS[name]
+
+
 def run_stages(cfg: TrainConfig, teacher: UNetConfig) -> list[StageConfig]:
     """The stages `pagoda train` runs on `teacher`: the preset's plan with --discriminator/--distance/--grow-width,
     --max-steps/--max-batch caps."""
@@ -180,9 +202,7 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
     # 1. Teacher
     teacher_path = Path(cfg.teacher) if cfg.teacher else run.teacher
     if cfg.teacher is None and not teacher_path.exists():
-        if cfg.teacher_preset not in TEACHER_PRESETS:
-            raise ValueError(f"unknown teacher preset {cfg.teacher_preset!r}: use one of {', '.join(TEACHER_PRESETS)}")
-        tcfg = replace(TEACHER_PRESETS[cfg.teacher_preset], data=cfg.data)
+        tcfg = replace(teacher_preset(cfg), data=cfg.data)
         run_stages(cfg, replace(UNET_PRESETS[tcfg.unet], resolution=tcfg.resolution))  # bad --res: fail before training
         if info.is_main:
             train_teacher(tcfg, run.teacher_dir, progress=progress, device=cfg.device, workers=cfg.workers)
@@ -211,8 +231,8 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
     dist.barrier(info)
     if info.is_main and encoded[0]:  # this build's cost (rank 0's share; a resumed build counts what it encoded)
         dt = time.perf_counter() - t0
-        save_json({"seconds": dt, "cpu_seconds": time.process_time() - c0, "images": encoded[0], "flips": True,
-                   "img_per_s": encoded[0] / max(dt, 1e-9)}, run.latents / TIMING_FILE)
+        save_json({"seconds": dt, "cpu_seconds": time.process_time() - c0, "images": encoded[0],
+                   "flips": getattr(data, "hflip", True), "img_per_s": encoded[0] / max(dt, 1e-9)}, run.latents / TIMING_FILE)
     store = LatentStore(run.latents)  # memory-mapped: every rank reads only the entries it draws
     if info.is_main:  # written once the inputs proved usable: a refused run leaves the old config.json
         save_json({"train": asdict(cfg), "teacher": teacher.unet.config.to_dict(),

@@ -104,6 +104,11 @@ PRESETS: dict[str, UNetConfig] = {
         resolution=8, in_channels=1, out_channels=1, model_channels=32, channel_mult=(1, 2),
         num_res_blocks=2, attention_resolutions=(4,), num_head_channels=32, num_classes=10,
     ),
+    # Text-to-image teacher on colour emoji at 8x8 (`pagoda train --preset emoji`; text_dim set from the encoder).
+    "emoji8": UNetConfig(
+        resolution=8, in_channels=3, out_channels=3, model_channels=64, channel_mult=(1, 2),
+        num_res_blocks=2, attention_resolutions=(4,), num_head_channels=32, num_classes=None,
+    ),
     # Tiny config for tests.
     "tiny": UNetConfig(
         resolution=8, in_channels=1, out_channels=1, model_channels=32, channel_mult=(1, 2),

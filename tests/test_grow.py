@@ -78,7 +78,7 @@ def test_bad_resolution_and_preset():
 @settings(max_examples=20, deadline=None)
 @given(teacher=st.sampled_from([8, 16, 32, 64]), k=st.integers(0, 4), preset=st.sampled_from(sorted(PRESETS)))
 def test_plan_and_dict_round_trip(teacher, k, preset):
-    stages = plan_stages(teacher, teacher * 2**k, preset)
+    stages = plan_stages(teacher, teacher * 2**k, preset, top_width=64)
     assert len(stages) == k + 1 and doublings(teacher, teacher * 2**k) == k
     assert [s.resolution for s in stages] == [teacher * 2**i for i in range(k + 1)]
     p = get_preset(preset)
@@ -106,8 +106,9 @@ def test_width_schedules():
     assert grow_widths("192,192,96", 64, 3) == (192, 192, 96) and grow_widths("64,32", 8, 3) == (64, 32, 32)
     assert grow_widths("halve", 8, 2, 32) == (16, 8) and grow_widths("16/R", 8, 2, 32) == (32, 16)
     assert grow_widths("halve", 8, 6, 32)[-1] == 1  # never below one channel
-    # every preset's default is constant: the stages keep today's layout (grow_channels None = the previous width)
-    assert all(p.grow_width == "constant" for p in PRESETS.values())
+    # every preset's default but emoji's (8 -> 64 px on a CPU) is constant: grow_channels None = the previous width
+    assert all(p.grow_width == "constant" for name, p in PRESETS.items() if name != "emoji")
+    assert [s.grow_channels for s in plan_stages(8, 64, "emoji", top_width=64)] == [None, 32, 16, 8]
     assert [s.grow_channels for s in plan_stages(8, 32, "demo", top_width=32)] == [None, None, None]
     assert [s.grow_channels for s in plan_stages(64, 512, "imagenet64", width="256/R", top_width=192)] == [None, 192, 192, 96]
     with pytest.raises(ValueError, match="needs the teacher's top-level width"):
