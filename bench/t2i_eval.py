@@ -12,8 +12,11 @@ of every finished stage, for each ω of --omegas. Columns (prompts: the training
 permutation, seeds fixed; 'held-out': the 175 captions of the test split, never trained on):
   subgroup / subgroup held-out   emoji-subgroup classifier accuracy (classifiers cached in RUN/classifier/)
   top1 / top5 (+ held-out)       retrieval among all 3,655 real emoji by Lite0 features at 64 px
-  tone held-out / tone 5         emoji-tone classifier accuracy on the 20 held-out ": dark skin tone" prompts / on
-                                 their 20 bases in all 5 tones (chance 1/5 for any sampler that ignores the tone)
+  tone held-out                  the fraction of the 20 held-out ": dark skin tone" prompts' samples that the emoji-tone
+                                 classifier calls dark (all 20 prompts are dark: read it against the next column)
+  dark elsewhere                 … of the same 20 emoji's 4 trained tones' samples it calls dark (equal for a sampler
+                                 that ignores the tone)
+  tone 5                         its accuracy on the 20 emoji in all 5 tones (chance 1/5 for any tone-blind sampler)
   FID / KID×10³                  vs all 3,480 real training emoji at R (clean-fid Inception)
 The classifiers' own accuracy on the real train / test images is printed first. Writes OUT/t2i_eval.json.
 """
@@ -34,7 +37,8 @@ COLUMNS = [("model", "model", ""), ("resolution", "px", "d"), ("omega", "ω", ""
            ("subgroup", "subgroup", ".3f"), ("subgroup_held_out", "subgroup held-out", ".3f"),
            ("top1", "top1", ".3f"), ("top5", "top5", ".3f"), ("top1_held_out", "top1 held-out", ".3f"),
            ("top5_held_out", "top5 held-out", ".3f"), ("tone_held_out", "tone held-out", ".3f"),
-           ("tone_five", "tone 5", ".3f"), ("fid", "FID", ".2f"), ("kid_x1e3", "KID×10³", ".2f")]
+           ("dark_elsewhere", "dark elsewhere", ".3f"), ("tone_five", "tone 5", ".3f"), ("fid", "FID", ".2f"),
+           ("kid_x1e3", "KID×10³", ".2f")]
 
 
 def floor_rows(measures: A.Measures, res: int, fid: bool) -> list[dict]:

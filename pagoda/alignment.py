@@ -215,11 +215,14 @@ class Measures:
         subgroup, tone = self.classifier("emoji-subgroup", res), self.classifier("emoji-tone", res)
         five = self.prompts["five tones"]
         dark = [i for i, prompt in enumerate(five) if prompt.endswith(EMOJI_HELD_OUT_TONE)]  # never trained on
+        other = [i for i in range(len(five)) if i not in dark]
         row = {"model": model, "resolution": res, "omega": omega,
                "subgroup": subgroup_accuracy(subgroup, x["train"], self.prompts["train"], self.real),
                "subgroup_held_out": subgroup_accuracy(subgroup, x["held-out"], self.prompts["held-out"], self.real),
                "tone_held_out": tone_accuracy(tone, x["five tones"][dark], [five[i] for i in dark]),
-               "tone_five": tone_accuracy(tone, x["five tones"], self.prompts["five tones"])}
+               "tone_five": tone_accuracy(tone, x["five tones"], self.prompts["five tones"]),
+               # a sampler that ignores the tone scores tone_held_out == dark_elsewhere: read the two side by side
+               "dark_elsewhere": tone.accuracy(x["five tones"][other], torch.full((len(other),), EMOJI_TONES.index("dark")))}
         for name, suffix in (("train", ""), ("held-out", "_held_out")):
             row.update({k + suffix: v for k, v in self.retrieval.rates(x[name], self.prompts[name]).items()})
         if fid == "samples":

@@ -43,6 +43,7 @@ def test_real_images_score_the_ceiling_and_a_prompt_blind_sampler_chance(measure
     shares = np.bincount(measures.real.subgroup_labels(measures.prompts["train"])) / 200
     assert np.isclose(shares, blind["subgroup"]).any() and blind["subgroup"] <= shares.max() + 1e-6 < 0.2
     assert blind["tone_five"] == pytest.approx(0.2, abs=1e-6)  # balanced over the 5 tones: exactly chance
+    assert blind["tone_held_out"] == blind["dark_elsewhere"]  # tone-blind: the held-out dark is not told apart
     assert blind["top1"] <= 1 / 200 and blind["fid"] > real["fid"] and blind["kid_x1e3"] > 0
 
 
