@@ -6,7 +6,8 @@ One image per prompt; the prompts are emoji captions (pagoda.data.EmojiDataset).
   top1/top5  retrieval: the fraction whose own emoji is the nearest / among the 5 nearest of all 3,655 real emoji,
              by the distance of EfficientNet-Lite0 features at 64 px (samples below 64 px bicubic-upsampled) (§6b)
   tone       the fraction of single-tone prompts ("…: dark skin tone") whose sample the emoji-tone classifier
-             puts in the named tone (of 5; chance 1/5)                                                   (§7)
+             puts in the named tone (of 5; chance 1/5); the 20 held-out prompts are all dark, so their rate is read
+             beside the rate at which the same emoji's trained tones are called dark                      (§7)
   fid/kid    against the real training emoji at the sample's resolution (pagoda/metrics.py, clean-fid) (§6)
 A sampler that returns each prompt's real image scores the ceilings (`real_sampler`); one that ignores its prompt
 scores chance. The floor of FID is real vs real: two random halves of the training images (1,740 each).
