@@ -81,3 +81,20 @@ def test_flip_trained_classifier_predicts_with_test_time_flip():
         assert torch.allclose(flipped.probabilities(x), flipped.probabilities(x.flip(-1)), atol=1e-6)
         assert not torch.allclose(plain.probabilities(x), plain.probabilities(x.flip(-1)), atol=1e-6)
         assert torch.allclose(plain.probabilities(x), plain(x).softmax(1))
+
+
+def test_emoji_tasks_are_colour_unflipped_and_cached_under_their_own_names(tmp_path):
+    cfg = C.classifier_config(8, "emoji-tone", layers="8p", epochs=0.1)
+    assert cfg.flip == 0 and C.classifier_config(64, "emoji-subgroup").flip == 0
+    assert C.classifier_file(8, "emoji-tone") == "emoji-tone-8.pt" and C.classifier_file(8) == "fmnist-8.pt"
+    assert C.caption_tone("waving hand: dark skin tone") == 4 and C.caption_tone("red apple") is None
+    assert C.caption_tone("kiss: woman, man, light skin tone, dark skin tone") is None  # two tones: not a tone class
+    x, y = C.task_of("emoji-tone").labelled("train", 8)
+    assert x.shape == (1328, 3, 8, 8) and torch.bincount(y).tolist() == [275, 264, 270, 267, 252]
+    model = C.train_classifier(cfg)
+    assert model(x[:2]).shape == (2, 5) and C.Classifier(C.classifier_config(8, "emoji-subgroup", layers="8p"))(x[:2]).shape == (2, 99)
+    C.save_classifier(model, tmp_path / C.classifier_file(8, "emoji-subgroup"), 0.5)  # a tone network under a subgroup name
+    with pytest.raises(CheckpointError, match="classifies 'emoji-tone', not 'emoji-subgroup'"):
+        C.classifier_for(tmp_path, 8, task="emoji-subgroup")
+    with pytest.raises(ValueError, match="unknown classifier task 'emoji'; fix: use one of fmnist, emoji-subgroup"):
+        C.classifier_config(8, "emoji")

@@ -12,7 +12,7 @@ FLOORS = [  # lowest first; the README's import line lists them top down
     {"images", "rundir", "teacher"},
     {"data", "decoder", "grow", "loop", "report"},
     {"classifier", "encoder", "losses", "metrics"},
-    {"discriminators", "draws", "inference"},
+    {"alignment", "discriminators", "draws", "inference"},
     {"control", "evaluate", "stage"},
     {"serve", "train"},
     {"launch", "plan"},
