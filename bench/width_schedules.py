@@ -64,7 +64,8 @@ def main() -> None:
             continue
         if teacher_ips is None:  # every run shares the teacher: time its Heun-35 sampler once
             heun = make_sampler("teacher", teacher, "heun", 35, seed=a.seed, device=dev, call_size=a.batch)
-            teacher_ips = a.batch / time_call(lambda: heun(0, a.batch), dev, repeats=2)
+            first = iter(range(0, 1 << 30, a.batch))  # a new batch every call (the sampler keeps its last call)
+            teacher_ips = a.batch / time_call(lambda: heun(next(first), a.batch), dev, repeats=2)
         widths = {s["resolution"]: s["grow_channels"] for s in cfg["stages"]}
         for res, G in sorted(gens.items()):
             G.eval()
