@@ -167,7 +167,7 @@ def test_a_guided_stage_takes_omega(tiny_run, tmp_path):
     ({"class": 10}, 400, ("class 10", "0..9")),
     (dict(resolution=32), 400, ("resolution 32", "8, 16")),
     (dict(guidance=2), 400, ("no guidance embedding",)),
-    (dict(prompt="a red shirt"), 400, ("not a text run",)),
+    (dict(prompt="a red shirt"), 400, ("not text-conditional", "--class")),
     (dict(colour=1), 400, ("unknown field 'colour'",)),
 ])
 def test_sample_refuses_bad_requests(server, req, status, needles):
@@ -209,7 +209,7 @@ def test_each_tool_shows_the_clis_numbers_and_images(server, tiny_run, shirt, tm
 
 
 def test_tools_refuse_bad_fields(server, shirt):
-    error(upload(server, "edit", image=shirt), 400, "`to_class` is required")
+    error(upload(server, "edit", image=shirt), 400, "--to-class")
     error(upload(server, "edit", image=shirt, to_class=10), 400, "--class 10")
     error(upload(server, "interpolate", image=shirt), 400, "no `image2` field")
     error(upload(server, "interpolate", image=shirt, image2=shirt, frames=17), 400, "`frames` 17")
