@@ -220,6 +220,15 @@ def print_export(r: dict) -> None:
             f"images/s, {r['nfe']} NFE per image)")
 
 
+PROMPT_HELP = dict(
+    prompt="Caption of a text model (repeatable): --n images per prompt, one labelled grid row each.",
+    prompts="Text file of captions, one per line (blank lines skipped), after any --prompt: image k of the j-th "
+            "prompt is the same as with --prompt; an export's export.json records each image's prompt.",
+    tool="Caption of a text model under which the image is encoded and decoded (default: the empty caption, "
+         "an unconditional encode).",
+)
+
+
 @app.command(epilog="Examples:\n\n  pagoda sample --checkpoint runs/demo\n\n  pagoda sample --checkpoint runs/demo/stage-16/generator.pt --class 3 --n 16"
                     "\n\n  pagoda sample --checkpoint runs/demo --n 50000 --npz samples.npz --rgb"
                     "\n\n  pagoda sample --checkpoint runs/demo --n 1000 --outdir samples/")
@@ -227,8 +236,8 @@ def sample(
     checkpoint: str = typer.Option(RUN_DIR, help="Generator checkpoint or run directory (last finished stage)."),
     n: int = typer.Option(64, min=1, help="Number of images (per prompt with --prompt)."),
     class_: Optional[int] = typer.Option(None, "--class", help="Class label (default: cycle through classes)."),
-    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="Caption of a text model (repeatable): --n "
-                                               "images per prompt, one grid row each."),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help=PROMPT_HELP["prompt"]),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts", help=PROMPT_HELP["prompts"]),
     seed: int = typer.Option(0),
     out: str = typer.Option("samples.png", help="Output PNG grid."),
     outdir: Optional[str] = typer.Option(None, help=EXPORT_HELP["outdir"]),
@@ -242,7 +251,8 @@ def sample(
     """Sample with one network call per image: z ~ N(0, σ_max² I) at the teacher resolution → G(z); image i has
     z seeded by (seed, i) and label i mod C (or, with --prompt, caption i // n), so exports of different n share their
     first images."""
-    prompts = prompt or None
+    from pagoda.prompts import gather_prompts
+    prompts = run(gather_prompts, prompt, prompts_file)
     if outdir is None and npz is None:
         from pagoda.inference import sample_grid
         path = run(sample_grid, checkpoint, n, class_, seed, out, batch, guidance, prompts)
@@ -264,12 +274,13 @@ def invert(
     checkpoint: str = typer.Option(RUN_DIR, help=MODEL_HELP["checkpoint"]),
     teacher: Optional[str] = typer.Option(None, callback=teacher_file, help=MODEL_HELP["teacher"]),
     class_: Optional[int] = typer.Option(None, "--class", help="Class label; default: the class that reconstructs best."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help=PROMPT_HELP["tool"]),
     out: str = typer.Option("inverted", help="Output directory."),
 ):
     """Encode an image with the teacher's PF-ODE, decode it with the generator at full resolution."""
     from pagoda.control import summary_line
     from pagoda.inference import invert_image
-    r = run(invert_image, image, checkpoint, teacher, class_, out)
+    r = run(invert_image, image, checkpoint, teacher, class_, out, prompt=prompt)
     summary(summary_line("invert", r))
     console.print(f"wrote {r['reconstruction']} and {r['side_by_side']}", soft_wrap=True)  # paths never wrapped
 
@@ -281,26 +292,32 @@ def superres(
     checkpoint: str = typer.Option(RUN_DIR, help=MODEL_HELP["checkpoint"]),
     teacher: Optional[str] = typer.Option(None, callback=teacher_file, help=MODEL_HELP["teacher"]),
     class_: Optional[int] = typer.Option(None, "--class", help=MODEL_HELP["class_"]),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help=PROMPT_HELP["tool"]),
     out: str = typer.Option("superres", help="Output directory."),
 ):
     """Super-resolution: encode the image once at the teacher resolution, decode with one G call at G's resolution."""
     from pagoda.control import summary_line, superres as superres_fn
-    r = run(superres_fn, image, checkpoint, teacher, class_, reference, out)
+    r = run(superres_fn, image, checkpoint, teacher, class_, reference, out, prompt=prompt)
     summary(f"{summary_line('superres', r)}  wrote {r['side_by_side']}")
 
 
-@app.command(epilog="Examples:\n\n  pagoda edit shirt.png --to-class 3\n\n  pagoda edit shirt.png --to-class 3 --class 6 --out edited/")
+@app.command(epilog="Examples:\n\n  pagoda edit shirt.png --to-class 3\n\n  pagoda edit shirt.png --to-class 3 --class 6 --out edited/"
+                    "\n\n  pagoda edit heart.png --checkpoint runs/emoji --to-prompt \"green heart\" --prompt \"red heart\"")
 def edit(
     image: str = typer.Argument(..., help="Any image (any mode, size, aspect)."),
-    to_class: int = typer.Option(..., "--to-class", help="Class to decode the image's latent under."),
+    to_class: Optional[int] = typer.Option(None, "--to-class", help="Class to decode the image's latent under."),
+    to_prompt: Optional[str] = typer.Option(None, "--to-prompt", help="Caption to decode the latent under (a text model)."),
     checkpoint: str = typer.Option(RUN_DIR, help=MODEL_HELP["checkpoint"]),
     teacher: Optional[str] = typer.Option(None, callback=teacher_file, help=MODEL_HELP["teacher"]),
     class_: Optional[int] = typer.Option(None, "--class", help=MODEL_HELP["class_"]),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Caption of the image (a text model), under which it is "
+                                         "encoded; default: the empty caption, an unconditional encode."),
     out: str = typer.Option("edited", help="Output directory."),
 ):
-    """Class transfer: encode under the image's class, decode the same latent under --to-class."""
-    from pagoda.control import edit_class, summary_line
-    r = run(edit_class, image, to_class, checkpoint, teacher, class_, out)
+    """Class (or caption) transfer: encode under the image's class (--prompt), decode the same latent under
+    --to-class (--to-prompt)."""
+    from pagoda.control import edit_image, summary_line
+    r = run(edit_image, image, to_class, checkpoint, teacher, class_, out, prompt=prompt, to_prompt=to_prompt)
     summary(f"{summary_line('edit', r)}  wrote {r['side_by_side']}")
 
 
@@ -311,11 +328,12 @@ def interpolate(
     checkpoint: str = typer.Option(RUN_DIR, help=MODEL_HELP["checkpoint"]),
     teacher: Optional[str] = typer.Option(None, callback=teacher_file, help=MODEL_HELP["teacher"]),
     class_: Optional[int] = typer.Option(None, "--class", help="Class of both images; default: each its best class."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help=PROMPT_HELP["tool"]),
     out: str = typer.Option("interpolated", help="Output directory."),
 ):
     """Latent interpolation: encode both images, slerp the latents, decode each frame with G (soft labels across classes)."""
     from pagoda.control import interpolate as interpolate_fn, summary_line
-    r = run(interpolate_fn, a, b, steps, checkpoint, teacher, class_, out)
+    r = run(interpolate_fn, a, b, steps, checkpoint, teacher, class_, out, prompt=prompt)
     summary(f"{summary_line('interpolate', r)}  wrote {r['side_by_side']}")
 
 
@@ -327,11 +345,13 @@ def inpaint(
     teacher: Optional[str] = typer.Option(None, callback=teacher_file, help=MODEL_HELP["teacher"]),
     class_: Optional[int] = typer.Option(None, "--class", help=MODEL_HELP["class_"]),
     iters: int = typer.Option(50, min=0, help="Adam steps of the latent optimisation through G."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help=PROMPT_HELP["tool"]),
+
     out: str = typer.Option("inpainted", help="Output directory."),
 ):
     """Inpainting: optimise G's latent to match the known pixels under the latent prior; known pixels kept exactly."""
     from pagoda.control import inpaint as inpaint_fn, summary_line
-    r = run(inpaint_fn, image, mask, checkpoint, teacher, class_, out, iters)
+    r = run(inpaint_fn, image, mask, checkpoint, teacher, class_, out, iters, prompt=prompt)
     summary(f"{summary_line('inpaint', r)}  wrote {r['side_by_side']}")
 
 
@@ -398,6 +418,8 @@ def teacher_sample_cmd(
     n: int = typer.Option(100, min=1), steps: int = typer.Option(HEUN_POINTS, min=2, help="Karras grid points (+ final 0)."),
     method: str = typer.Option("heun", help=choices(METHODS)),
     class_: Optional[int] = typer.Option(None, "--class"), seed: int = typer.Option(0),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help=PROMPT_HELP["prompt"]),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts", help=PROMPT_HELP["prompts"]),
     out: str = typer.Option("teacher_samples.png"),
     guidance: float = typer.Option(1.0, min=0.0, help="Classifier-free guidance ω: D(x,σ,∅) + ω·(D(x,σ,y) − D(x,σ,∅)); 1 = off."),
     outdir: Optional[str] = typer.Option(None, help=EXPORT_HELP["outdir"]),
@@ -407,15 +429,17 @@ def teacher_sample_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Sample the teacher with any solver and NFE (optionally classifier-free guided); the same z and labels as
-    `pagoda sample` for the same seed."""
+    `pagoda sample` for the same seed (a text teacher: --prompt, guided against the empty caption)."""
+    from pagoda.prompts import gather_prompts
+    prompts = run(gather_prompts, prompt, prompts_file)
     if outdir is None and npz is None:
         from pagoda.inference import teacher_grid
-        path, nfe = run(teacher_grid, checkpoint, n, steps, method, class_, seed, out, guidance, batch)
+        path, nfe = run(teacher_grid, checkpoint, n, steps, method, class_, seed, out, guidance, batch, prompts)
         console.print(f"wrote {path} ({nfe} NFE per image)", soft_wrap=True)
         return
     from pagoda.inference import export_samples
     print_export(run(export_samples, checkpoint, "teacher", n, outdir, npz, class_, seed, batch, rgb, steps, method,
-                     guidance, progress))
+                     guidance, progress, prompts))
 
 
 @app.command("eval", epilog="Examples:\n\n  pagoda eval --checkpoint runs/demo --n 10000\n\n"
@@ -425,7 +449,8 @@ def teacher_sample_cmd(
 def eval_cmd(
     checkpoint: str = typer.Option(RUN_DIR, help="Generator checkpoint, run directory (last finished stage) or teacher checkpoint."),
     n: int = typer.Option(10_000, min=2, help="Samples scored (FID is biased at small n: compare only at equal n)."),
-    ref: str = typer.Option(DEFAULT.data, help="Reference: fashion-mnist, an image folder / EDM .zip, or an .npz with mu/sigma."),
+    ref: str = typer.Option(DEFAULT.data, help="Reference: fashion-mnist, emoji (a text run: its training captions in "
+                            "turn), an image folder / EDM .zip, or an .npz with mu/sigma."),
     split: str = typer.Option("train", help="Fashion-MNIST split of the reference: train | test."),
     ref_n: Optional[int] = typer.Option(None, min=2, help="Reference images (seeded subset, cached); default all. On CPU pass e.g. --ref-n 2000."),
     solver: str = typer.Option("heun", help=f"Teacher only: {choices(METHODS)}."),
@@ -471,8 +496,11 @@ def report_cmd(
     device: str = typer.Option(DEFAULT.device, help="auto | cpu | cuda"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
-    """Write RUN/report.html (self-contained) and RUN/report.md: samples, FID, losses, w and α, timings, config."""
+    """Write RUN/report.html (self-contained) and RUN/report.md: samples, FID, losses, w and α, timings, config; a
+    text run's report also shows the same prompts at the teacher and every stage (drawn first: RUN/*/prompts.png)."""
+    from pagoda.inference import prompt_grids
     from pagoda.report import write_report
+    run(prompt_grids, run_dir)
     if fid:
         from pagoda.evaluate import eval_progress, evaluate_run, record_results
         with eval_progress(progress) as bar:

@@ -45,6 +45,7 @@ from pagoda.io import atomic_write_bytes
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+FASHION_MNIST_NAMES = ("fashion-mnist", "fmnist", "fashion_mnist")  # what make_dataset reads as Fashion-MNIST
 FASHION_MNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian: dataset-fashion-mnist
 # The S3 website endpoint is the official location (it serves plain HTTP only); GitHub has the same
 # files over HTTPS. Downloads are checked against the SHA-256 of the *decompressed* idx payload:
@@ -443,7 +444,7 @@ def make_dataset(spec: str | os.PathLike, resolution: int, channels: int | None 
             raise DataError(f"the emoji are colour (3 channels), not {channels}; fix: pass channels=3 or leave it unset")
         return EmojiDataset(split, resolution)
     idx_dir = path.is_dir() and _complete(path)  # `--data DIR` holding the Fashion-MNIST idx files
-    if idx_dir or str(spec).lower() in ("fashion-mnist", "fmnist", "fashion_mnist"):
+    if idx_dir or str(spec).lower() in FASHION_MNIST_NAMES:
         if channels not in (None, 1):
             raise DataError(f"Fashion-MNIST has 1 channel, not {channels}; fix: pass channels=1 or leave it unset")
         return FashionMNIST(split, path if idx_dir else None, resolution)

@@ -3,13 +3,15 @@
     pagoda eval --checkpoint runs/demo --n 10000                        # last stage vs Fashion-MNIST train
     pagoda eval --checkpoint runs/demo --all-stages --n 500 --ref-n 500 # teacher + every stage (CPU-sized)
     pagoda eval --checkpoint runs/demo/teacher/teacher.pt --solver dpmpp_2m --nfe 10
+    pagoda eval --checkpoint runs/emoji --ref emoji --n 2000           # a text run: its training captions in turn
 
 Generators and teachers are measured by the same code: z ~ N(0, σ_max² I) at the teacher resolution in
 seeded batches, class labels cycling 0..C−1, images scored by `metrics.evaluate` (clean-fid's resize to
 299²) against the reference at the images' own resolution (Fashion-MNIST downsampled the ADM way).
 Results are merged into RUN/eval.json, whose rows the report's FID table shows. With `accuracy` (`--accuracy`)
 the same images also go through the run's Fashion-MNIST classifier (pagoda/classifier.py): the fraction put in
-their conditioning class.
+their conditioning class. A text model's image i has caption i mod N of its run's N training captions (a fixed
+shuffle); its text alignment is bench/t2i_eval.py's.
 """
 from __future__ import annotations
 
@@ -25,12 +27,14 @@ import numpy as np
 
 from pagoda import dist
 from pagoda.classifier import NUM_CLASSES, classifier_for
+from pagoda.data import FASHION_MNIST_NAMES
 from pagoda.decoder import load_model
 from pagoda.dist import DistInfo, pick_device
 from pagoda.inference import make_sampler
 from pagoda.io import CheckpointError, save_json
 from pagoda.loop import index_labels, progress_bar
 from pagoda.metrics import evaluate
+from pagoda.prompts import run_captions, shuffled
 from pagoda.rundir import GENERATOR_FILE, RunDir, model_file, resolve_teacher_path, run_of, run_root
 
 TaskProgressFn = Callable[[str, int, int], None]  # (task, done, total), as metrics.evaluate reports
@@ -73,16 +77,36 @@ class ClassAccuracy:
         return float(dist.gather_array(torch.cat(self.hits).numpy().astype(np.int64), self.info).mean())
 
 
+def text_prompts(model: torch.nn.Module, checkpoint: str | Path, ref: str, accuracy: bool = False) -> list[str] | None:
+    """A text model's prompts: its run's training captions in a fixed shuffled order (image i has caption i mod N, so
+    the first n cover every group); None for a class model. One-line errors for what a text model cannot be scored by."""
+    if getattr(model, "text_encoder", None) is None:
+        return None
+    if accuracy:
+        raise ValueError("--accuracy is the Fashion-MNIST class accuracy; a text run's alignment (subgroup accuracy, "
+                         "retrieval) is bench/t2i_eval.py: drop --accuracy")
+    if str(ref).lower() in FASHION_MNIST_NAMES:
+        raise ValueError(f"a text model is scored against its own captioned data, not {ref}: pass --ref emoji")
+    captions = run_captions(checkpoint)
+    if not captions:
+        raise ValueError(f"{checkpoint}: no run with captioned data around it (config.json) to take prompts from: "
+                         f"pass the run directory or one of its stages")
+    return shuffled(captions)
+
+
 def _open_sampler(checkpoint: str | Path, solver: str, nfe: int, resize: int | None, seed: int, dev: torch.device,
-                  guidance: float = 1.0) -> tuple[torch.nn.Module, Path, Callable[[int, int], torch.Tensor], dict]:
-    """(model, file, generate, the row's head: model name, kind, checkpoint, resolution, solver, nfe, guidance, seed)."""
+                  guidance: float = 1.0, ref: str = "fashion-mnist", accuracy: bool = False,
+                  run: str | Path | None = None) -> tuple[torch.nn.Module, Path, Callable[[int, int], torch.Tensor], dict]:
+    """(model, file, generate, the row's head: model name, kind, checkpoint, resolution, solver, nfe, guidance, seed;
+    a text model's rows also `prompts`); a text model's prompts come from `run` (default: the checkpoint's run)."""
     path = model_file(checkpoint)
     kind, model = load_model(path, dev)
+    prompts = text_prompts(model, run or checkpoint, ref, accuracy)
     head = {"model": describe(kind, model, solver, nfe, resize, guidance), "kind": kind,
             "checkpoint": str(path.resolve()), "resolution": resize or model.resolution,
             "solver": solver if kind == "teacher" else None, "nfe": nfe if kind == "teacher" else 1,
-            "guidance": guidance, "seed": seed}
-    return model, path, make_sampler(kind, model, solver, nfe, resize, seed, dev, guidance=guidance), head
+            "guidance": guidance, "seed": seed, **({"prompts": f"{len(prompts)} training captions, cycled"} if prompts else {})}
+    return model, path, make_sampler(kind, model, solver, nfe, resize, seed, dev, guidance=guidance, prompts=prompts), head
 
 
 def _scorer(model: torch.nn.Module, path: Path, resolution: int, info: DistInfo, name: str,
@@ -98,13 +122,14 @@ def evaluate_checkpoint(checkpoint: str | Path, n: int = 10_000, ref: str = "fas
                         ref_n: int | None = None, solver: str = "heun", nfe: int = 35, resize: int | None = None,
                         batch: int = 64, seed: int = 0, device: str = "auto", cache_dir: Path | None = None,
                         progress: TaskProgressFn | None = None, info: DistInfo | None = None,
-                        precision_recall: bool = False, accuracy: bool = False, guidance: float = 1.0) -> dict:
+                        precision_recall: bool = False, accuracy: bool = False, guidance: float = 1.0,
+                        run: str | Path | None = None) -> dict:
     """FID/KID (and precision/recall; with `accuracy`, ClassAccuracy of the same images) of n samples of a generator
     (checkpoint or run dir) or a teacher (with solver/nfe), as metrics.evaluate (split across the ranks of `info`,
-    each on its own device)."""
+    each on its own device); a text model samples its run's training captions in turn (text_prompts)."""
     info = info or DistInfo()
     dev = info.device if info.enabled else pick_device(device)
-    model, path, generate, head = _open_sampler(checkpoint, solver, nfe, resize, seed, dev, guidance)
+    model, path, generate, head = _open_sampler(checkpoint, solver, nfe, resize, seed, dev, guidance, ref, accuracy, run)
     name = head["model"]
     scorer = _scorer(model, path, head["resolution"], info, name, progress) if accuracy else None
     prog = None if progress is None else (lambda task, done, total: progress(f"{name}: {task}", done, total))
@@ -126,7 +151,7 @@ def evaluate_run(run_dir: str | Path, teacher: bool = True, **kw) -> list[dict]:
             models.insert(0, resolve_teacher_path(run_dir))
         except CheckpointError:
             pass  # a run without a teacher file: the generator rows alone
-    return [evaluate_checkpoint(m, **kw) for m in models]
+    return [evaluate_checkpoint(m, run=run_dir, **kw) for m in models]
 
 
 def record_results(results: list[dict], path: str | Path) -> Path:

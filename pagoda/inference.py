@@ -28,34 +28,15 @@ from pagoda.decoder import Generator, load_generator
 from pagoda.encoder import Encoder, build_latent_cache, psnr, teacher_fingerprint
 from pagoda.io import atomic_write_bytes, check_config, save_json
 from pagoda.loop import index_labels, progress_bar, step_generator
-from pagoda.rundir import RunDir, is_finished, model_file, resolve_teacher_path, run_of
+from pagoda.rundir import PROMPT_GRID, RunDir, is_finished, model_file, resolve_teacher_path, run_of
 from pagoda.solvers import HEUN_POINTS, karras_sigmas, nfe as count_nfe, sample, solver_steps
 from pagoda.teacher import Denoiser, guided, load_teacher
-from pagoda.text import check_prompt
+from pagoda.text import TextEmbedding
+from pagoda.prompts import EXAMPLES, check_condition, condition, named, run_captions, spread
 
 CLASS_SEARCH_MAX = 16  # invert tries every class up to this many; beyond, --class is required
 EXPORT_FILE = "export.json"  # an export folder's (or FILE.parts/') settings, checked on resume
 SAMPLE_CALL = 64  # images per network call when sampling: image i always runs with images 64⌊i/64⌋ … 64⌊i/64⌋+63
-
-
-def check_prompts(model: torch.nn.Module, class_: int | None, prompts: list[str] | None) -> None:
-    """One-line ValueErrors: --prompt on a model without text, --class on a text model, a bad prompt (text.check_prompt)."""
-    encoder = getattr(model, "text_encoder", None)
-    if prompts and encoder is None:
-        raise ValueError("this model is not text-conditional (it has no text encoder): drop --prompt"
-                         + ("" if model.unet.config.num_classes is None else " and pass --class N"))
-    if encoder is not None and class_ is not None:
-        raise ValueError('this model is text-conditional, it has no classes: pass --prompt "red apple" instead of --class')
-    for prompt in prompts or []:
-        check_prompt(prompt, encoder.context)
-
-
-def check_class(num_classes: int | None, class_: int | None) -> None:
-    """A one-line ValueError unless `class_` is None or a class of the model."""
-    if num_classes is None and class_ is not None:
-        raise ValueError("this model is unconditional: drop --class")
-    if num_classes is not None and class_ is not None and not 0 <= class_ < num_classes:
-        raise ValueError(f"--class {class_} is out of range: the model has classes 0..{num_classes - 1}")
 
 
 # ---- sampling: grids and exports ------------------------------------------------------------------
@@ -116,9 +97,7 @@ def _sampler(kind: str, checkpoint: str, class_: int | None, seed: int, steps: i
     else:
         model = load_teacher(checkpoint)
         nfe = count_nfe(method, torch.cat([karras_sigmas(steps, model.sigma_min, model.sigma_max), torch.zeros(1)]))
-    ncls = model.unet.config.num_classes
-    check_prompts(model, class_, prompts)
-    check_class(ncls, class_)
+    check_condition(model, class_, prompts, need_prompt=True)
     return model, make_sampler(kind, model, method, nfe, seed=seed, class_=class_, guidance=guidance, prompts=prompts,
                                per_prompt=per_prompt), nfe
 
@@ -150,11 +129,30 @@ def sample_grid(checkpoint: str, n: int = 64, class_: int | None = None, seed: i
 
 @torch.no_grad()
 def teacher_grid(checkpoint: str, n: int = 100, steps: int = HEUN_POINTS, method: str = "heun", class_: int | None = None,
-                 seed: int = 0, out: str = "teacher_samples.png", guidance: float = 1.0, batch: int = 64):
+                 seed: int = 0, out: str = "teacher_samples.png", guidance: float = 1.0, batch: int = 64,
+                 prompts: list[str] | None = None):
     """Teacher samples with any solver and grid size, optionally classifier-free guided (ω = `guidance`; one
-    batched call per step); returns (path, NFE per image)."""
-    D, generate, nfe = _sampler("teacher", checkpoint, class_, seed, steps, method, guidance)
-    return _grid(D, generate, n, batch, class_, out), nfe
+    batched call per step; a text teacher's null condition is the empty caption); `prompts` as sample_grid's;
+    returns (path, NFE per image)."""
+    D, generate, nfe = _sampler("teacher", checkpoint, class_, seed, steps, method, guidance, prompts, n)
+    return _grid(D, generate, n, batch, class_, out, prompts), nfe
+
+
+def prompt_grids(run_dir: str, n: int = 4, seed: int = 0) -> list[Path]:
+    """A text run's grids of the same prompts (EXAMPLES spread over its training captions; n samples each, one
+    labelled row per prompt): the teacher's (Heun 35 NFE) and every finished stage's, as RUN/…/prompts.png; [] for
+    a class run. `pagoda report` shows them."""
+    stages = RunDir(run_dir).finished()
+    if not stages or load_generator(model_file(stages[-1])).text_encoder is None:
+        return []
+    prompts = spread(run_captions(run_dir) or [], EXAMPLES)
+    if not prompts:
+        raise ValueError(f"{run_dir}: its config.json names no captioned data: cannot choose prompts for the report")
+    tdir = RunDir(run_dir).teacher_dir
+    tdir.mkdir(parents=True, exist_ok=True)
+    teacher = [teacher_grid(str(resolve_teacher_path(run_dir)), n, seed=seed, out=str(tdir / PROMPT_GRID),
+                            prompts=prompts)[0]]
+    return teacher + [sample_grid(str(s), n, seed=seed, out=str(s / PROMPT_GRID), prompts=prompts) for s in stages]
 
 
 class _Export:
@@ -239,7 +237,8 @@ def export_samples(checkpoint: str, kind: str = "generator", n: int = 64, outdir
                    prompts: list[str] | None = None) -> dict:
     """Images 0 … n−1 of a generator or a teacher as numbered PNGs (`outdir`) and/or the ADM evaluator's .npz
     (arr_0 uint8 N×H×W×C, C = the model's channels or 3 with `rgb`; arr_1 int64 labels), resumable; a text model with
-    `prompts`: n per prompt, image j·n + k = image k of prompt j (export.json records the prompts)."""
+    `prompts`: n per prompt, image j·n + k = image k of prompt j (export.json records the prompts, n per prompt and
+    each image's prompt: a resume with another n is refused)."""
     if outdir is None and npz is None:
         raise ValueError("nothing to write: pass --outdir DIR and/or --npz FILE")
     model, generate, nfe = _sampler(kind, checkpoint, class_, seed, steps, method, guidance, prompts, n)
@@ -247,7 +246,8 @@ def export_samples(checkpoint: str, kind: str = "generator", n: int = 64, outdir
     shape = (model.resolution, model.resolution, 3 if rgb else model.channels)
     settings = {"kind": kind, "model": teacher_fingerprint(model), "seed": seed, "class": class_,
                 "channels": shape[2], "guidance": guidance, **({"method": method, "nfe": nfe} if kind == "teacher" else {}),
-                **({"prompts": prompts} if prompts else {})}
+                **({"prompts": prompts, "per_prompt": n // len(prompts),
+                    "image_prompts": [prompts[i * len(prompts) // n] for i in range(n)]} if prompts else {})}
     sinks = ([PngExport(Path(outdir), settings, shape)] if outdir else []) + \
             ([NpzExport(Path(npz), settings, shape)] if npz else [])
     todo = set().union(*(s.missing(n) for s in sinks))
@@ -311,16 +311,16 @@ def read_image(image: str, resolution: int, channels: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_images(G: Generator, D: Denoiser, x: torch.Tensor, class_: int | None = None, steps: int = 40
-                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_images(G: Generator, D: Denoiser, x: torch.Tensor, class_: int | None = None, steps: int = 40,
+                  prompt: str | None = None) -> tuple[torch.Tensor, torch.Tensor | TextEmbedding | None]:
     """(z, y): z = E(↓x, y) by the teacher's PF-ODE at its resolution, y = `class_` or, per image, the class whose
-    G(z, y) reconstructs ↓x best there (every class encoded in one batch)."""
+    G(z, y) reconstructs ↓x best there (every class encoded in one batch); a text model: y = the embedding of
+    `prompt` (None: the empty caption, an unconditional encode)."""
     R, ncls, B = D.resolution, G.unet.config.num_classes, len(x)
-    check_class(ncls, class_)
+    y = condition(G, B, class_, prompt)  # checked: the class or the prompt fits the model
     x_lo = downsample(x, R)
     enc = Encoder(D, R, steps=steps, sigma_min=D.sigma_min, sigma_max=D.sigma_max)
     if ncls is None or class_ is not None:
-        y = None if ncls is None else torch.full((B,), class_)
         return enc.encode(x_lo, y), y
     if ncls > CLASS_SEARCH_MAX:
         raise ValueError(f"the model has {ncls} classes: pass --class C (0..{ncls - 1})")
@@ -343,25 +343,27 @@ class ToolOutput(NamedTuple):
 
 
 @torch.no_grad()
-def invert_result(G: Generator, D: Denoiser, x: torch.Tensor, class_: int | None = None, steps: int = 40) -> ToolOutput:
-    """Encode x (1×C×H×H at G's resolution) with the teacher at its resolution, decode with G at full resolution:
-    PSNRs at both; panels x | ↓x (nearest up) | G(z, y)."""
+def invert_result(G: Generator, D: Denoiser, x: torch.Tensor, class_: int | None = None, steps: int = 40,
+                  prompt: str | None = None) -> ToolOutput:
+    """Encode x (1×C×H×H at G's resolution) with the teacher at its resolution, decode with G at full resolution
+    (both under `class_` or the best class; a text model: under `prompt`, default the empty caption): PSNRs at both;
+    panels x | ↓x (nearest up) | G(z, y)."""
     x_lo = downsample(x, D.resolution)
-    z, y = encode_images(G, D, x, class_, steps)
+    z, y = encode_images(G, D, x, class_, steps, prompt)
     rec = G(z, y).clamp(-1, 1)  # an image: PSNRs are those of the written PNG
     up = torch.nn.functional.interpolate(x_lo, size=x.shape[-2:], mode="nearest")
-    numbers = {"label": None if y is None else int(y[0]), "teacher_res": D.resolution, "full_res": G.resolution,
+    numbers = {**named(y, prompt), "teacher_res": D.resolution, "full_res": G.resolution,
                "psnr_teacher_res": float(psnr(downsample(rec, D.resolution), x_lo)[0]),
                "psnr_full_res": float(psnr(rec, x)[0])}
     return ToolOutput(numbers, rec[0], [x, up, rec])
 
 
 def invert_image(image: str, checkpoint: str = "runs/demo", teacher: str | None = None, class_: int | None = None,
-                 out: str = "inverted", steps: int = 40) -> dict:
+                 out: str = "inverted", steps: int = 40, prompt: str | None = None) -> dict:
     """invert_result of an image file; writes the reconstruction, the side-by-side PNG and the PSNRs' JSON."""
     G, D = load_models(checkpoint, teacher)
     x_full = read_image(image, G.resolution, G.channels)  # any mode/size/aspect -> model channels, ADM crop
-    r = invert_result(G, D, x_full, class_, steps)
+    r = invert_result(G, D, x_full, class_, steps, prompt)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = Path(image).stem

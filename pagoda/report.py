@@ -2,6 +2,7 @@
 
     pagoda report runs/demo            # samples per stage, FID rows of RUN/eval.json, loss curves, w and α, timings
     pagoda report runs/demo --fid 500  # the CLI first scores every stage (pagoda/evaluate.py), then renders
+    pagoda report runs/emoji           # a text run: the CLI first draws the same prompts at every stage (prompts.png)
 
 Only renders what the run directory holds (pagoda/rundir.py); it computes nothing.
 """
@@ -18,7 +19,7 @@ import matplotlib
 from matplotlib.figure import Figure
 
 from pagoda.io import atomic_write_bytes
-from pagoda.rundir import INDEX_FILE, METRICS_FILE, TIMING_FILE, RunDir, grid_name
+from pagoda.rundir import INDEX_FILE, METRICS_FILE, PROMPT_GRID, TIMING_FILE, RunDir, grid_name
 
 matplotlib.use("Agg")  # headless: never opens a window
 
@@ -151,6 +152,8 @@ def collect(run_dir: Path) -> dict:
         elif logs[s.name]:
             timings.append({"part": s.name + " (running)", "steps": logs[s.name][-1]["step"], "seconds": None,
                             "img_per_s": logs[s.name][-1].get("img_per_s"), "source": f"{s.name}/{METRICS_FILE}"})
+    labelled = [(f"{d.name}: the same prompts", d / PROMPT_GRID) for d in (tdir, *stages) if (d / PROMPT_GRID).is_file()]
+    grids += labelled  # a text run's (pagoda.inference.prompt_grids, written by `pagoda report`): rows labelled
     return {"run": run.root, "config": load(run.config), "teacher_config": tcfg, "latents": load(run.latents / INDEX_FILE),
             "teacher_log": tlog, "stage_logs": logs, "grids": grids, "timings": timings,
             "eval": load(run.eval).get("results", []), "finished": [p.name for p in run.finished()]}

@@ -22,6 +22,7 @@ from pagoda.io import CheckpointError
 
 TEACHER_FILE, GENERATOR_FILE, CHECKPOINT_FILE = "teacher.pt", "generator.pt", "checkpoint.pt"
 CONFIG_FILE = "config.json"  # RUN/config.json (every stage) and RUN/teacher/config.json (the teacher job)
+PROMPT_GRID = "prompts.png"  # RUN/teacher/ and RUN/stage-XX/: a text run's grid of the same prompts (pagoda report)
 METRICS_FILE, TIMING_FILE = "metrics.jsonl", "timing.json"  # a training loop's logs (pagoda/loop.py), in its folder
 INDEX_FILE = "index.json"  # a latent cache's CacheInfo (pagoda/encoder.py)
 TEACHER_SAMPLES_FILE = "teacher-samples.pt"  # the distillation pool's teacher samples, RUN/teacher-samples.pt

@@ -4,6 +4,7 @@
     curl -s 127.0.0.1:7860/api/info
     curl -s 127.0.0.1:7860/api/sample -d '{"seed": 3, "n": 16}' -o grid.png
     curl -s 127.0.0.1:7860/api/edit -F image=@shirt.png -F to_class=3   # JSON: numbers, summary, PNGs as data URLs
+    curl -s 127.0.0.1:7860/api/sample -d '{"prompt": "red apple"}' -o apple.png      # a text run
 
 The standard library only (docs/serve.md says why): http.server's ThreadingHTTPServer reads each request on its own
 thread and decodes its uploads (pagoda.images, the CLI's size-checked decode); one worker thread owns the models and
@@ -38,8 +39,8 @@ from pagoda.decoder import Generator
 from pagoda.dist import update_threads
 from pagoda.images import decode_image, decode_mask, first_line, grid_image, png_bytes, tensor_to_pil
 from pagoda.loop import index_labels
-from pagoda.inference import (ToolOutput, check_class, guidance_range, invert_result, load_stages,
-                              make_sampler)
+from pagoda.inference import ToolOutput, guidance_range, invert_result, load_stages, make_sampler
+from pagoda.prompts import EXAMPLES, check_condition, run_captions, spread
 
 PAGE = "serve_page.html"  # shipped inside the package (pyproject package-data): no CDN, no other file
 
@@ -122,6 +123,9 @@ class App:
         self.G: dict[int, Generator] = {G.resolution: G for G in Gs}
         self.top = max(self.G)
         self.ncls = self.G[self.top].unet.config.num_classes
+        self.text = self.G[self.top].text_encoder is not None  # a text run: prompts instead of classes
+        self.examples = self.worker.submit(lambda: spread(run_captions(cfg.checkpoint) or [], EXAMPLES)).result() \
+            if self.text else []
         self.routes: dict[str, tuple[str, Callable]] = {
             "/": ("GET", self.page), "/api/info": ("GET", self.info), "/api/sample": ("POST", self.sample),
             **{f"/api/{tool}": ("POST", self.tool) for tool in TOOLS}}
@@ -134,13 +138,15 @@ class App:
         G = self.G[self.top]
         info = {"checkpoint": str(self.cfg.checkpoint), "resolutions": sorted(self.G), "resolution": self.top,
                 "teacher_resolution": self.D.resolution, "channels": G.channels, "num_classes": self.ncls,
-                "guidance": {str(r): g for r, g in self.guidance.items()}, "text": False,
+                "guidance": {str(r): g for r, g in self.guidance.items()}, "text": self.text,
+                "examples": self.examples,
                 "limits": {k: v for k, v in asdict(self.cfg).items() if k.startswith("max_") or k == "timeout_s"},
                 "routes": {p: m for p, (m, _) in self.routes.items()}, "tools": TOOLS}
         return "application/json", json.dumps(info).encode(), {}
 
     def sample(self, path: str, body: bytes, ctype: str):
-        """A grid of n one-step samples: image i has z seeded by (seed, i) and label `class` or i mod C."""
+        """A grid of n one-step samples: image i has z seeded by (seed, i) and label `class` or i mod C (a text run:
+        every image under `prompt`)."""
         try:
             req = json.loads(body or b"{}")
         except ValueError:
@@ -154,9 +160,13 @@ class App:
         seed, n = number(req, "seed", 0, int), number(req, "n", 16, int, 1, self.cfg.max_n)
         class_ = number(req, "class", None, int)
         guidance = number(req, "guidance", 1.0, float, 0.0)
-        self.no_prompt(req.get("prompt"))
-        check_class(self.ncls, class_)
-        generate = make_sampler("generator", G, seed=seed, class_=class_, guidance=guidance, call_size=n)
+        prompt = req.get("prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise ApiError(400, f'`prompt` {prompt!r} is not a string: send e.g. {{"prompt": "red apple"}}')
+        prompts = None if prompt is None else [prompt]
+        check_condition(G, class_, prompts, need_prompt=True)  # the CLI's one-line errors
+        generate = make_sampler("generator", G, seed=seed, class_=class_, guidance=guidance, call_size=n,
+                                prompts=prompts, per_prompt=n)
         png, ms = self.run(lambda: generate(0, n), lambda x: png_bytes(grid_image(x)))
         labels = index_labels(0, n, self.ncls, class_)
         return "image/png", png, {
@@ -169,28 +179,29 @@ class App:
         f = parse_multipart(body, ctype)
         G = self.stage(form(f, "resolution", None, int))
         class_ = form(f, "class", None, int)
-        self.no_prompt(form(f, "prompt", None, str))
+        prompt = form(f, "prompt", None, str)  # a text run's caption of the image (absent: the empty caption)
+        check_condition(G, class_, None if prompt is None else [prompt])  # before the upload is decoded
         steps, D = self.cfg.encode_steps, self.D
         if name == "invert":
             x = self.upload(f, "image", G.resolution, G.channels)
-            job = lambda: invert_result(G, D, x, class_, steps)  # noqa: E731
+            job = lambda: invert_result(G, D, x, class_, steps, prompt)  # noqa: E731
         elif name == "superres":
             x = self.upload(f, "image", D.resolution, D.channels)
             ref = self.upload(f, "reference", G.resolution, G.channels) if "reference" in f else None
-            job = lambda: superres_result(G, D, x, class_, steps, ref)  # noqa: E731
+            job = lambda: superres_result(G, D, x, class_, steps, ref, prompt)  # noqa: E731
         elif name == "edit":
-            to_class = form(f, "to_class", ..., int)
+            to_class, to_prompt = form(f, "to_class", None, int), form(f, "to_prompt", None, str)
             x = self.upload(f, "image", G.resolution, G.channels)
-            job = lambda: edit_result(G, D, x, to_class, class_, steps)  # noqa: E731
+            job = lambda: edit_result(G, D, x, to_class, class_, steps, prompt, to_prompt)  # noqa: E731
         elif name == "interpolate":
             frames = form(f, "frames", 8, int, 2, self.cfg.max_frames)
             x = torch.cat([self.upload(f, k, G.resolution, G.channels) for k in ("image", "image2")])
-            job = lambda: interpolate_result(G, D, x, frames, class_, steps)  # noqa: E731
+            job = lambda: interpolate_result(G, D, x, frames, class_, steps, prompt)  # noqa: E731
         else:  # inpaint
             iters = form(f, "iters", 50, int, 0, self.cfg.max_iters)
             x = self.upload(f, "image", G.resolution, G.channels)
             m = self.upload(f, "mask", G.resolution, 1, decode=decode_mask)[None]
-            job = lambda: inpaint_result(G, D, x, m, class_, iters, steps, "the mask")  # noqa: E731
+            job = lambda: inpaint_result(G, D, x, m, class_, iters, steps, "the mask", prompt)  # noqa: E731
         out, ms = self.run(job, lambda r: shown(name, r))
         return "application/json", json.dumps({**out, "compute_ms": round(ms, 1)}).encode(), {"X-Compute-Ms": f"{ms:.1f}"}
 
@@ -202,11 +213,6 @@ class App:
             raise ApiError(400, f"resolution {resolution} is not a finished stage of this run: use one of "
                                 f"{', '.join(map(str, sorted(self.G)))}")
         return self.G[resolution]
-
-    def no_prompt(self, prompt: str | None) -> None:
-        if prompt:
-            raise ApiError(400, "this run is not a text run (it has no prompts): drop `prompt`"
-                                + (", send `class`" if self.ncls else ""))
 
     def upload(self, fields: dict, key: str, resolution: int, channels: int, decode=None) -> torch.Tensor:
         """The multipart file `key` decoded as the CLI decodes a file (size-checked from its header, ADM crop)."""

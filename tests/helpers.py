@@ -73,6 +73,19 @@ def build_tiny_run(root: Path) -> Path:
     return run
 
 
+def build_tiny_text_run(root: Path) -> tuple[Path, Path]:
+    """(teacher.pt, run): a 6-step text teacher on the emoji + latent cache + stage-08 + grown stage-16, tiny widths
+    and steps (≈ 10-40 s), built once per session."""
+    from pagoda.train import TEACHER_PRESETS, TrainConfig, train, train_teacher
+    teacher, run = root / "pagoda-tiny-text" / "teacher" / "teacher.pt", root / "pagoda-tiny-text" / "run"
+    if not (run / "stage-16" / "generator.pt").is_file():
+        tcfg = replace(TEACHER_PRESETS["tiny"], data="emoji", steps=6, batch=16, grid_every=6, ckpt_every=6, sample_steps=4)
+        teacher = train_teacher(tcfg, teacher.parent, progress=False)
+        train(TrainConfig(out=str(run), data="emoji", res=16, teacher=str(teacher), preset="tiny", encode_images=16,
+                          encode_steps=4), progress=False)
+    return teacher, run
+
+
 def quick_classifier(resolution: int):
     """A small Fashion-MNIST classifier trained in a few seconds (first 4000 training images, 2 epochs): ≈ 84 % at 16 px."""
     from pagoda.classifier import classifier_config, train_classifier

@@ -262,7 +262,7 @@ def test_slerp_ends_exactly_and_keeps_the_norm():
 def test_interpolate_end_frames_are_the_reconstructions(tiny_run, images, tmp_path, monkeypatch):
     real = encode_images
 
-    def classes_0_and_1(G, D, x, class_=None, steps=40):  # force two different classes: the soft-label path
+    def classes_0_and_1(G, D, x, class_=None, steps=40, prompt=None):  # force two different classes: the soft-label path
         z = torch.cat([real(G, D, x[k:k + 1], k, steps)[0] for k in range(2)])
         return z, torch.tensor([0, 1])
 

@@ -11,7 +11,7 @@ FLOORS = [  # lowest first; the README's import line lists them top down
     {"io", "dist", "solvers", "unet", "backbone", "text"},
     {"images", "rundir", "teacher"},
     {"data", "decoder", "grow", "loop", "report"},
-    {"classifier", "encoder", "losses", "metrics"},
+    {"classifier", "encoder", "losses", "metrics", "prompts"},
     {"alignment", "discriminators", "draws", "inference"},
     {"control", "evaluate", "stage"},
     {"serve", "train"},

@@ -102,6 +102,9 @@ TORCHRUN = Elsewhere("N GPUs (NCCL) and ImageNet; the same entry point under tor
 SERVER = Elsewhere("a server that runs until stopped: tests/test_serve.py starts it on a tiny run, drives every /api/ "
                    "route (the README's curl line included) and the page in headless Chromium")
 
+TEXT_RUN = Elsewhere("needs a text run (runs/emoji), which the Fashion-MNIST runs here are not: tests/test_prompts.py "
+                    "runs each of these commands on a tiny emoji run")
+
 RUNS: dict[str, Run | Elsewhere] = {
     # the tiny run every later command reads: the teacher into runs/demo/teacher, then train finds it there
     "pagoda teacher train": Run(TINY_TEACHER),
@@ -153,6 +156,16 @@ RUNS: dict[str, Run | Elsewhere] = {
     "pagoda eval --checkpoint runs/guided --guidance 2 --accuracy --ref-n 2000 --n 2000": Run(FID),
     "pagoda report runs/demo": Run(("--no-progress",)),
     "pagoda report runs/demo --fid 500": Run(("--fid", "20", "--no-progress")),
+    # a text run (emoji): built by tests/test_prompts.py, which runs each of these on it (and test_serve.py the page)
+    **{c: TEXT_RUN for c in (
+        'pagoda sample --checkpoint runs/emoji --prompt "red apple" --prompt "cat face" --n 8',
+        "pagoda sample --checkpoint runs/emoji --prompts prompts.txt --n 4 --outdir samples/",
+        'pagoda teacher sample --checkpoint runs/emoji --prompt "red apple" --guidance 3',
+        'pagoda edit heart.png --checkpoint runs/emoji --to-prompt "green heart" --prompt "red heart"',
+        'pagoda invert heart.png --checkpoint runs/emoji --prompt "red heart"',
+        "pagoda eval --checkpoint runs/emoji --ref emoji --n 2000 --ref-n 2000",
+        "pagoda report runs/emoji")},
+    "pagoda serve --checkpoint runs/emoji": SERVER,
     # what cannot run here
     "pagoda serve --checkpoint runs/demo": SERVER,
     "pagoda serve --checkpoint runs/guided --port 8000": SERVER,

@@ -22,13 +22,13 @@ from PIL import Image
 
 from pagoda.control import summary_line
 from pagoda.decoder import Generator
-from pagoda.images import load_image, to_uint8
+from pagoda.images import grid_image, load_image, to_uint8
 from pagoda.inference import invert_result, load_models, make_sampler
 from pagoda.io import save_checkpoint
 from pagoda.serve import ApiError, ServeConfig, Worker, make_server, parse_multipart
 from pagoda.teacher import load_teacher
 
-from helpers import build_tiny_run, invoke, one_line_error
+from helpers import build_tiny_run, build_tiny_text_run, invoke, one_line_error
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_a_guided_stage_takes_omega(tiny_run, tmp_path):
     ({"class": 10}, 400, ("class 10", "0..9")),
     (dict(resolution=32), 400, ("resolution 32", "8, 16")),
     (dict(guidance=2), 400, ("no guidance embedding",)),
-    (dict(prompt="a red shirt"), 400, ("not a text run",)),
+    (dict(prompt="a red shirt"), 400, ("not text-conditional", "--class")),
     (dict(colour=1), 400, ("unknown field 'colour'",)),
 ])
 def test_sample_refuses_bad_requests(server, req, status, needles):
@@ -209,7 +209,7 @@ def test_each_tool_shows_the_clis_numbers_and_images(server, tiny_run, shirt, tm
 
 
 def test_tools_refuse_bad_fields(server, shirt):
-    error(upload(server, "edit", image=shirt), 400, "`to_class` is required")
+    error(upload(server, "edit", image=shirt), 400, "--to-class")
     error(upload(server, "edit", image=shirt, to_class=10), 400, "--class 10")
     error(upload(server, "interpolate", image=shirt), 400, "no `image2` field")
     error(upload(server, "interpolate", image=shirt, image2=shirt, frames=17), 400, "`frames` 17")
@@ -235,6 +235,51 @@ def test_oversize_uploads_are_refused_before_decoding(server, shirt):
     wide = png(np.zeros((10, 5000), np.uint8))  # 50 000 pixels > 200², small file
     error(upload(server, "invert", image=wide), 400, "5000×10 image refused before decoding")
     assert upload(server, "invert", image=shirt)[0] == 200  # and the server keeps serving
+
+
+# ---- a text run ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def text_server(tmp_path_factory):
+    """The server on the tiny emoji run of tests/helpers.py."""
+    run = build_tiny_text_run(tmp_path_factory.getbasetemp())[1]
+    with running(ServeConfig(checkpoint=str(run), port=0, encode_steps=4)) as app:
+        yield app
+
+
+def test_text_run_samples_a_prompt_and_refuses_bad_ones_in_one_line(text_server):
+    info = json.loads(request(text_server, "GET", "/api/info")[2])
+    assert info["text"] is True and info["num_classes"] is None and info["resolutions"] == [8, 16]
+    assert len(info["examples"]) == 8 and all(isinstance(e, str) and e.strip() for e in info["examples"])
+    status, headers, body = sample(text_server, prompt="red apple", n=4, seed=1)
+    assert status == 200 and headers["X-Labels"] == ""
+    want = make_sampler("generator", text_server.G[16], seed=1, call_size=4, prompts=["red apple"], per_prompt=4)(0, 4)
+    assert np.array_equal(pixels(body), np.asarray(grid_image(want)))  # every image under the prompt
+    assert not np.array_equal(pixels(sample(text_server, prompt="cat face", n=4, seed=1)[2]), pixels(body))
+    error(sample(text_server, prompt=""), 400, "empty prompt")
+    error(sample(text_server, prompt="x" * 200), 400, "longer than the text context")
+    error(sample(text_server), 400, "text-conditional", "--prompt")
+    error(sample(text_server, **{"class": 1, "prompt": "red apple"}), 400, "instead of --class")
+    error(sample(text_server, prompt=3), 400, "`prompt` 3 is not a string")
+    assert sample(text_server, prompt="red apple", n=1)[0] == 200  # and the server keeps serving
+
+
+def test_text_run_tools_take_prompt_and_to_prompt(text_server):
+    img = png(np.random.default_rng(2).integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    mask = np.full((20, 20), 255, np.uint8)
+    mask[5:15, 5:15] = 0
+    cases = {"invert": {}, "superres": {}, "edit": dict(to_prompt="green heart"),
+             "interpolate": dict(image2=img, frames=3), "inpaint": dict(mask=png(mask), iters=2)}
+    for tool, extra in cases.items():
+        status, _, body = upload(text_server, tool, image=img, prompt="red heart", **extra)
+        assert status == 200, body
+        r = json.loads(body)
+        assert r["numbers"]["prompt"] == "red heart" and r["summary"] == summary_line(tool, r["numbers"])
+    r = json.loads(upload(text_server, "edit", image=img, to_prompt="green heart")[2])
+    assert (r["numbers"]["prompt"], r["numbers"]["to_prompt"]) == ("", "green heart")  # default: unconditional encode
+    error(upload(text_server, "edit", image=img), 400, "--to-prompt")
+    error(upload(text_server, "edit", image=img, to_prompt="x" * 200), 400, "longer than the text context")
+    error(upload(text_server, "invert", image=img, **{"class": 2}), 400, "text-conditional")
 
 
 def test_multipart_is_binary_safe():

@@ -5,7 +5,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from helpers import invoke
+from helpers import build_tiny_text_run, invoke
 from pagoda.data import EmojiDataset
 from pagoda.decoder import Generator, load_generator
 from pagoda.discriminators import make_discriminator
@@ -14,7 +14,6 @@ from pagoda.io import save_checkpoint
 from pagoda.losses import LossConfigError
 from pagoda.teacher import Denoiser, guided, load_teacher, teacher_checkpoint
 from pagoda.text import BuiltinTextConfig, TextEmbedding, drop_captions, make_text_encoder, null_text
-from pagoda.train import TEACHER_PRESETS, TrainConfig, train, train_teacher
 from pagoda.unet import PRESETS, UNet
 
 SMALL_TEXT = BuiltinTextConfig(width=32, layers=1, heads=2)
@@ -37,12 +36,7 @@ def text_teacher(seed: int = 0) -> Denoiser:
 @pytest.fixture(scope="module")
 def text_run(tmp_path_factory):
     """teacher (6 steps) + latent cache + stage-08 + grown stage-16 on the emoji, tiny widths and steps."""
-    root = tmp_path_factory.mktemp("t2i")
-    tcfg = replace(TEACHER_PRESETS["tiny"], data="emoji", steps=6, batch=16, grid_every=6, ckpt_every=6, sample_steps=4)
-    teacher = train_teacher(tcfg, root / "teacher", progress=False)
-    run = train(TrainConfig(out=str(root / "run"), data="emoji", res=16, teacher=str(teacher), preset="tiny",
-                            encode_images=16, encode_steps=4), progress=False)
-    return teacher, run
+    return build_tiny_text_run(tmp_path_factory.getbasetemp())
 
 
 def test_tiny_text_run_end_to_end(text_run, tmp_path):
