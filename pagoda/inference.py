@@ -109,10 +109,12 @@ def _blocks(generate, indices: Iterable[int], batch: int) -> Iterator[tuple[int,
         yield k * batch, generate(k * batch, batch)
 
 
-def _grid(model, generate, n: int, batch: int, class_: int | None, out: str, prompts: list[str] | None = None) -> Path:
-    """n images as a grid: one row per prompt (labelled; n per prompt), else one column per class (≤ 16 classes)."""
+def _grid(model, generate, n: int, batch: int, class_: int | None, out: str, prompts: list[str] | None = None,
+          upsample: int | None = None) -> Path:
+    """n images as a grid: one row per prompt (labelled; n per prompt), else one column per class (≤ 16 classes);
+    `upsample`: bicubic to that size first."""
     total = n * len(prompts) if prompts else n
-    x = torch.cat([x for _, x in _blocks(generate, range(total), min(batch, total))])[:total]
+    x = resample(torch.cat([x for _, x in _blocks(generate, range(total), min(batch, total))])[:total], upsample)
     ncls = model.unet.config.num_classes
     nrow = n if prompts else ncls if (ncls and class_ is None and ncls <= 16) else None
     return save_image_grid(x, out, nrow=nrow, scale=max(1, 64 // x.shape[-1]), row_labels=prompts)
@@ -130,20 +132,21 @@ def sample_grid(checkpoint: str, n: int = 64, class_: int | None = None, seed: i
 @torch.no_grad()
 def teacher_grid(checkpoint: str, n: int = 100, steps: int = HEUN_POINTS, method: str = "heun", class_: int | None = None,
                  seed: int = 0, out: str = "teacher_samples.png", guidance: float = 1.0, batch: int = 64,
-                 prompts: list[str] | None = None):
+                 prompts: list[str] | None = None, upsample: int | None = None):
     """Teacher samples with any solver and grid size, optionally classifier-free guided (ω = `guidance`; one
     batched call per step; a text teacher's null condition is the empty caption); `prompts` as sample_grid's;
-    returns (path, NFE per image)."""
+    `upsample`: bicubic to that size (the floor growth must beat); returns (path, NFE per image)."""
     D, generate, nfe = _sampler("teacher", checkpoint, class_, seed, steps, method, guidance, prompts, n)
-    return _grid(D, generate, n, batch, class_, out, prompts), nfe
+    return _grid(D, generate, n, batch, class_, out, prompts, upsample), nfe
 
 
 def prompt_grids(run_dir: str, n: int = 4, seed: int = 0) -> list[Path]:
     """A text run's grids of the same prompts (EXAMPLES spread over its training captions; n samples each, one
-    labelled row per prompt): the teacher's (Heun 35 NFE) and every finished stage's, as RUN/…/prompts.png; [] for
-    a class run. `pagoda report` shows them."""
+    labelled row per prompt): the teacher's (Heun 35 NFE, bicubic-upsampled to the last stage's resolution) and every
+    finished stage's, as RUN/…/prompts.png; [] for a class run. `pagoda report` shows them."""
     stages = RunDir(run_dir).finished()
-    if not stages or load_generator(model_file(stages[-1])).text_encoder is None:
+    last = load_generator(model_file(stages[-1])) if stages else None
+    if last is None or last.text_encoder is None:
         return []
     prompts = spread(run_captions(run_dir) or [], EXAMPLES)
     if not prompts:
@@ -151,7 +154,7 @@ def prompt_grids(run_dir: str, n: int = 4, seed: int = 0) -> list[Path]:
     tdir = RunDir(run_dir).teacher_dir
     tdir.mkdir(parents=True, exist_ok=True)
     teacher = [teacher_grid(str(resolve_teacher_path(run_dir)), n, seed=seed, out=str(tdir / PROMPT_GRID),
-                            prompts=prompts)[0]]
+                            prompts=prompts, upsample=last.resolution)[0]]
     return teacher + [sample_grid(str(s), n, seed=seed, out=str(s / PROMPT_GRID), prompts=prompts) for s in stages]
 
 

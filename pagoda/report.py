@@ -152,7 +152,9 @@ def collect(run_dir: Path) -> dict:
         elif logs[s.name]:
             timings.append({"part": s.name + " (running)", "steps": logs[s.name][-1]["step"], "seconds": None,
                             "img_per_s": logs[s.name][-1].get("img_per_s"), "source": f"{s.name}/{METRICS_FILE}"})
-    labelled = [(f"{d.name}: the same prompts", d / PROMPT_GRID) for d in (tdir, *stages) if (d / PROMPT_GRID).is_file()]
+    t_res = load(run.latents / INDEX_FILE).get("resolution", tcfg.get("resolution", "?"))  # the cache is at the teacher's
+    names = {tdir: f"teacher ({t_res} px + bicubic)", **{s: f"{s.name} (G)" for s in stages}}
+    labelled = [(f"{names[d]}: the same prompts", d / PROMPT_GRID) for d in (tdir, *stages) if (d / PROMPT_GRID).is_file()]
     grids += labelled  # a text run's (pagoda.inference.prompt_grids, written by `pagoda report`): rows labelled
     return {"run": run.root, "config": load(run.config), "teacher_config": tcfg, "latents": load(run.latents / INDEX_FILE),
             "teacher_log": tlog, "stage_logs": logs, "grids": grids, "timings": timings,

@@ -14,7 +14,9 @@ from helpers import StandInInception, build_tiny_text_run, invoke, ok, one_line_
 from pagoda import metrics as M
 from pagoda.decoder import Generator
 from pagoda.io import save_checkpoint
-from pagoda.prompts import read_prompts
+from pagoda.inference import teacher_grid
+from pagoda.prompts import EXAMPLES, read_prompts, run_captions, spread
+from pagoda.rundir import resolve_teacher_path
 from pagoda.teacher import Denoiser, teacher_checkpoint
 from pagoda.unet import PRESETS, UNet
 
@@ -142,9 +144,12 @@ def test_eval_scores_a_text_run_over_its_training_captions(text_run, tmp_path, m
                           "--no-progress"), "bench/t2i_eval.py")
 
 
-def test_report_of_a_text_run_shows_the_same_prompts_at_every_stage(text_run):
+def test_report_of_a_text_run_shows_the_same_prompts_at_every_stage(text_run, tmp_path):
     ok(invoke("report", text_run, "--no-progress"))
     md = (text_run / "report.md").read_text()
-    for d in ("teacher", "stage-08", "stage-16"):
+    for d in ("teacher (8 px + bicubic)", "stage-08 (G)", "stage-16 (G)"):
         assert f"{d}: the same prompts" in md
-    assert (text_run / "stage-16" / "prompts.png").is_file() and (text_run / "teacher" / "prompts.png").is_file()
+    teacher, prompts = str(resolve_teacher_path(text_run)), spread(run_captions(text_run), EXAMPLES)
+    for up, same in ((16, True), (None, False)):  # the teacher's 8-px samples bicubic-upsampled to the last stage's
+        ref = teacher_grid(teacher, 4, prompts=prompts, upsample=up, out=str(tmp_path / f"teacher-{up}.png"))[0]
+        assert (ref.read_bytes() == (text_run / "teacher" / "prompts.png").read_bytes()) == same
