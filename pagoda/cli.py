@@ -72,6 +72,8 @@ def width_schedule(schedule: str | None) -> str | None:
         fail(str(e))
 
 
+TEXT_ENCODER_HELP = ("Captioned data (--data emoji): the teacher's text encoder, 'builtin' (trained with the teacher) or "
+                     "'t5:PATH' (a frozen Hugging Face T5 from a local folder; pip install 'pagoda[t5]'); default builtin.")
 DEFAULT = TrainConfig()  # every `pagoda train` default, and the run directory the other commands read by default
 RUN_DIR = DEFAULT.out
 
@@ -122,6 +124,8 @@ def train(
     guidance_max: float = typer.Option(DEFAULT.guidance_max, help="Train the guided one-step G(z, y, ω) for ω in [1, ω_max] "
                                        "(distilled from the guided teacher, β = --distill or 3; "
                                        "`pagoda sample --guidance ω`); 0 = off."),
+    text_encoder: Optional[str] = typer.Option(DEFAULT.text_encoder, help=TEXT_ENCODER_HELP + " Given with a "
+                                               "--teacher (or a run that has its teacher), it must be that teacher's."),
     seed: int = typer.Option(DEFAULT.seed),
     device: str = typer.Option(DEFAULT.device, help="auto | cpu | cuda"),
     gpus: Optional[int] = typer.Option(None, help="Start N local workers (torch.distributed elastic launch)."),
@@ -151,7 +155,7 @@ def train(
                       grow_width=grow_width,
                       distill=distill, guidance_max=guidance_max, seed=seed, device=device, accumulate=accumulate,
                       max_stages=max_stages, max_steps=max_steps, max_batch=max_batch,
-                      ckpt_every=ckpt_every, workers=workers)
+                      ckpt_every=ckpt_every, workers=workers, text_encoder=text_encoder)
     if dry_run:  # plans for --gpus N ranks on any machine; launches nothing, writes nothing
         from pagoda.plan import dry_run as plan_run
         print_plan(run(plan_run, cfg, gpus or procs or 1, dry_run_width,
@@ -175,7 +179,13 @@ def print_plan(plan: dict) -> None:
     t, d = plan["teacher"], plan["data"]
     say(f"plan for {plan['ranks']} rank(s), accumulate {plan['accumulate']}: teacher {t['source']}, "
         f"{t['resolution']}px, {t['params'] / 1e6:.1f}M params; data {d['source']}, {d['images']:,} images")
-    say(f"latent cache (fp16, image + flip): {d['encode_images']:,} images -> {gib(plan['latent_cache_bytes'])}"
+    if "text" in t:  # a text run: the encoder is counted in the teacher's and every G's params
+        x = t["text"]
+        say(f"text encoder {x['encoder']}, {x['params'] / 1e6:.1f}M params (width {x['width']}, {x['context']} "
+            f"positions): {'trained with the teacher, then frozen' if x['trained'] else 'frozen'}, carried frozen by "
+            f"every G; {x['captions']:,} captions")
+    what = "image + flip" if d["flips"] == 2 else "image, never mirrored"
+    say(f"latent cache (fp16, {what}): {d['encode_images']:,} images -> {gib(plan['latent_cache_bytes'])}"
         f" (whole data set: {gib(plan['latent_cache_bytes_all'])})")
     head = ("stage", "steps", "batch global/rank/micro", "G params (trainable)", "D params", "activations/GPU",
             "states+teacher/GPU", f"fits {plan['gpu_memory_gib']:.0f} GiB", "min accumulate")
@@ -396,17 +406,19 @@ def teacher_train(
     data: Optional[str] = typer.Option(None), resolution: Optional[int] = typer.Option(None),
     steps: Optional[int] = typer.Option(None, min=1), batch: Optional[int] = typer.Option(None, min=1),
     lr: Optional[float] = typer.Option(None, min=0.0), seed: Optional[int] = typer.Option(None),
+    text_encoder: Optional[str] = typer.Option(None, help=TEXT_ENCODER_HELP),
     device: str = typer.Option(DEFAULT.device, help="auto | cpu | cuda"), progress: bool = typer.Option(True, "--progress/--no-progress"),
 ):
     """Train the EDM diffusion teacher (default: Fashion-MNIST at 8x8)."""
     from dataclasses import replace
 
-    from pagoda.train import train_teacher
+    from pagoda.train import check_text_data, train_teacher
     if preset not in TEACHER_PRESETS:
         fail(f"unknown teacher preset {preset!r}: use one of {', '.join(TEACHER_PRESETS)}")
-    over = {k: v for k, v in dict(data=data, resolution=resolution, steps=steps, batch=batch, lr=lr, seed=seed).items()
-            if v is not None}
+    over = {k: v for k, v in dict(data=data, resolution=resolution, steps=steps, batch=batch, lr=lr, seed=seed,
+                                  text_encoder=text_encoder).items() if v is not None}
     cfg = replace(TEACHER_PRESETS[preset], **over)
+    run(check_text_data, text_encoder, cfg.data, cfg.resolution)
     path = run(train_teacher, cfg, out, progress, device)
     console.print(f"teacher: {path}", soft_wrap=True)
 

@@ -99,6 +99,12 @@ def _shard_path(root: Path, i: int) -> Path:
     return root / shard_name(i)
 
 
+def check_captions(text_encoder: torch.nn.Module | None, dataset: Dataset) -> None:
+    """A text teacher (its `text_encoder` not None) encodes captioned data: a one-line error for data without captions."""
+    if text_encoder is not None and not hasattr(dataset, "captions"):
+        raise ValueError("a text teacher encodes captioned data (e.g. --data emoji); this data set has no captions")
+
+
 def build_latent_cache(encoder: Encoder, dataset: Dataset, root: str | Path, num_images: int | None = None,
                        shard_size: int = 1024, batch_size: int = 256, dtype: str = "float16", rank: int = 0,
                        world_size: int = 1, progress: Callable[[int, int, float], None] | None = None,
@@ -126,9 +132,9 @@ def build_latent_cache(encoder: Encoder, dataset: Dataset, root: str | Path, num
         save_json(asdict(info), index)
     store = {"float16": torch.float16, "float32": torch.float32}[dtype]
     conditional = getattr(getattr(getattr(encoder.denoiser, "unet", None), "config", None), "num_classes", None) is not None
-    text = getattr(encoder.denoiser, "text_encoder", None) is not None
-    if text and not hasattr(dataset, "captions"):
-        raise ValueError("a text teacher encodes captioned data (e.g. --data emoji); this data set has no captions")
+    text = getattr(encoder.denoiser, "text_encoder", None)
+    check_captions(text, dataset)
+    text = text is not None
     todo = [s for s in range(info.num_shards) if s % world_size == rank and not _shard_ok(_shard_path(root, s))]
     shards = [list(range(s * shard_size, min(n, (s + 1) * shard_size))) for s in todo]
     batches = [ids[b:b + batch_size] for ids in shards for b in range(0, len(ids), batch_size)]

@@ -156,7 +156,7 @@ class T5TextEncoder(nn.Module):
 
     def __init__(self, path: str | Path, context: int = CONTEXT):
         super().__init__()
-        path = Path(path).expanduser()
+        path = Path(path).expanduser().resolve()
         if not (path / "config.json").is_file():
             raise TextError(f"{path}: not a T5 folder (no config.json); fix: pass t5:PATH to a folder written by "
                             f"save_pretrained (model + tokenizer)")
@@ -209,11 +209,25 @@ def text_encoder_from_spec(d: dict) -> nn.Module:
     return make_text_encoder(d["spec"], config).eval().requires_grad_(False)
 
 
+def canonical_spec(spec: str) -> str:
+    """An encoder spec as a checkpoint stores it: 'builtin', or 't5:' + the absolute folder (so that two spellings
+    of one folder compare equal, and a run reads its T5 from any working directory)."""
+    if spec == "builtin":
+        return spec
+    if spec.startswith("t5:") and spec[3:]:
+        return f"t5:{Path(spec[3:]).expanduser().resolve()}"
+    raise TextError(f"unknown text encoder {spec!r}; fix: use 'builtin' or 't5:PATH' (a local T5 folder)")
+
+
+def text_params(encoder: nn.Module) -> int:
+    """Parameters of a text encoder, a t5: encoder's hidden (never saved) model included."""
+    hidden = getattr(encoder, "model", None)
+    return sum(p.numel() for m in (encoder, hidden) if m is not None for p in m.parameters())
+
+
 def make_text_encoder(spec: str = "builtin", config: BuiltinTextConfig | None = None) -> nn.Module:
     """'builtin' -> BuiltinTextEncoder(config); 't5:PATH' -> T5TextEncoder(PATH, config's context)."""
-    context = (config or BuiltinTextConfig()).context
+    spec = canonical_spec(spec)
     if spec == "builtin":
         return BuiltinTextEncoder(config or BuiltinTextConfig())
-    if spec.startswith("t5:") and spec[3:]:
-        return T5TextEncoder(spec[3:], context)
-    raise TextError(f"unknown text encoder {spec!r}; fix: use 'builtin' or 't5:PATH' (a local T5 folder)")
+    return T5TextEncoder(spec[3:], (config or BuiltinTextConfig()).context)

@@ -6,8 +6,10 @@
     pagoda train --data emoji --res 64 --preset emoji   # text to image: 8-px text teacher, G grown 8 -> 64
 
 Captioned data (`dataset.captions`, e.g. --data emoji) trains a text teacher: UNet `text_dim` = the encoder's width,
-the text encoder (`text_encoder`: 'builtin', trained jointly, or 't5:PATH', frozen) a submodule of the Denoiser,
+the text encoder (`--text-encoder`: 'builtin', trained jointly, or 't5:PATH', frozen) a submodule of the Denoiser,
 captions dropped to the empty (null) caption with `label_dropout`, no flips (pagoda/text.py has the interface).
+
+    pagoda train --data emoji --res 64 --preset emoji --text-encoder t5:/models/t5-small   # a frozen local T5
 
 Every random draw of step k comes from a generator seeded by (seed, stage, k) (pagoda/loop.py), so
 `--resume` after a kill continues bit-identically. The run directory's layout is pagoda/rundir.py's.
@@ -32,7 +34,7 @@ from pagoda.rundir import CHECKPOINT_FILE, CONFIG_FILE, GENERATOR_FILE, TEACHER_
 from pagoda.solvers import HEUN_POINTS, sample
 from pagoda.stage import RunSpec, StageTrainer
 from pagoda.teacher import Denoiser, edm_loss, load_teacher, teacher_checkpoint
-from pagoda.text import drop_captions, make_text_encoder
+from pagoda.text import canonical_spec, drop_captions, make_text_encoder
 from pagoda.unet import PRESETS as UNET_PRESETS, UNet, UNetConfig
 
 
@@ -52,7 +54,7 @@ class TeacherConfig:
     lr: float = 2e-3  # Adam learning rate (with warm-up over the first 200 steps)
     ema: float = 0.999  # EMA decay of the weights used for sampling
     label_dropout: float = 0.1  # drop the class (or caption) with this probability (classifier-free guidance later)
-    text_encoder: str = "builtin"  # captioned data: 'builtin' (trained with the teacher) or 't5:PATH' (frozen)
+    text_encoder: str = "builtin"  # captioned data: 'builtin' (trained with the teacher) or 't5:PATH' (frozen); else unused
     grid_every: int = 500  # write a sample grid every N steps (and at the end)
     ckpt_every: int = 500  # write a resumable checkpoint every N steps (and at the end)
     sample_steps: int = HEUN_POINTS  # Heun grid points of the grids (35 NFE)
@@ -68,6 +70,23 @@ TEACHER_PRESETS = {
 }
 
 
+def teacher_network(cfg: TeacherConfig, data) -> Denoiser:
+    """The untrained teacher of `cfg` for `data`: channels and classes from the data; captioned data gets a text
+    teacher, UNet text_dim = the width of the encoder `cfg.text_encoder` names (its `text_encoder` submodule)."""
+    text_encoder = make_text_encoder(cfg.text_encoder) if getattr(data, "captions", None) else None
+    unet_cfg = replace(UNET_PRESETS[cfg.unet], resolution=cfg.resolution, in_channels=data.channels,
+                       out_channels=data.channels, num_classes=getattr(data, "num_classes", None),
+                       text_dim=text_encoder and text_encoder.width)
+    return Denoiser(UNet(unet_cfg), text_encoder=text_encoder)
+
+
+def check_text_data(spec: str | None, data: str, resolution: int) -> None:
+    """A --text-encoder given (not None) for data without captions: a one-line error naming the fix."""
+    if spec is not None and not getattr(make_dataset(data, resolution), "captions", None):
+        raise ValueError(f"--text-encoder {spec}: the data {data} has no captions, so it trains no text encoder; "
+                         f"fix: drop --text-encoder, or pass captioned data (--data emoji)")
+
+
 def train_teacher(cfg: TeacherConfig, out: str | Path, progress: bool = True, device: str = "auto",
                   workers: int | None = None) -> Path:
     """Train the EDM teacher; resumes from out/checkpoint.pt; returns out/teacher.pt (EMA weights).
@@ -80,10 +99,8 @@ def train_teacher(cfg: TeacherConfig, out: str | Path, progress: bool = True, de
     data = make_dataset(cfg.data, cfg.resolution)
     ncls, captions = getattr(data, "num_classes", None), getattr(data, "captions", None)
     torch.manual_seed(cfg.seed)
-    text_encoder = make_text_encoder(cfg.text_encoder) if captions else None
-    unet_cfg = replace(UNET_PRESETS[cfg.unet], resolution=cfg.resolution, in_channels=data.channels,
-                       out_channels=data.channels, num_classes=ncls, text_dim=text_encoder and text_encoder.width)
-    denoiser = Denoiser(UNet(unet_cfg), text_encoder=text_encoder).to(dev)
+    denoiser = teacher_network(cfg, data).to(dev)
+    unet_cfg = denoiser.unet.config
     opt = torch.optim.Adam(denoiser.parameters(), lr=cfg.lr)
     ema, step = EMA(denoiser, cfg.ema), 0
     ckpt_path = out / CHECKPOINT_FILE
@@ -176,6 +193,10 @@ class TrainConfig:
     max_stages: int | None = None  # stop after this many stages (tests, smoke runs)
     max_steps: int | None = None  # cap every stage's generator steps (rehearsals, smoke runs); None = the preset's
     max_batch: int | None = None  # cap every stage's global batch (rehearsals on a CPU); None = the preset's
+    # captioned data: the text encoder of the teacher the run trains, 'builtin' or 't5:PATH'; None = the teacher
+    # preset's ('builtin'). A run on a given (or already trained) teacher uses that teacher's encoder: naming
+    # another one is refused, not ignored (G would be trained on an encoder other than the one asked for).
+    text_encoder: str | None = None
 
 
 def teacher_preset(cfg: TrainConfig) -> TeacherConfig:
@@ -184,6 +205,21 @@ def teacher_preset(cfg: TrainConfig) -> TeacherConfig:
     if name not in TEACHER_PRESETS:
         raise ValueError(f"unknown teacher preset {name!r}: use one of {', '.join(TEACHER_PRESETS)}")
     return TEACHER_PRESETS[name]
+
+
+def run_teacher_config(cfg: TrainConfig) -> TeacherConfig:
+    """The teacher a run trains when it has none: the teacher preset on --data, with --text-encoder if given."""
+    tcfg = replace(teacher_preset(cfg), data=cfg.data)
+    return tcfg if cfg.text_encoder is None else replace(tcfg, text_encoder=cfg.text_encoder)
+
+
+def check_teacher_text(spec: str | None, teacher: Denoiser, path: str | Path) -> None:
+    """A --text-encoder that is not the encoder of the run's teacher: a one-line error naming the fix."""
+    have = teacher.text_encoder.spec if teacher.text_encoder is not None else None
+    if spec is not None and (have is None or canonical_spec(have) != canonical_spec(spec)):
+        raise ValueError(f"--text-encoder {spec}: the teacher {path} has " + (f"the text encoder {have}" if have else
+                         "no text encoder") + "; fix: drop --text-encoder (a run uses its teacher's encoder), or pass "
+                         "a teacher trained with it (or another --out)")
 
 
 def run_stages(cfg: TrainConfig, teacher: UNetConfig) -> list[StageConfig]:
@@ -201,13 +237,15 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
     run = RunDir(Path(cfg.out))
     # 1. Teacher
     teacher_path = Path(cfg.teacher) if cfg.teacher else run.teacher
+    check_text_data(cfg.text_encoder, cfg.data, cfg.res)  # refused before anything trains
     if cfg.teacher is None and not teacher_path.exists():
-        tcfg = replace(teacher_preset(cfg), data=cfg.data)
+        tcfg = run_teacher_config(cfg)
         run_stages(cfg, replace(UNET_PRESETS[tcfg.unet], resolution=tcfg.resolution))  # bad --res: fail before training
         if info.is_main:
             train_teacher(tcfg, run.teacher_dir, progress=progress, device=cfg.device, workers=cfg.workers)
         dist.barrier(info)
     teacher = load_teacher(teacher_path, info.device)
+    check_teacher_text(cfg.text_encoder, teacher, teacher_path)
     t_res = teacher.resolution
     stages = run_stages(cfg, teacher.unet.config)
     data = make_dataset(cfg.data, cfg.res, channels=teacher.channels)

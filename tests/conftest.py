@@ -17,6 +17,14 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory):
+    """A tiny random T5 encoder + tokenizer folder for `t5:PATH` (helpers.write_tiny_t5); skipped without transformers."""
+    pytest.importorskip("transformers")
+    from helpers import write_tiny_t5
+    return write_tiny_t5(tmp_path_factory.mktemp("t5"))
+
+
 # --------------------------------------------------------------------------------------------------
 # A trained toy pipeline, built once per session (tests/test_pipeline.py, tests/test_cli.py):
 # teacher 8×8 on real Fashion-MNIST → latent cache → stage-08 (decoder) → stage-16 (one doubling).

@@ -86,6 +86,21 @@ def build_tiny_text_run(root: Path) -> tuple[Path, Path]:
     return teacher, run
 
 
+def write_tiny_t5(folder: Path) -> Path:
+    """A randomly initialised 2-layer T5 encoder (width 32) and a character tokenizer, written by save_pretrained."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
+    transformers.T5EncoderModel(cfg).save_pretrained(folder)
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, " ": 3, **{c: i + 4 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                         unk_token="<unk>").save_pretrained(folder)
+    return folder
+
+
 def quick_classifier(resolution: int):
     """A small Fashion-MNIST classifier trained in a few seconds (first 4000 training images, 2 epochs): ≈ 84 % at 16 px."""
     from pagoda.classifier import classifier_config, train_classifier

@@ -5,12 +5,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from helpers import build_tiny_text_run, invoke
+from helpers import build_tiny_text_run, invoke, ok, one_line_error, tensors
 from pagoda.data import EmojiDataset
 from pagoda.decoder import Generator, load_generator
 from pagoda.discriminators import make_discriminator
 from pagoda.encoder import LatentStore
-from pagoda.io import save_checkpoint
+from pagoda.io import load_checkpoint, save_checkpoint
 from pagoda.losses import LossConfigError
 from pagoda.teacher import Denoiser, guided, load_teacher, teacher_checkpoint
 from pagoda.text import BuiltinTextConfig, TextEmbedding, drop_captions, make_text_encoder, null_text
@@ -129,3 +129,106 @@ def test_text_generator_checkpoint_carries_the_frozen_encoder(tmp_path):
         torch.testing.assert_close(G3(z, text, torch.tensor([1.0, 2.0])), G2.eval()(z, text, torch.tensor([1.0, 2.0])))
     T2 = load_teacher(save_checkpoint(teacher_checkpoint(T), tmp_path / "t.pt"))
     torch.testing.assert_close(T2.encode_text(["red apple"]).tokens, T.encode_text(["red apple"]).tokens)
+
+
+# --text-encoder: the CLI, a t5: run end to end, the dry run of a text run ----------------------------
+
+def test_t5_text_run_end_to_end(tiny_t5, tmp_path, monkeypatch):
+    """`pagoda teacher train` + `pagoda train` with --text-encoder t5:PATH on the emoji (tiny widths and steps), then
+    `pagoda sample --prompt`: checkpoints store the T5 as its spec only, its weights never change, prompts matter."""
+    import numpy as np
+    import transformers
+
+    from pagoda import text as text_module
+    from pagoda.plan import dry_run
+    from pagoda.train import TrainConfig
+    spec, run = f"t5:{tiny_t5}", tmp_path / "run"
+    reference = transformers.T5EncoderModel.from_pretrained(tiny_t5).state_dict()
+    built = []  # every T5 encoder the commands build (the teacher's, trained beside, first)
+    init = text_module.T5TextEncoder.__init__
+
+    def spy(self, *args, **kw):
+        init(self, *args, **kw)
+        built.append(self)
+    monkeypatch.setattr(text_module.T5TextEncoder, "__init__", spy)
+    ok(invoke("teacher", "train", "--preset", "tiny", "--data", "emoji", "--steps", 6, "--batch", 16, "--text-encoder",
+              spec, "--out", run / "teacher", "--no-progress"))
+    # the run finds RUN/teacher and accepts the same encoder (another spelling of its folder)
+    ok(invoke("train", "--data", "emoji", "--res", 16, "--preset", "tiny", "--encode-images", 16, "--encode-steps", 4,
+              "--text-encoder", f"t5:{tiny_t5}/../{tiny_t5.name}", "--out", run, "--no-progress"))
+    for path in (run / "teacher" / "teacher.pt", run / "stage-08" / "generator.pt", run / "stage-16" / "generator.pt"):
+        ck = load_checkpoint(path)
+        assert ck["text_encoder"] == {"spec": f"t5:{tiny_t5.resolve()}"}  # the spec, never T5's weights
+        model = load_teacher(path) if path.name == "teacher.pt" else load_generator(path)
+        names = [name.removeprefix("/state_dict/").removeprefix("unet.") for name, _ in tensors(ck)]
+        assert sorted(names) == sorted(model.unet.state_dict())  # every tensor of the file is the UNet's
+    assert built and all(not any(p.requires_grad for p in enc.model.parameters()) for enc in built)
+    for enc in built:  # frozen: the weights every encoder of the run held, after training, are the folder's
+        assert all(torch.equal(v, reference[k]) for k, v in enc.model.state_dict().items())
+    T = load_teacher(run / "teacher" / "teacher.pt")
+    assert T.unet.config.text_dim == 32 and T.text_encoder.spec == f"t5:{tiny_t5.resolve()}"
+    ok(invoke("sample", "--checkpoint", run, "--prompt", "red apple", "--out", tmp_path / "grid.png"))
+    assert (tmp_path / "grid.png").is_file()
+    for prompt, name in (("red apple", "a.npz"), ("cat face", "b.npz")):  # image k of prompt 0: the same z
+        ok(invoke("sample", "--checkpoint", run, "--prompt", prompt, "--n", 2, "--npz", tmp_path / name, "--no-progress"))
+    a, b = (np.load(tmp_path / name)["arr_0"] for name in ("a.npz", "b.npz"))
+    assert a.shape == (2, 16, 16, 3) and not np.array_equal(a, b)
+    # its plan counts T5 (frozen) in the teacher, as the run built it, and steps with it
+    plan = ok(invoke("train", "--data", "emoji", "--res", 16, "--preset", "tiny", "--teacher-preset", "tiny",
+                     "--text-encoder", spec, "--dry-run", "--out", tmp_path / "never"))
+    assert f"text encoder t5:{tiny_t5.resolve()}, 0.0M params (width 32, 96 positions): frozen, carried" in plan
+    assert plan.count("finite True") == 2 and not (tmp_path / "never").exists()
+    cfg = TrainConfig(data="emoji", res=16, preset="tiny", teacher_preset="tiny", text_encoder=spec)
+    t5_params = sum(p.numel() for p in transformers.T5EncoderModel.from_pretrained(tiny_t5).parameters())
+    counted = dry_run(cfg, ranks=1, width=32, steps=0)["teacher"]
+    assert counted["params"] == sum(p.numel() for p in T.parameters()) + t5_params and not counted["text"]["trained"]
+
+
+def test_text_encoder_option_refusals(text_run, tiny_t5, tmp_path):
+    """--text-encoder on data without captions, and one that is not the given teacher's: one line, nothing written."""
+    teacher, _ = text_run
+    for args in (["train"], ["teacher", "train"], ["train", "--dry-run"]):
+        one_line_error(invoke(*args, "--text-encoder", "builtin", "--out", tmp_path / "x"),
+                       "--text-encoder builtin: the data fashion-mnist has no captions", "fix: drop --text-encoder")
+    for extra in ([], ["--dry-run"]):
+        one_line_error(invoke("train", "--data", "emoji", "--res", 16, "--preset", "tiny", "--teacher", teacher,
+                              "--text-encoder", f"t5:{tiny_t5}", "--out", tmp_path / "x", *extra),
+                       f"the teacher {teacher} has the text encoder builtin", "fix: drop --text-encoder")
+    one_line_error(invoke("train", "--data", "emoji", "--res", 16, "--preset", "tiny", "--teacher-preset", "tiny",
+                          "--text-encoder", "clip", "--dry-run", "--out", tmp_path / "x"), "unknown text encoder 'clip'")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]  # (a run creates --out first: it stays empty)
+    # the teacher's own encoder is accepted (and is all a run on it can use)
+    ok(invoke("train", "--data", "emoji", "--res", 16, "--preset", "tiny", "--teacher", teacher, "--text-encoder",
+              "builtin", "--dry-run", "--out", tmp_path / "x"))
+
+
+def test_dry_run_of_a_text_run_builds_what_the_run_builds(text_run, monkeypatch):
+    """The plan of the tiny text run counts the parameters of the teacher, G and D the run built (text encoder and
+    text key/value projections included), and its steps run text-conditioned G and D."""
+    from pagoda import plan as plan_module
+    from pagoda.train import TrainConfig
+    teacher_path, run = text_run
+    T = load_teacher(teacher_path)
+    seen = []
+
+    class Spy(plan_module.StageTrainer):
+        def train_step(self):  # captions -> text for G, the teacher's encoder in G, e(y) = W·pooled text in D
+            text_D = any(isinstance(m, torch.nn.Linear) and m.in_features == self.G.config.text_dim for m in self.D.modules())
+            seen.append((self.condition is not None, self.G.text_encoder is not None, text_D))
+            return super().train_step()
+    monkeypatch.setattr(plan_module, "StageTrainer", Spy)
+    cfg = TrainConfig(data="emoji", res=16, preset="tiny", teacher_preset="tiny", encode_images=16, encode_steps=4)
+    plan = plan_module.dry_run(cfg, ranks=1, width=32, steps=1)
+    assert plan["teacher"]["params"] == sum(p.numel() for p in T.parameters())
+    assert plan["teacher"]["text"] == {"encoder": "builtin", "params": sum(p.numel() for p in T.text_encoder.parameters()),
+                                       "width": T.unet.config.text_dim, "context": T.text_encoder.context,
+                                       "trained": True, "captions": 3480}
+    for row in plan["stages"]:
+        G, ck = load_generator(run / row["name"] / "generator.pt"), load_checkpoint(run / row["name"] / "checkpoint.pt")
+        assert row["G_params"] == sum(p.numel() for p in G.parameters())
+        assert row["D_params"] == sum(t.numel() for sd in ck["D"] for k, t in sd.items()  # not spectral norm's u, v
+                                      if not k.endswith(("._u", "._v")))
+    assert seen == [(True, True, True)] * 2 and all(r["finite"] for r in plan["reduced"]["stages"])
+    assert plan["data"]["flips"] == 1 and plan["latent_cache_bytes"] == 16 * 3 * 8 * 8 * 2
+    on_file = plan_module.dry_run(replace(cfg, teacher=str(teacher_path)), ranks=1, width=32, steps=0)
+    assert on_file["teacher"]["params"] == plan["teacher"]["params"] and not on_file["teacher"]["text"]["trained"]

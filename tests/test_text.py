@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from pagoda.decoder import FADE_MODE, Generator
-from pagoda.text import (CONTEXT, BuiltinTextConfig, ByteTokenizer, TextEmbedding, TextError, check_prompt,
-                         make_text_encoder, masked_mean)
+from pagoda.text import (CONTEXT, BuiltinTextConfig, ByteTokenizer, TextEmbedding, TextError, canonical_spec,
+                         check_prompt, make_text_encoder, masked_mean, text_params)
 from pagoda.unet import PRESETS, AttentionBlock, UNet
 
 TEXT_DIM = 64
@@ -136,24 +136,7 @@ def test_growth_with_text_is_function_preserving_and_freezes_the_text_layers():
     assert not any(n.startswith(("encoder_proj.", "encoder_pooling.")) for n in trainable)
 
 
-# t5: a frozen local T5 ---------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def tiny_t5(tmp_path_factory):
-    """A randomly initialised 2-layer T5 encoder and a character tokenizer, written by save_pretrained."""
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    folder = tmp_path_factory.mktemp("t5")
-    torch.manual_seed(0)
-    cfg = transformers.T5Config(vocab_size=40, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
-    transformers.T5EncoderModel(cfg).save_pretrained(folder)
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, " ": 3, **{c: i + 4 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz")}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                         unk_token="<unk>").save_pretrained(folder)
-    return folder
-
+# t5: a frozen local T5 (the `tiny_t5` fixture: tests/conftest.py) ---------------------------------
 
 def test_t5_encoder_from_a_local_folder(tiny_t5):
     import transformers
@@ -187,3 +170,14 @@ def test_t5_bad_inputs(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # as if the extra were not installed
     with pytest.raises(TextError, match=r"needs the optional package transformers; fix: pip install 'pagoda\[t5\]'"):
         make_text_encoder(f"t5:{tmp_path}")
+
+
+def test_t5_spec_is_the_absolute_folder(tiny_t5, monkeypatch):
+    """A checkpoint's spec names the folder whatever the working directory: two spellings, one spec."""
+    monkeypatch.chdir(tiny_t5.parent)
+    enc = make_text_encoder(f"t5:{tiny_t5.name}")
+    assert enc.spec == canonical_spec(f"t5:./{tiny_t5.name}/") == f"t5:{tiny_t5.resolve()}"
+    assert canonical_spec("builtin") == "builtin" and text_params(enc) == sum(p.numel() for p in enc.model.parameters())
+    assert text_params(enc) > 0 == sum(p.numel() for p in enc.parameters())  # T5 is hidden: never in a state dict
+    with pytest.raises(TextError, match="unknown text encoder 'T5:x'"):
+        canonical_spec("T5:x")
