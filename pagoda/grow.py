@@ -172,18 +172,19 @@ PRESETS: dict[str, GrowPreset] = {
         grow_distance="lite0+4*multiscale", anchor=4.0, d_continue=True,
     ),
     # Text to image on captioned colour emoji (issue 21), teacher preset `emoji` (RGB text teacher at 8 px,
-    # `unet.PRESETS["emoji8"]`), 8 → 16 → 32 → 64 (8×, the paper's growth factor) in ≤ 60 min on 2 CPU cores. The
+    # `unet.PRESETS["emoji8"]`), 8 → 16 → 32 → 64 (8×, the paper's growth factor) in ≈ 40 min on 2 CPU cores. The
     # demo's recipe (projected D, Lite0 + pyramid distance, anchor, D continued, L_rec warm-up) with:
-    # - `halve` widths (32, 16, 8 after the 64-wide trunk): pixels ×4 per doubling, width ÷2, so each doubling
-    #   costs about as much as the previous one; a constant width makes the 64-px stage ≈ 16× the 16-px one;
+    # - 32 channels in every grown block (half the 64-wide trunk): against `halve` (32, 16, 8) at equal steps, G64
+    #   FID 123.2 vs 142.0 and subgroup accuracy 0.168 vs 0.062 (8-channel blocks at 64 px lose the colours: grey
+    #   backgrounds), for a stage-64 of 258 s vs 193 s (docs/benchmarks.md §13b);
     # - the projected D at a 64-px input (the images are 64 px; Lite0's maps at 32-px input are too coarse for them);
     # - every image in the latent cache (each caption has one image), L_rec alone for 150 steps per growth stage.
-    # Estimated ≈ 50 min alone on 2 cores (teacher ≈ 13, cache ≈ 7, stages ≈ 30), from timed 10-step runs of each
-    # stage under load, scaled by the demo teacher measured the same way; the whole preset not yet timed.
+    # Measured on 2 cores: teacher 8m55s, cache 5m07s, stages 10m53s, 8m09s, 2m45s, 4m18s (stage-32/64 alone; the
+    # first two beside niced test jobs) = 40 min.
     "emoji": GrowPreset(
         name="emoji", steps=(500, 400, 350, 300), batch=(32, 32, 16, 16), lr_G=2e-4, grow_lr_G=4e-4, lr_D=2e-3,
         lam=(0.2, 1.0), activate_from=3, fade_steps=(0, 40), ema=0.995, grow_ema=0.99, d_channels=32,
-        encode_images=0, encode_steps=20, grow_width="halve", optimizer="adam", discriminator="projected",
+        encode_images=0, encode_steps=20, grow_width="32", optimizer="adam", discriminator="projected",
         d_input=64, distance="lite0+multiscale", adv_start=(0, 150), grow_distance="lite0+4*multiscale", anchor=4.0,
         d_continue=True, teacher_preset="emoji",
     ),

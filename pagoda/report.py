@@ -18,6 +18,7 @@ from pathlib import Path
 import matplotlib
 from matplotlib.figure import Figure
 
+from pagoda.data import DATA_CREDITS
 from pagoda.io import atomic_write_bytes
 from pagoda.rundir import INDEX_FILE, METRICS_FILE, PROMPT_GRID, TIMING_FILE, RunDir, grid_name
 
@@ -210,6 +211,8 @@ def render(info: dict, plots: dict[str, bytes], plot_files: dict[str, str]) -> t
     summary = (f"{len(info['finished'])} finished stage(s): {', '.join(info['finished']) or 'none'}; latent cache: "
                + (f"{info['latents']['num_images']} images × 2 flips, {info['latents']['method']} on "
                   f"{info['latents']['steps']} grid points" if info["latents"] else "none"))
+    credit = DATA_CREDITS.get(((info["config"] or {}).get("train") or {}).get("data"))
+    summary += f". {credit}" if credit else ""
     no_fid = NO_FID.format(run=run)
     cfg_text = json.dumps(info["config"] or {"note": "no RUN/config.json"}, indent=2)
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>PaGoDA run {html.escape(run.name)}</title><style>"

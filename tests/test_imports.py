@@ -10,8 +10,8 @@ PKG = Path(__file__).resolve().parents[1] / "pagoda"
 FLOORS = [  # lowest first; the README's import line lists them top down
     {"io", "dist", "solvers", "unet", "backbone", "text"},
     {"images", "rundir", "teacher"},
-    {"data", "decoder", "grow", "loop", "report"},
-    {"classifier", "encoder", "losses", "metrics", "prompts"},
+    {"data", "decoder", "grow", "loop"},
+    {"classifier", "encoder", "losses", "metrics", "prompts", "report"},
     {"alignment", "discriminators", "draws", "inference"},
     {"control", "evaluate", "stage"},
     {"serve", "train"},

@@ -12,6 +12,7 @@ from PIL import Image
 
 from helpers import StandInInception, build_tiny_text_run, invoke, ok, one_line_error
 from pagoda import metrics as M
+from pagoda.data import EMOJI_CREDIT
 from pagoda.decoder import Generator
 from pagoda.io import save_checkpoint
 from pagoda.inference import teacher_grid
@@ -147,6 +148,7 @@ def test_eval_scores_a_text_run_over_its_training_captions(text_run, tmp_path, m
 def test_report_of_a_text_run_shows_the_same_prompts_at_every_stage(text_run, tmp_path):
     ok(invoke("report", text_run, "--no-progress"))
     md = (text_run / "report.md").read_text()
+    assert EMOJI_CREDIT in md
     for d in ("teacher (8 px + bicubic)", "stage-08 (G)", "stage-16 (G)"):
         assert f"{d}: the same prompts" in md
     teacher, prompts = str(resolve_teacher_path(text_run)), spread(run_captions(text_run), EXAMPLES)
