@@ -25,6 +25,7 @@ from common import environment, figure, parser, print_table, write_results
 from pagoda.decoder import Generator
 from pagoda.grow import StageConfig, plan_stages
 from pagoda.rundir import RunDir
+from pagoda.text import CONTEXT, TextEmbedding
 from pagoda.unet import PRESETS, UNet, UNetConfig
 
 CONFIGS = {"demo": ("demo8", 32, "demo"), "imagenet": ("imagenet64", 512, "imagenet64")}  # teacher, target, preset
@@ -33,12 +34,15 @@ TEACHER_NFE = (35, 79)  # Heun 35 (the demo's sampler), 79 (the ImageNet teacher
 
 
 def flops_per_image(cfg: UNetConfig) -> tuple[int, int]:
-    """(parameters, forward FLOPs for one image) of the UNet, counted on the meta device."""
+    """(parameters, forward FLOPs for one image) of the UNet, counted on the meta device; a text UNet with a full
+    caption (CONTEXT tokens; the text encoder, run once per prompt, not counted)."""
     with torch.device("meta"):
         unet = UNet(cfg)
         x, t = torch.zeros(1, cfg.in_channels, cfg.resolution, cfg.resolution), torch.zeros(1)
+        text = cfg.text_dim and TextEmbedding(torch.zeros(1, CONTEXT, cfg.text_dim), torch.ones(1, CONTEXT, dtype=torch.bool),
+                                              torch.zeros(1, cfg.text_dim))
         with FlopCounterMode(display=False) as counter:
-            unet(x, t, None)  # a class embedding is a lookup: no FLOPs either way
+            unet(x, t, None, text=text or None)  # a class embedding is a lookup: no FLOPs either way
     return sum(p.numel() for p in unet.parameters()), counter.get_total_flops()
 
 

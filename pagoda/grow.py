@@ -172,19 +172,19 @@ PRESETS: dict[str, GrowPreset] = {
         grow_distance="lite0+4*multiscale", anchor=4.0, d_continue=True,
     ),
     # Text to image on captioned colour emoji (issue 21), teacher preset `emoji` (RGB text teacher at 8 px,
-    # `unet.PRESETS["emoji8"]`), 8 → 16 → 32 → 64 (8×, the paper's growth factor) in ≈ 40 min on 2 CPU cores. The
+    # `unet.PRESETS["emoji8"]`), 8 → 16 → 32 → 64 (8×, the paper's growth factor) in ≈ 49 min on 2 CPU cores. The
     # demo's recipe (projected D, Lite0 + pyramid distance, anchor, D continued, L_rec warm-up) with:
-    # - 32 channels in every grown block (half the 64-wide trunk): against `halve` (32, 16, 8) at equal steps, G64
-    #   FID 123.2 vs 142.0 and subgroup accuracy 0.168 vs 0.062 (8-channel blocks at 64 px lose the colours: grey
-    #   backgrounds), for a stage-64 of 258 s vs 193 s (docs/benchmarks.md §13b);
+    # - constant width (64 channels in every grown block): at equal steps G64 FID 103.9 against 123.2 at 32 channels
+    #   and 141.9 at `halve` (32, 16, 8: the 8-channel 64-px blocks lose the colours), subgroup accuracy 0.181 / 0.168
+    #   / 0.062, for a stage-64 of 465 s against 258 s and 193 s (docs/benchmarks.md §3b, §13b);
     # - the projected D at a 64-px input (the images are 64 px; Lite0's maps at 32-px input are too coarse for them);
     # - every image in the latent cache (each caption has one image), L_rec alone for 150 steps per growth stage.
-    # Measured on 2 cores: teacher 8m55s, cache 5m07s, stages 10m53s, 8m09s, 2m45s, 4m18s (stage-32/64 alone; the
-    # first two beside niced test jobs) = 40 min.
+    # Measured on 2 cores: teacher 8m55s, cache 5m07s, stages 10m53s, 12m29s, 4m08s, 7m45s (stage-08 beside niced test
+    # jobs, stage-16 niced beside a test suite, stage-32/64 alone) ≈ 49 min.
     "emoji": GrowPreset(
         name="emoji", steps=(500, 400, 350, 300), batch=(32, 32, 16, 16), lr_G=2e-4, grow_lr_G=4e-4, lr_D=2e-3,
         lam=(0.2, 1.0), activate_from=3, fade_steps=(0, 40), ema=0.995, grow_ema=0.99, d_channels=32,
-        encode_images=0, encode_steps=20, grow_width="32", optimizer="adam", discriminator="projected",
+        encode_images=0, encode_steps=20, optimizer="adam", discriminator="projected",
         d_input=64, distance="lite0+multiscale", adv_start=(0, 150), grow_distance="lite0+4*multiscale", anchor=4.0,
         d_continue=True, teacher_preset="emoji",
     ),

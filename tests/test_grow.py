@@ -106,9 +106,9 @@ def test_width_schedules():
     assert grow_widths("192,192,96", 64, 3) == (192, 192, 96) and grow_widths("64,32", 8, 3) == (64, 32, 32)
     assert grow_widths("halve", 8, 2, 32) == (16, 8) and grow_widths("16/R", 8, 2, 32) == (32, 16)
     assert grow_widths("halve", 8, 6, 32)[-1] == 1  # never below one channel
-    # every preset's default but emoji's (8 -> 64 px on a CPU) is constant: grow_channels None = the previous width
-    assert all(p.grow_width == "constant" for name, p in PRESETS.items() if name != "emoji")
-    assert [s.grow_channels for s in plan_stages(8, 64, "emoji", top_width=64)] == [None, 32, 32, 32]  # docs §13b
+    # every preset grows at constant width (docs/benchmarks.md §3b): grow_channels None = the previous width
+    assert all(p.grow_width == "constant" for p in PRESETS.values())
+    assert [s.grow_channels for s in plan_stages(8, 64, "emoji", top_width=64)] == [None, None, None, None]
     assert [s.grow_channels for s in plan_stages(8, 32, "demo", top_width=32)] == [None, None, None]
     assert [s.grow_channels for s in plan_stages(64, 512, "imagenet64", width="256/R", top_width=192)] == [None, 192, 192, 96]
     with pytest.raises(ValueError, match="needs the teacher's top-level width"):
