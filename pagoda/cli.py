@@ -136,6 +136,8 @@ def train(
     threads: Optional[int] = typer.Option(None, min=1, help="CPU threads per process (default: the cores other "
                                           "processes leave free, re-measured every 5 s; env PAGODA_THREADS)."),
     max_stages: Optional[int] = typer.Option(DEFAULT.max_stages, help="Stop after this many stages."),
+    steps: Optional[str] = typer.Option(DEFAULT.steps, help="Generator steps per stage, one per stage, e.g. "
+                                        "1000,400,350,300 (default: the preset's)."),
     max_steps: Optional[int] = typer.Option(DEFAULT.max_steps, min=1, help="Cap every stage's generator steps (a "
                                             "rehearsal of a long preset; resume needs the same cap)."),
     max_batch: Optional[int] = typer.Option(DEFAULT.max_batch, min=1, help="Cap every stage's global batch (a "
@@ -154,7 +156,7 @@ def train(
                       encode_images=encode_images, encode_steps=encode_steps, distance=distance, discriminator=discriminator,
                       grow_width=grow_width,
                       distill=distill, guidance_max=guidance_max, seed=seed, device=device, accumulate=accumulate,
-                      max_stages=max_stages, max_steps=max_steps, max_batch=max_batch,
+                      max_stages=max_stages, steps=steps, max_steps=max_steps, max_batch=max_batch,
                       ckpt_every=ckpt_every, workers=workers, text_encoder=text_encoder)
     if dry_run:  # plans for --gpus N ranks on any machine; launches nothing, writes nothing
         from pagoda.plan import dry_run as plan_run

@@ -161,6 +161,11 @@ def run_loop(step_fn: Callable[[], dict[str, float]], save_fn: Callable[[], None
                 on_every(step)
     if log:
         log.close()
-        dt = time.perf_counter() - t0
-        save_json({"seconds": dt, "cpu_seconds": time.process_time() - c0, "steps": spec.total - start,
-                   "img_per_s": seen / max(dt, 1e-9)}, Path(out) / TIMING_FILE)
+        path = Path(out) / TIMING_FILE
+        # a resumed loop adds its session to the timing of the sessions before it (a killed session, which wrote
+        # no timing, is not counted: "steps" says how many steps the seconds are of)
+        prev = json.loads(path.read_text()) if start > 0 and path.is_file() else {}
+        dt = prev.get("seconds", 0.0) + time.perf_counter() - t0
+        steps = prev.get("steps", 0) + spec.total - start
+        save_json({"seconds": dt, "cpu_seconds": prev.get("cpu_seconds", 0.0) + time.process_time() - c0,
+                   "steps": steps, "img_per_s": steps * spec.batch / max(dt, 1e-9)}, path)

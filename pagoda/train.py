@@ -65,6 +65,7 @@ OLD_TEACHER_KEYS = {"model": "teacher", "ema": "teacher_ema", "opt": "opt_teache
 
 TEACHER_PRESETS = {
     "demo": TeacherConfig(),  # ~10 min on 2 CPU cores
+    "demo32": TeacherConfig(resolution=32, unet="demo32"),  # the demo's recipe at 32 px (bench/pipeline_cost.py)
     "tiny": TeacherConfig(unet="tiny", steps=60, batch=64, grid_every=60, ckpt_every=30, sample_steps=6),
     "emoji": TeacherConfig(data="emoji", unet="emoji8", steps=1000, batch=64, lr=1e-3),  # text teacher, ≈ 13 min
 }
@@ -191,6 +192,7 @@ class TrainConfig:
     accumulate: int = 1  # gradient accumulation: per-rank batch = global batch / (ranks * accumulate)
     workers: int | None = None  # DataLoader processes per rank for image files; None = data.default_workers
     max_stages: int | None = None  # stop after this many stages (tests, smoke runs)
+    steps: str | None = None  # generator steps per stage, e.g. '1000,400,350,300' (one per stage); None = the preset's
     max_steps: int | None = None  # cap every stage's generator steps (rehearsals, smoke runs); None = the preset's
     max_batch: int | None = None  # cap every stage's global batch (rehearsals on a CPU); None = the preset's
     # captioned data: the text encoder of the teacher the run trains, 'builtin' or 't5:PATH'; None = the teacher
@@ -222,11 +224,22 @@ def check_teacher_text(spec: str | None, teacher: Denoiser, path: str | Path) ->
                          "a teacher trained with it (or another --out)")
 
 
+def stage_steps(spec: str, n: int) -> tuple[int, ...]:
+    """--steps '1000,400,350,300' -> one positive step count per stage; else a one-line ValueError naming the fix."""
+    parts = str(spec).split(",")
+    if not all(p.strip().isdigit() and int(p) > 0 for p in parts) or len(parts) != n:
+        raise ValueError(f"--steps {spec!r}: give {n} positive step counts separated by commas, one per stage of this "
+                         f"run (e.g. {','.join(['500'] * n)}), or drop --steps for the preset's")
+    return tuple(int(p) for p in parts)
+
+
 def run_stages(cfg: TrainConfig, teacher: UNetConfig) -> list[StageConfig]:
     """The stages `pagoda train` runs on `teacher`: the preset's plan with --discriminator/--distance/--grow-width,
-    --max-steps/--max-batch caps."""
+    --steps, --max-steps/--max-batch caps."""
     plan = plan_stages(teacher.resolution, cfg.res, cfg.preset, cfg.discriminator, cfg.distance, cfg.grow_width,
                        teacher.top_width)
+    if cfg.steps is not None:
+        plan = [replace(s, steps=k) for s, k in zip(plan, stage_steps(cfg.steps, len(plan)))]
     return [replace(s, steps=min(s.steps, cfg.max_steps or s.steps), batch=min(s.batch, cfg.max_batch or s.batch))
             for s in plan]
 

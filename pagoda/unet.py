@@ -104,6 +104,12 @@ PRESETS: dict[str, UNetConfig] = {
         resolution=8, in_channels=1, out_channels=1, model_channels=32, channel_mult=(1, 2),
         num_res_blocks=2, attention_resolutions=(4,), num_head_channels=32, num_classes=10,
     ),
+    # demo8 at 32x32: the same widths, blocks and 4-px attention, two more levels (the conventional route of
+    # bench/pipeline_cost.py: a teacher trained at the target resolution).
+    "demo32": UNetConfig(
+        resolution=32, in_channels=1, out_channels=1, model_channels=32, channel_mult=(1, 1, 1, 2),
+        num_res_blocks=2, attention_resolutions=(4,), num_head_channels=32, num_classes=10,
+    ),
     # Text-to-image teacher on colour emoji at 8x8 (`pagoda train --preset emoji`; text_dim set from the encoder).
     "emoji8": UNetConfig(
         resolution=8, in_channels=3, out_channels=3, model_channels=64, channel_mult=(1, 2),

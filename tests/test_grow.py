@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from pagoda.grow import PRESETS, StageConfig, check_width, doublings, get_preset, grow_widths, plan_stages
 from pagoda.rundir import stage_dir_name
+from pagoda.train import TEACHER_PRESETS, TrainConfig, run_stages
 from pagoda.unet import PRESETS as UNET_PRESETS
 from pagoda.unet import UNet
 
@@ -116,3 +117,14 @@ def test_width_schedules():
     for bad in ("wide", "0,32", "32,", "R/256", "0/R", "-32", ""):
         with pytest.raises(ValueError, match=r"is not a width schedule: use constant, halve, B/R"):
             check_width(bad)
+
+
+def test_conventional_route_is_the_demo_recipe_at_32px():
+    """`--teacher-preset demo32 --res 32` (bench/pipeline_cost.py): the demo teacher's recipe with two more levels,
+    then one stage at the teacher resolution with the demo's stage-2 recipe, no growth."""
+    assert replace(TEACHER_PRESETS["demo32"], unet="demo8", resolution=8) == TEACHER_PRESETS["demo"]
+    u8, u32 = UNET_PRESETS["demo8"], UNET_PRESETS["demo32"]
+    assert replace(u32, resolution=8, channel_mult=u8.channel_mult) == u8 and u32.channel_mult[-2:] == u8.channel_mult
+    stage, = run_stages(TrainConfig(res=32, teacher_preset="demo32"), u32)
+    assert (stage.resolution, stage.grow, stage.steps) == (32, False, 700)
+    assert stage == replace(plan_stages(8, 32, "demo")[0], name="stage-32", resolution=32)

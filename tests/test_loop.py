@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
+import pytest
 import torch
 
 from pagoda.loop import LineProgress, LoopSpec, index_labels, progress_bar, run_loop
@@ -49,6 +51,22 @@ def test_run_loop_logs_plain_lines_when_stdout_is_a_file(tmp_path, capsys):
     (tmp_path / "q").mkdir()
     run_loop(step, lambda: None, LoopSpec("quiet", total=2, batch=4, ckpt_every=10), 0, tmp_path / "q", progress=False)
     assert capsys.readouterr().out == ""
+
+
+def test_timing_adds_up_the_sessions_of_a_resumed_loop(tmp_path):
+    """timing.json is the cost of every timed session: a loop resumed at step 3 adds its steps and seconds."""
+    def step() -> dict[str, float]:
+        time.sleep(0.01)
+        return {}
+    run_loop(step, lambda: None, LoopSpec("a", total=3, batch=4, ckpt_every=10), 0, tmp_path, progress=False)
+    first = json.loads((tmp_path / "timing.json").read_text())
+    run_loop(step, lambda: None, LoopSpec("a", total=5, batch=4, ckpt_every=10), 3, tmp_path, progress=False)
+    both = json.loads((tmp_path / "timing.json").read_text())
+    assert (first["steps"], both["steps"]) == (3, 5)
+    assert both["seconds"] >= first["seconds"] + 0.02 and both["cpu_seconds"] >= first["cpu_seconds"]
+    assert both["img_per_s"] == pytest.approx(5 * 4 / both["seconds"])
+    run_loop(step, lambda: None, LoopSpec("b", total=2, batch=4, ckpt_every=10), 0, tmp_path, progress=False)
+    assert json.loads((tmp_path / "timing.json").read_text())["steps"] == 2  # a fresh start replaces it
 
 
 def test_index_labels_image_i_has_class_i_mod_C():

@@ -201,6 +201,20 @@ def test_res_must_be_teacher_res_times_power_of_two(toy_run, tmp_path, res):
     assert sorted(p.name for p in run.glob("stage-*")) == ["stage-08", "stage-16"]
 
 
+def test_steps_per_stage_override_the_preset(toy_run, tmp_path):
+    run = _copy(toy_run, tmp_path)
+    n8 = len((run / "stage-08" / "metrics.jsonl").read_text().splitlines())
+    config = (run / "config.json").stat().st_mtime_ns
+    for bad in ("5", "5,6,7", "5,0", "5,x"):  # one count per stage (two here), each positive
+        with pytest.raises(ValueError, match=rf"--steps '{bad}': give 2 positive step counts"):
+            train(replace(toy_run.train_cfg, out=str(run), steps=bad), progress=False)
+    assert (run / "config.json").stat().st_mtime_ns == config  # refused before anything was written
+    shutil.rmtree(run / "stage-16")
+    train(replace(toy_run.train_cfg, out=str(run), steps=f"{n8},{n8 + 2}"), progress=False)
+    assert len((run / "stage-16" / "metrics.jsonl").read_text().splitlines()) == n8 + 2  # stage-08 reused as is
+    assert json.loads((run / "config.json").read_text())["stages"][1]["steps"] == n8 + 2
+
+
 def test_method_doc_links_resolve():
     """docs/method.md maps each equation to `pagoda/file.py::name`: every such name exists."""
     import importlib

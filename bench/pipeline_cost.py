@@ -1,0 +1,83 @@
+"""The pipeline-cost claim: PaGoDA's 8 → 32 against the conventional route, a teacher and a one-step G at 32 px.
+
+    pagoda train --out runs/demo                                        # PaGoDA: 8-px teacher, G8, grown to 16, 32
+    pagoda train --teacher-preset demo32 --res 32 --out runs/conv32     # conventional: the same recipe at 32 px
+    OMP_NUM_THREADS=2 .venv/bin/python bench/pipeline_cost.py --runs runs/demo runs/conv32 --n 2000 --ref-n 2000
+
+The conventional route is `pagoda train` itself on a teacher trained at the target resolution (`demo32`: the demo
+teacher's recipe, widths and 4-px attention, two more levels; 1200 steps × 128): latent cache at 32 px, then one
+stage at the teacher resolution with the first stage's recipe (G = teacher copy, L_rec + λ L_adv), no growth.
+Per run: the CPU seconds of every phase from its timing.json files (teacher, latent cache, each stage: the cost of
+every timed session; a phase trained side by side with other jobs still counts its own process's CPU time), their
+sum, and the FID/KID of the last stage's G at the target resolution (n one-step samples against --ref-n
+Fashion-MNIST test images, bench/quality.py's Scorer; cached in OUT/fid_cache.json by the generator file's md5).
+--teacher-fid adds each teacher's Heun-35 FID at its own resolution (35 NFE per image: minutes at 32 px).
+Writes OUT/pipeline_cost.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from common import device, environment, load_run, parser, print_table, read_json, write_results
+from quality import Scorer, score_generator
+from pagoda.rundir import GENERATOR_FILE, TIMING_FILE, RunDir
+
+
+def phases(run: Path) -> list[tuple[str, dict]]:
+    """(phase, its timing.json) of a run, in pipeline order: teacher, latent cache, stages."""
+    r = RunDir(run)
+    found = [("teacher", r.teacher_dir / TIMING_FILE), ("latent cache", r.latents / TIMING_FILE)]
+    found += [(s.name, s / TIMING_FILE) for s in r.finished()]
+    return [(name, read_json(path)) for name, path in found if path.is_file()]
+
+
+def main() -> None:
+    p = parser(__doc__, "pipeline_cost", run=False)
+    p.add_argument("--runs", nargs="+", required=True, help="finished run directories (PaGoDA's, the conventional)")
+    p.add_argument("--n", type=int, default=2000, help="samples per FID row")
+    p.add_argument("--ref-n", type=int, default=2000, help="test images in the FID reference")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacher-fid", action="store_true", help="also each teacher's Heun-35 FID at its resolution")
+    a = p.parse_args()
+    dev = device(a.device)
+    scorer, rows = Scorer(dev, ref_n=a.ref_n), []
+    cache_path = Path(a.out) / "fid_cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+
+    def cached(key: str, score) -> dict:  # a row scored before (same file, n, reference, seed) is read back
+        key = f"{key}-n{a.n}-ref{a.ref_n}-seed{a.seed}"
+        if key not in cache:
+            cache[key] = score()
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            cache_path.write_text(json.dumps(cache, indent=1))
+        return cache[key]
+
+    for run in map(Path, a.runs):
+        teacher, gens = load_run(run, dev)
+        res = max(gens)
+        G = gens[res].eval()
+        cost = phases(run)
+        md5 = hashlib.md5((RunDir(run).stage(res) / GENERATOR_FILE).read_bytes()).hexdigest()
+        row = {"run": str(run), "route": f"teacher {teacher.resolution} px -> G{res}",
+               **{f"cpu_{name}": t.get("cpu_seconds") for name, t in cost},
+               "steps": {name: t.get("steps") for name, t in cost},
+               "cpu_total": sum(t.get("cpu_seconds", 0.0) for _, t in cost),
+               **cached(md5, lambda: score_generator(scorer, G, a.n, a.seed, dev))}
+        if a.teacher_fid:
+            t_md5 = hashlib.md5(Path(RunDir(run).teacher).read_bytes()).hexdigest()
+            row["teacher_fid"] = cached(f"teacher-{t_md5}", lambda: scorer.score(
+                scorer.sampled("teacher", teacher, a.n, a.seed, dev), teacher.resolution))["fid"]
+        rows.append(row)
+        print(f"{row['route']}: {row['cpu_total']:.0f} CPU s, FID {row['fid']:.2f}", flush=True)
+    names = list(dict.fromkeys(k for r in rows for k in r if k.startswith("cpu_") and k != "cpu_total"))
+    print_table(f"pipeline cost: CPU seconds per phase, FID at n = {a.n} vs {a.ref_n} test images", rows,
+                [("route", "route", "")] + [(k, k[4:] + " CPU s", ".0f") for k in names]
+                + [("cpu_total", "total CPU s", ".0f"), ("fid", "FID", ".2f"), ("kid_x1e3", "KID×10³", ".2f")]
+                + ([("teacher_fid", "teacher FID", ".2f")] if a.teacher_fid else []))
+    write_results(a.out, "pipeline_cost", {"environment": environment(dev), "n": a.n, "ref_n": a.ref_n, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
