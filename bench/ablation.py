@@ -46,7 +46,8 @@ RECIPES["adam_anchor"] = {**RECIPES["lite0_pyramid"], "optimizer": "adam", "grow
                           "anchor": 4.0}
 RECIPES["d_continued"] = {**RECIPES["adam_anchor"], "d_continue": True}
 RECIPES["ema_split"] = {**RECIPES["d_continued"], "ema": 0.995, "grow_ema": 0.99}
-RECIPES["demo"] = {**RECIPES["ema_split"], "grow_lr_G": 4e-4}
+RECIPES["growth_lr_G"] = {**RECIPES["ema_split"], "grow_lr_G": 4e-4}
+RECIPES["demo"] = {**RECIPES["growth_lr_G"], "grow_width": "16", "steps": (700, 800, 1000)}  # docs/benchmarks.md §3b
 GUIDED = dict(guidance_max=4.0, distill=3.0)  # TrainConfig: G(z, y, ω) for ω in [1, 4], L_dstl weight β = 3
 
 
@@ -114,7 +115,7 @@ ROWS |= _rows("d_continued", {
 ROWS |= _rows("ema_split", {
     "growth_d_steps_2": (dict(d_steps_per_g=2), {}, "base"),
     "growth_lam_0.5": (dict(lam=(0.2, 0.5)), {}, "base"),
-    "growth_lr_G_4e-4": (dict(grow_lr_G=4e-4), {}, "base"),  # = the recipe demo
+    "growth_lr_G_4e-4": (dict(grow_lr_G=4e-4), {}, "base"),  # = the recipe growth_lr_G
     "growth_lr_G_8e-4": (dict(grow_lr_G=8e-4), {}, "base"),
     "growth_rec_only_equal_cpu": (dict(lam=(0.2, 0.0), steps=(700, 1450, 800)), {}, "base"),
     "growth_rec_only_lr_G_4e-4_equal_cpu": (dict(grow_lr_G=4e-4, lam=(0.2, 0.0), steps=(700, 1450, 800)), {}, "base"),

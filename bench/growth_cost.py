@@ -29,7 +29,7 @@ from pagoda.text import CONTEXT, TextEmbedding
 from pagoda.unet import PRESETS, UNet, UNetConfig
 
 CONFIGS = {"demo": ("demo8", 32, "demo"), "imagenet": ("imagenet64", 512, "imagenet64")}  # teacher, target, preset
-SCHEDULES = {"demo": ("constant", "halve", "16/R"), "imagenet": ("constant", "halve", "128/R", "192,192,96")}
+SCHEDULES = {"demo": ("constant", "halve", "16/R", "16"), "imagenet": ("constant", "halve", "128/R", "192,192,96")}
 TEACHER_NFE = (35, 79)  # Heun 35 (the demo's sampler), 79 (the ImageNet teacher's, EDM)
 
 

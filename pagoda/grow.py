@@ -163,13 +163,16 @@ PRESETS: dict[str, GrowPreset] = {
     # - EMA 0.995 in stage-08, 0.99 in the growth stages, whose adversarial term runs only for their last steps;
     # - growth stages: L_rec alone for 450 steps, then the adversarial term (adv_start; a GAN step costs ≈ 2 L_rec
     #   steps); the pyramid weighed 4× and the anchor on the stage-2 G (consistency PSNR at 32 px 24.1 → 29.9 dB);
-    #   the previous stage's D continued; lr_G 4e-4, as the grown blocks start from scratch (G32 78.4 → 57.3).
+    #   the previous stage's D continued; lr_G 4e-4, as the grown blocks start from scratch (G32 78.4 → 57.3);
+    # - grown blocks 16 channels wide (the trunk's top level is 32), stage-32 1000 steps: at about the training CPU
+    #   time of 32-channel blocks and 600 steps, G32 FID 58.8 → 44.0 — constant width needs ≈ 15 % more CPU for the
+    #   same FID (800 steps: 43.5) — and G32 costs 1.73× G8's FLOPs instead of 3.78× (docs/benchmarks.md §3b).
     "demo": GrowPreset(
-        name="demo", steps=(700, 800, 600), batch=(64, 64, 32), lr_G=2e-4, grow_lr_G=4e-4, lr_D=2e-3, lam=(0.2, 1.0),
+        name="demo", steps=(700, 800, 1000), batch=(64, 64, 32), lr_G=2e-4, grow_lr_G=4e-4, lr_D=2e-3, lam=(0.2, 1.0),
         activate_from=3, fade_steps=(0, 60), ema=0.995, grow_ema=0.99, d_channels=32, encode_images=2000,
         encode_steps=20,
         optimizer="adam", discriminator="projected", d_input=32, distance="lite0+multiscale", adv_start=(0, 450),
-        grow_distance="lite0+4*multiscale", anchor=4.0, d_continue=True,
+        grow_distance="lite0+4*multiscale", anchor=4.0, d_continue=True, grow_width="16",
     ),
     # Text to image on captioned colour emoji (issue 21), teacher preset `emoji` (RGB text teacher at 8 px,
     # `unet.PRESETS["emoji8"]`), 8 → 16 → 32 → 64 (8×, the paper's growth factor) in ≈ 49 min on 2 CPU cores. The
@@ -178,11 +181,13 @@ PRESETS: dict[str, GrowPreset] = {
     #   and 141.9 at `halve` (32, 16, 8: the 8-channel 64-px blocks lose the colours), subgroup accuracy 0.181 / 0.168
     #   / 0.062, for a stage-64 of 465 s against 258 s and 193 s (docs/benchmarks.md §3b, §13b);
     # - the projected D at a 64-px input (the images are 64 px; Lite0's maps at 32-px input are too coarse for them);
-    # - every image in the latent cache (each caption has one image), L_rec alone for 150 steps per growth stage.
+    # - every image in the latent cache (each caption has one image), L_rec alone for 150 steps per growth stage;
+    # - stage-08 1250 steps: G8 FID 46.3 / 44.4 / 42.1 / 39.6 / 38.1 after 500 / 750 / 1000 / 1250 / 1500 steps,
+    #   against the teacher's 41.5 (docs/benchmarks.md §13b).
     # Measured on 2 cores: teacher 8m55s, cache 5m07s, stages 10m53s, 12m29s, 4m08s, 7m45s (stage-08 beside niced test
     # jobs, stage-16 niced beside a test suite, stage-32/64 alone) ≈ 49 min.
     "emoji": GrowPreset(
-        name="emoji", steps=(500, 400, 350, 300), batch=(32, 32, 16, 16), lr_G=2e-4, grow_lr_G=4e-4, lr_D=2e-3,
+        name="emoji", steps=(1250, 400, 350, 300), batch=(32, 32, 16, 16), lr_G=2e-4, grow_lr_G=4e-4, lr_D=2e-3,
         lam=(0.2, 1.0), activate_from=3, fade_steps=(0, 40), ema=0.995, grow_ema=0.99, d_channels=32,
         encode_images=0, encode_steps=20, optimizer="adam", discriminator="projected",
         d_input=64, distance="lite0+multiscale", adv_start=(0, 150), grow_distance="lite0+4*multiscale", anchor=4.0,

@@ -107,10 +107,11 @@ def test_width_schedules():
     assert grow_widths("192,192,96", 64, 3) == (192, 192, 96) and grow_widths("64,32", 8, 3) == (64, 32, 32)
     assert grow_widths("halve", 8, 2, 32) == (16, 8) and grow_widths("16/R", 8, 2, 32) == (32, 16)
     assert grow_widths("halve", 8, 6, 32)[-1] == 1  # never below one channel
-    # every preset grows at constant width (docs/benchmarks.md §3b): grow_channels None = the previous width
-    assert all(p.grow_width == "constant" for p in PRESETS.values())
+    # the presets' schedules (docs/benchmarks.md §3b): grow_channels None = the previous width
+    assert {n: p.grow_width for n, p in PRESETS.items()} == {"imagenet64": "constant", "demo": "16", "emoji": "constant",
+                                                           "tiny": "constant"}
     assert [s.grow_channels for s in plan_stages(8, 64, "emoji", top_width=64)] == [None, None, None, None]
-    assert [s.grow_channels for s in plan_stages(8, 32, "demo", top_width=32)] == [None, None, None]
+    assert [s.grow_channels for s in plan_stages(8, 32, "demo", top_width=32)] == [None, 16, 16]
     assert [s.grow_channels for s in plan_stages(64, 512, "imagenet64", width="256/R", top_width=192)] == [None, 192, 192, 96]
     with pytest.raises(ValueError, match="needs the teacher's top-level width"):
         plan_stages(8, 32, "demo", width="halve")

@@ -112,6 +112,7 @@ RUNS: dict[str, Run | Elsewhere] = {
     "pagoda teacher train --steps 200 --out runs/t": Run(("--preset", "tiny", "--steps", "2", "--batch", "8", "--no-progress")),
     "pagoda train --res 16 --out runs/small": Run(ON_DEMO),
     "pagoda train --guidance-max 4 --out runs/guided": Run(ON_DEMO),
+    "pagoda train --steps 700,800,1400 --out runs/long": Run(ON_DEMO + ("--steps", "3,2")),  # the tiny run has 2 stages
     "pagoda train --gpus 0 --procs 2 --res 16 --out runs/cpu2": Run(ON_DEMO, slow=True),
     "pagoda train --preset imagenet64 --res 512 --gpus 8 --dry-run": Run(slow=True),
     # sampling and exports
@@ -240,7 +241,7 @@ def runnable(slow: bool) -> list[str]:
 def test_documented_commands_run(workdir):
     run_all(runnable(slow=False))
     assert (workdir / "runs" / "demo" / "stage-16" / "generator.pt").is_file()
-    assert {p.name for p in (workdir / "runs").iterdir()} == {"demo", "t", "small", "guided"}
+    assert {p.name for p in (workdir / "runs").iterdir()} == {"demo", "t", "small", "guided", "long"}
     assert len(list((workdir / "samples").glob("*.png"))) == 8 and (workdir / "rgb.npz").is_file()
 
 
