@@ -175,7 +175,7 @@ PRESETS: dict[str, GrowPreset] = {
         grow_distance="lite0+4*multiscale", anchor=4.0, d_continue=True, grow_width="16",
     ),
     # Text to image on captioned colour emoji (issue 21), teacher preset `emoji` (RGB text teacher at 8 px,
-    # `unet.PRESETS["emoji8"]`), 8 → 16 → 32 → 64 (8×, the paper's growth factor) in ≈ 49 min on 2 CPU cores. The
+    # `unet.PRESETS["emoji8"]`), 8 → 16 → 32 → 64 (8×, the paper's growth factor) in ≈ 54 min on 2 CPU cores. The
     # demo's recipe (projected D, Lite0 + pyramid distance, anchor, D continued, L_rec warm-up) with:
     # - constant width (64 channels in every grown block): at equal steps G64 FID 103.9 against 123.2 at 32 channels
     #   and 141.9 at `halve` (32, 16, 8: the 8-channel 64-px blocks lose the colours), subgroup accuracy 0.181 / 0.168
@@ -184,8 +184,8 @@ PRESETS: dict[str, GrowPreset] = {
     # - every image in the latent cache (each caption has one image), L_rec alone for 150 steps per growth stage;
     # - stage-08 1250 steps: G8 FID 46.3 / 44.4 / 42.1 / 39.6 / 38.1 after 500 / 750 / 1000 / 1250 / 1500 steps,
     #   against the teacher's 41.5 (docs/benchmarks.md §13b).
-    # Measured on 2 cores: teacher 8m55s, cache 5m07s, stages 10m53s, 12m29s, 4m08s, 7m45s (stage-08 beside niced test
-    # jobs, stage-16 niced beside a test suite, stage-32/64 alone) ≈ 49 min.
+    # Measured on 2 cores alone: teacher 8m55s, cache 5m07s, stage-08 0.94 s/step (≈ 19m40s), stage-32 4m08s,
+    # stage-64 7m45s; stage-16 ≈ 8-9 min (8m47s at 1 thread beside other jobs): ≈ 54 min, summed from parts.
     "emoji": GrowPreset(
         name="emoji", steps=(1250, 400, 350, 300), batch=(32, 32, 16, 16), lr_G=2e-4, grow_lr_G=4e-4, lr_D=2e-3,
         lam=(0.2, 1.0), activate_from=3, fade_steps=(0, 40), ema=0.995, grow_ema=0.99, d_channels=32,
