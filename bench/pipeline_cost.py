@@ -16,12 +16,10 @@ Writes OUT/pipeline_cost.json.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 from common import device, environment, load_run, parser, print_table, read_json, write_results
-from quality import Scorer, score_generator
+from quality import ScoreCache, Scorer, file_md5, score_generator
 from pagoda.rundir import GENERATOR_FILE, TIMING_FILE, RunDir
 
 
@@ -42,32 +40,21 @@ def main() -> None:
     p.add_argument("--teacher-fid", action="store_true", help="also each teacher's Heun-35 FID at its resolution")
     a = p.parse_args()
     dev = device(a.device)
-    scorer, rows = Scorer(dev, ref_n=a.ref_n), []
-    cache_path = Path(a.out) / "fid_cache.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-
-    def cached(key: str, score) -> dict:  # a row scored before (same file, n, reference, seed) is read back
-        key = f"{key}-n{a.n}-ref{a.ref_n}-seed{a.seed}"
-        if key not in cache:
-            cache[key] = score()
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            cache_path.write_text(json.dumps(cache, indent=1))
-        return cache[key]
+    scorer, rows, cache = Scorer(dev, ref_n=a.ref_n), [], ScoreCache(a.out, a.n, a.ref_n, a.seed)
 
     for run in map(Path, a.runs):
         teacher, gens = load_run(run, dev)
         res = max(gens)
         G = gens[res].eval()
         cost = phases(run)
-        md5 = hashlib.md5((RunDir(run).stage(res) / GENERATOR_FILE).read_bytes()).hexdigest()
         row = {"run": str(run), "route": f"teacher {teacher.resolution} px -> G{res}",
                **{f"cpu_{name}": t.get("cpu_seconds") for name, t in cost},
                "steps": {name: t.get("steps") for name, t in cost},
                "cpu_total": sum(t.get("cpu_seconds", 0.0) for _, t in cost),
-               **cached(md5, lambda: score_generator(scorer, G, a.n, a.seed, dev))}
+               **cache.get(file_md5(RunDir(run).stage(res) / GENERATOR_FILE),
+                            lambda: score_generator(scorer, G, a.n, a.seed, dev))}
         if a.teacher_fid:
-            t_md5 = hashlib.md5(Path(RunDir(run).teacher).read_bytes()).hexdigest()
-            row["teacher_fid"] = cached(f"teacher-{t_md5}", lambda: scorer.score(
+            row["teacher_fid"] = cache.get("teacher-" + file_md5(RunDir(run).teacher), lambda: scorer.score(
                 scorer.sampled("teacher", teacher, a.n, a.seed, dev), teacher.resolution))["fid"]
         rows.append(row)
         print(f"{row['route']}: {row['cpu_total']:.0f} CPU s, FID {row['fid']:.2f}", flush=True)

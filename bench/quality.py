@@ -17,6 +17,8 @@ Writes OUT/quality.json, .png. `score_generator` is what bench/ablation.py score
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +56,28 @@ class Scorer:
 
     def sampled(self, kind, model, n: int, seed: int, dev, solver="heun", nfe=35, resize=None) -> np.ndarray:
         return self.ext.features_from_generator(make_sampler(kind, model, solver, nfe, resize, seed, dev), n)
+
+
+class ScoreCache:
+    """Rows scored before, kept in OUT/fid_cache.json under a key (e.g. a generator file's md5) and n, ref_n, seed:
+    read back instead of scored again, so a script can score runs while they train and be re-run for its tables."""
+
+    def __init__(self, out: str | Path, n: int, ref_n: int | None, seed: int):
+        self.path, self.suffix = Path(out) / "fid_cache.json", f"-n{n}-ref{ref_n}-seed{seed}"
+        self.rows = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    def get(self, key: str, score) -> dict:
+        """The row under key, from score() the first time."""
+        key += self.suffix
+        if key not in self.rows:
+            self.rows[key] = score()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.rows, indent=1))
+        return self.rows[key]
+
+
+def file_md5(path: str | Path) -> str:
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 
 def score_generator(scorer: Scorer, G, n: int, seed: int, dev) -> dict:

@@ -20,15 +20,13 @@ equal CPU time).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import torch
 
 from common import device, environment, figure, load_run, parser, print_table, read_json, time_call, write_results
 from growth_cost import flops_per_image
-from quality import Scorer, score_generator
+from quality import ScoreCache, Scorer, file_md5, score_generator
 from pagoda.inference import make_sampler
 from pagoda.rundir import RunDir
 
@@ -44,18 +42,11 @@ def main() -> None:
     p.add_argument("--fid-only", action="store_true", help="no timing: FID rows (cached), table and figure only")
     a = p.parse_args()
     dev = device(a.device)
-    scorer, rows = Scorer(dev, ref_n=a.ref_n), []
-    cache_path = Path(a.out) / "fid_cache.json"
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    scorer, rows, cache = Scorer(dev, ref_n=a.ref_n), [], ScoreCache(a.out, a.n, a.ref_n, a.seed)
 
     def fid_row(run: str, res: int, G) -> dict:  # FID/KID of G, from the cache when this file was scored before
-        md5 = hashlib.md5((Path(run) / f"stage-{res:02d}" / "generator.pt").read_bytes()).hexdigest()
-        key = f"{md5}-n{a.n}-ref{a.ref_n}-seed{a.seed}"
-        if key not in cache:
-            cache[key] = score_generator(scorer, G, a.n, a.seed, dev)
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            cache_path.write_text(json.dumps(cache, indent=1))
-        return cache[key]
+        return cache.get(file_md5(Path(run) / f"stage-{res:02d}" / "generator.pt"),
+                         lambda: score_generator(scorer, G, a.n, a.seed, dev))
 
     teacher_ips = None
     for run in a.runs:
