@@ -440,9 +440,11 @@ def loader(dataset: Dataset, batches: Iterable[Sequence[int]], workers: int = 0)
 
 def make_dataset(spec: str | os.PathLike, resolution: int, channels: int | None = None,
                  split: str = "train", skip_bad: bool = False) -> Dataset:
-    """'fashion-mnist' | 'fmnist' | a folder of idx files | 'emoji' | an image folder | an EDM .zip -> a data set."""
+    """'fashion-mnist' | 'fmnist' | a folder of idx files | 'emoji' | an image folder | an EDM .zip -> a data set.
+    A name means the built-in set even beside a folder of that name (`--out emoji` then `--data emoji` resumes);
+    such a folder is `./emoji`."""
     path = Path(spec).expanduser()
-    if str(spec).lower() == "emoji" and not path.exists():
+    if isinstance(spec, str) and spec.lower() == "emoji":
         if channels not in (None, 3):
             raise DataError(f"the emoji are colour (3 channels), not {channels}; fix: pass channels=3 or leave it unset")
         return EmojiDataset(split, resolution)

@@ -1,4 +1,6 @@
 """`--data emoji`: Twemoji PNGs captioned from emoji-test.txt; counts, captions, the fixed split, no flip (issue 21 §1)."""
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
@@ -56,6 +58,16 @@ def test_images_are_colour_on_white_adm_resized(splits):
     xb, yb = every.batch(torch.tensor([i, 0]))
     assert torch.equal(xb[0], x) and yb.tolist() == [i, 0]
     assert make_dataset("emoji", 8, split="test").captions == splits["test"].captions
+
+
+def test_the_name_emoji_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    """`pagoda train --data emoji --out emoji`, run again: the name still means the built-in set; `./emoji`, the folder."""
+    monkeypatch.chdir(tmp_path)
+    Path("emoji").mkdir()
+    Image.new("RGB", (8, 8), "red").save("emoji/a.png")
+    assert isinstance(make_dataset("emoji", 8), EmojiDataset)
+    folder = make_dataset("./emoji", 8)
+    assert not isinstance(folder, EmojiDataset) and len(folder) == 1
 
 
 def test_latent_cache_of_text_data_has_no_flip(splits, tmp_path):

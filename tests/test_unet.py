@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from pagoda.unet import PRESETS, UNet, UNetConfig
+from pagoda.unet import PRESETS, UNet, UNetConfig, Upsample
 
 FIX = Path(__file__).resolve().parents[2] / "shared" / "fixtures"  # shared/ lies beside the checkout
 
@@ -46,6 +46,13 @@ def test_imagenet64_state_dict_matches_public_checkpoint():
     sd = net.state_dict()
     assert [(k, str(tuple(v.shape))) for k, v in sd.items()] == [(n, s) for n, s in rows]
     assert sum(p.numel() for p in net.parameters()) == 295_899_267
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 5), h=st.integers(1, 6), w=st.integers(1, 6), transpose=st.booleans())
+def test_upsample_is_nearest_interpolation_bit_for_bit(n, c, h, w, transpose):
+    x = torch.randn(n, c, w, h).transpose(2, 3) if transpose else torch.randn(n, c, h, w)  # strided input too
+    assert torch.equal(Upsample(c, False)(x), torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
 
 
 def test_bad_config_and_input():
