@@ -148,10 +148,16 @@ def check_config(saved: dict[str, Any] | None, config, path: str | os.PathLike, 
 
 
 def load_state(path: str | os.PathLike, config, map_location: str | torch.device = "cpu",
-               renamed: dict[str, str] | None = None, delete: str | os.PathLike | None = None) -> dict[str, Any]:
+               renamed: dict[str, str] | None = None, delete: str | os.PathLike | None = None,
+               total: str | None = None) -> dict[str, Any]:
     """A training state {"step", "config", "<net>", "<net>_ema", "opt_<net>"} written under `config` (check_config);
-    keys of an older layout are renamed (`renamed`: old -> new; "stage" -> "config" always)."""
+    keys of an older layout are renamed (`renamed`: old -> new; "stage" -> "config" always). `total` names the config
+    field of the step count, which may differ while the state's step has not passed it: a run resumed with more or
+    fewer steps is the run with that count (its draws are a function of the step)."""
     renamed = {"stage": "config", **(renamed or {})}
     ckpt = {renamed.get(k, k): v for k, v in load_checkpoint(path, map_location).items()}
-    check_config(ckpt.get("config"), config, path, delete=delete)
+    saved, want = ckpt.get("config"), _plain(config)
+    if total and saved is not None and ckpt.get("step", 0) <= want[total]:
+        saved = {**saved, total: want[total]}
+    check_config(saved, config, path, delete=delete)
     return ckpt

@@ -155,7 +155,7 @@ class StageTrainer:
         if not self.ckpt_path.exists():
             dist.broadcast_([t for m in [self.G, *self.Ds] for t in m.state_dict().values()], self.info)
             return False
-        ck = load_state(self.ckpt_path, self.stage, self.dev, delete=self.sdir)
+        ck = load_state(self.ckpt_path, self.stage, self.dev, delete=self.sdir, total="steps")
         self.G.load_state_dict(ck["G"])
         self.ema.module.load_state_dict(ck["G_ema"])
         for D, sd in zip(self.Ds, ck["D"]):

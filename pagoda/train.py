@@ -16,6 +16,7 @@ Every random draw of step k comes from a generator seeded by (seed, stage, k) (p
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -244,6 +245,27 @@ def run_stages(cfg: TrainConfig, teacher: UNetConfig) -> list[StageConfig]:
             for s in plan]
 
 
+def lengthened(run: RunDir, stages: list[StageConfig]) -> dict[int, int]:
+    """{k: steps it finished at} for the finished stages that --steps lengthens past the count the run's config.json
+    records: each is continued, the same run as the longer count from the start (its draws are a function of the
+    step); a one-line refusal where that cannot be (a stage grown from it exists, or fewer steps are asked)."""
+    if not run.config.is_file():
+        return {}
+    recorded = {s["name"]: s["steps"] for s in json.loads(run.config.read_text()).get("stages", [])}
+    out = {}
+    for k, stage in enumerate(stages):
+        sdir, was = run.stage(stage.resolution), recorded.get(stage.name)
+        if not is_finished(sdir) or was in (None, stage.steps):
+            continue
+        later = [run.stage(s.resolution) for s in stages[k + 1:] if run.stage(s.resolution).exists()]
+        if was > stage.steps or later:
+            why = f"{later[0].name} grew from it" if was < stage.steps else "a finished stage is not shortened"
+            raise ValueError(f"--steps asks {stage.steps} steps of {sdir}, finished at {was}, and {why}; fix: delete "
+                             f"{sdir}{' and the stages after it' if later else ''} to train it again, or pass another --out")
+        out[k] = was
+    return out
+
+
 def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = None) -> Path:
     """Teacher (load or train) → latent cache (build if absent) → one stage per resolution; returns the run dir."""
     info = info or dist.init(cfg.device)
@@ -261,6 +283,7 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
     check_teacher_text(cfg.text_encoder, teacher, teacher_path)
     t_res = teacher.resolution
     stages = run_stages(cfg, teacher.unet.config)
+    longer = lengthened(run, stages[: cfg.max_stages])  # read before rank 0 rewrites config.json below
     data = make_dataset(cfg.data, cfg.res, channels=teacher.channels)
     if data.channels != teacher.channels:
         raise ValueError(f"the data has {data.channels} channels but the teacher {teacher.channels}: pass matching --data")
@@ -292,7 +315,9 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
     G = None
     for k, stage in enumerate(stages[: cfg.max_stages]):
         sdir = run.stage(stage.resolution)
-        if is_finished(sdir):  # a finished stage is never redone
+        if k in longer and info.is_main:  # continued: the shorter stage's generator is kept beside it
+            (sdir / GENERATOR_FILE).rename(sdir / GENERATOR_FILE.replace(".pt", f"-{longer[k]}.pt"))
+        elif is_finished(sdir) and k not in longer:  # a finished stage is never redone
             G = Generator.from_checkpoint(sdir / GENERATOR_FILE, map_location=info.device)
             continue
         images = make_dataset(cfg.data, stage.resolution, channels=teacher.channels)

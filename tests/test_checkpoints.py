@@ -43,6 +43,11 @@ def test_old_stage_state_loads(tmp_path):
     assert ck["config"] == asdict(s) and ck["step"] == 2 and "stage" not in ck
     with pytest.raises(CheckpointError, match="another config"):
         load_state(tmp_path / "checkpoint.pt", replace(s, steps=9))
+    for steps in (2, 9):  # the step count may change while step 2 has not passed it (a resume with that count) ...
+        assert load_state(tmp_path / "checkpoint.pt", replace(s, steps=steps), total="steps")["step"] == 2
+    for other in (replace(s, steps=1), replace(s, steps=9, batch=s.batch + 1)):  # ... and nothing else may
+        with pytest.raises(CheckpointError, match="another config"):
+            load_state(tmp_path / "checkpoint.pt", other, total="steps")
 
 
 def test_old_teacher_file_loads(tmp_path):

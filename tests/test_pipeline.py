@@ -215,6 +215,31 @@ def test_steps_per_stage_override_the_preset(toy_run, tmp_path):
     assert json.loads((run / "config.json").read_text())["stages"][1]["steps"] == n8 + 2
 
 
+def test_more_steps_continue_a_finished_stage(toy_run, tmp_path):
+    """--steps past a finished stage's count continues it (the shorter generator kept beside it): the same G as
+    that count from the start. Shortening it, or lengthening one that a later stage grew from, is refused before
+    anything is written."""
+    run = _copy(toy_run, tmp_path)
+    n8 = len((run / "stage-08" / "metrics.jsonl").read_text().splitlines())
+    n16 = len((run / "stage-16" / "metrics.jsonl").read_text().splitlines())
+    config = (run / "config.json").stat().st_mtime_ns
+    for steps, why in ((f"{n8 + 2},{n16}", "stage-16 grew from it"), (f"{n8},{n16 - 1}", "is not shortened")):
+        with pytest.raises(ValueError, match=rf"--steps asks .* finished at .*{why}; fix: delete .*another --out"):
+            train(replace(toy_run.train_cfg, out=str(run), steps=steps), progress=False)
+    assert (run / "config.json").stat().st_mtime_ns == config
+    old = (run / "stage-16" / "generator.pt").read_bytes()
+    train(replace(toy_run.train_cfg, out=str(run), steps=f"{n8},{n16 + 3}"), progress=False)
+    assert (run / "stage-16" / f"generator-{n16}.pt").read_bytes() == old
+    assert len((run / "stage-16" / "metrics.jsonl").read_text().splitlines()) == n16 + 3
+    assert json.loads((run / "config.json").read_text())["stages"][1]["steps"] == n16 + 3
+    scratch = tmp_path / "scratch"
+    shutil.copytree(run, scratch)
+    shutil.rmtree(scratch / "stage-16")
+    train(replace(toy_run.train_cfg, out=str(scratch), steps=f"{n8},{n16 + 3}"), progress=False)
+    a, b = (torch.load(r / "stage-16" / "generator.pt", weights_only=False) for r in (run, scratch))
+    assert all(torch.equal(b["state_dict"][key], value) for key, value in a["state_dict"].items())  # same threads
+
+
 def test_method_doc_links_resolve():
     """docs/method.md maps each equation to `pagoda/file.py::name`: every such name exists."""
     import importlib
