@@ -245,25 +245,31 @@ def run_stages(cfg: TrainConfig, teacher: UNetConfig) -> list[StageConfig]:
             for s in plan]
 
 
-def lengthened(run: RunDir, stages: list[StageConfig]) -> dict[int, int]:
-    """{k: steps it finished at} for the finished stages that --steps lengthens past the count the run's config.json
-    records: each is continued, the same run as the longer count from the start (its draws are a function of the
-    step); a one-line refusal where that cannot be (a stage grown from it exists, or fewer steps are asked)."""
+def settle_steps(run: RunDir, stages: list[StageConfig], max_stages: int | None = None
+                 ) -> tuple[list[StageConfig], dict[int, int]]:
+    """The stages with the step counts this launch gives them, and {k: its count} for each finished stage that --steps
+    lengthens. A finished stage asked for fewer steps than the run's config.json records is kept at its count; one
+    asked for more is continued (the same run as that count from the start: draws are a function of the step),
+    unless a later stage grew from it (a one-line refusal)."""
     if not run.config.is_file():
-        return {}
+        return stages, {}
     recorded = {s["name"]: s["steps"] for s in json.loads(run.config.read_text()).get("stages", [])}
-    out = {}
+    settled, longer = list(stages), {}
     for k, stage in enumerate(stages):
         sdir, was = run.stage(stage.resolution), recorded.get(stage.name)
         if not is_finished(sdir) or was in (None, stage.steps):
             continue
-        later = [run.stage(s.resolution) for s in stages[k + 1:] if run.stage(s.resolution).exists()]
-        if was > stage.steps or later:
-            why = f"{later[0].name} grew from it" if was < stage.steps else "a finished stage is not shortened"
-            raise ValueError(f"--steps asks {stage.steps} steps of {sdir}, finished at {was}, and {why}; fix: delete "
-                             f"{sdir}{' and the stages after it' if later else ''} to train it again, or pass another --out")
-        out[k] = was
-    return out
+        if was > stage.steps or k >= (max_stages or len(stages)):  # kept as trained
+            settled[k] = replace(stage, steps=was)
+            continue
+        later = [run.stage(s.resolution).name for s in stages[k + 1:] if run.stage(s.resolution).exists()]
+        if later:
+            counts = ",".join(str(recorded.get(s.name, s.steps)) for s in stages)
+            raise ValueError(f"--steps asks {stage.steps} steps of {sdir}, finished at {was}, and {later[0]} grew from "
+                             f"it; fix: pass --steps {counts} to keep the run as it is, delete {sdir} and the stages "
+                             f"after it to train it again, or pass another --out")
+        longer[k] = was
+    return settled, longer
 
 
 def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = None) -> Path:
@@ -283,7 +289,7 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
     check_teacher_text(cfg.text_encoder, teacher, teacher_path)
     t_res = teacher.resolution
     stages = run_stages(cfg, teacher.unet.config)
-    longer = lengthened(run, stages[: cfg.max_stages])  # read before rank 0 rewrites config.json below
+    stages, longer = settle_steps(run, stages, cfg.max_stages)  # read before rank 0 rewrites config.json below
     data = make_dataset(cfg.data, cfg.res, channels=teacher.channels)
     if data.channels != teacher.channels:
         raise ValueError(f"the data has {data.channels} channels but the teacher {teacher.channels}: pass matching --data")

@@ -216,17 +216,21 @@ def test_steps_per_stage_override_the_preset(toy_run, tmp_path):
 
 
 def test_more_steps_continue_a_finished_stage(toy_run, tmp_path):
-    """--steps past a finished stage's count continues it (the shorter generator kept beside it): the same G as
-    that count from the start. Shortening it, or lengthening one that a later stage grew from, is refused before
-    anything is written."""
+    """--steps past a finished stage's count continues it (the shorter generator kept beside it): the same G as that
+    count from the start. Fewer steps keep a finished stage as trained (config.json records its count); lengthening
+    one that a later stage grew from is refused before anything is written."""
     run = _copy(toy_run, tmp_path)
     n8 = len((run / "stage-08" / "metrics.jsonl").read_text().splitlines())
     n16 = len((run / "stage-16" / "metrics.jsonl").read_text().splitlines())
     config = (run / "config.json").stat().st_mtime_ns
-    for steps, why in ((f"{n8 + 2},{n16}", "stage-16 grew from it"), (f"{n8},{n16 - 1}", "is not shortened")):
-        with pytest.raises(ValueError, match=rf"--steps asks .* finished at .*{why}; fix: delete .*another --out"):
-            train(replace(toy_run.train_cfg, out=str(run), steps=steps), progress=False)
+    with pytest.raises(ValueError, match=rf"--steps asks {n8 + 2} steps of .*stage-08, finished at {n8}, and stage-16 "
+                                         rf"grew from it; fix: pass --steps {n8},{n16} to keep the run as it is, delete"):
+        train(replace(toy_run.train_cfg, out=str(run), steps=f"{n8 + 2},{n16}"), progress=False)
     assert (run / "config.json").stat().st_mtime_ns == config
+    stamps = {p: p.stat().st_mtime_ns for p in run.glob("stage-*/*.pt")}
+    train(replace(toy_run.train_cfg, out=str(run), steps=f"{n8 - 1},{n16 - 1}"), progress=False)
+    assert {p: p.stat().st_mtime_ns for p in run.glob("stage-*/*.pt")} == stamps  # kept as trained
+    assert [s["steps"] for s in json.loads((run / "config.json").read_text())["stages"]] == [n8, n16]
     old = (run / "stage-16" / "generator.pt").read_bytes()
     train(replace(toy_run.train_cfg, out=str(run), steps=f"{n8},{n16 + 3}"), progress=False)
     assert (run / "stage-16" / f"generator-{n16}.pt").read_bytes() == old
