@@ -78,14 +78,14 @@ def main() -> None:
     curves = {route: [(r["cpu_total"], r["fid"]) for r in rows if r["route"] == route]
               for route in dict.fromkeys(r["route"] for r in rows)}
     for r in rows:
-        r["cpu_to_reach"] = {route: cpu_to_reach(c, r["fid"]) for route, c in curves.items() if route != r["route"]}
-    names = list(dict.fromkeys(k for r in rows for k in r if k.startswith("cpu_") and k not in ("cpu_total", "cpu_to_reach")))
+        r["reach_cpu"] = {route: cpu_to_reach(c, r["fid"]) for route, c in curves.items() if route != r["route"]}
+    names = list(dict.fromkeys(k for r in rows for k in r if k.startswith("cpu_") and k != "cpu_total"))
     print_table(f"pipeline cost: CPU seconds per phase, FID at n = {a.n} vs {a.ref_n} test images", rows,
                 [("route", "route", "")] + [(k, k[4:] + " CPU s", ".0f") for k in names]
                 + [("cpu_total", "total CPU s", ".0f"), ("fid", "FID", ".2f"), ("kid_x1e3", "KID×10³", ".2f")]
                 + ([("teacher_fid", "teacher FID", ".2f")] if a.teacher_fid else []))
     for r in rows:
-        for route, cpu in r["cpu_to_reach"].items():
+        for route, cpu in r["reach_cpu"].items():
             print(f"{route} reaches {r['route']}'s FID {r['fid']:.2f} ({r['run']}, {r['cpu_total']:.0f} CPU s) at "
                   + (f"{cpu:.0f}" if isinstance(cpu, float) else cpu) + " CPU s")
     fig = figure(figsize=(6, 4))

@@ -321,9 +321,10 @@ def train(cfg: TrainConfig, progress: bool = True, info: dist.DistInfo | None = 
     G = None
     for k, stage in enumerate(stages[: cfg.max_stages]):
         sdir = run.stage(stage.resolution)
-        if k in longer and info.is_main:  # continued: the shorter stage's generator is kept beside it
-            (sdir / GENERATOR_FILE).rename(sdir / GENERATOR_FILE.replace(".pt", f"-{longer[k]}.pt"))
-        elif is_finished(sdir) and k not in longer:  # a finished stage is never redone
+        if k in longer:  # continued: the shorter stage's generator is kept beside it
+            if info.is_main:
+                (sdir / GENERATOR_FILE).rename(sdir / GENERATOR_FILE.replace(".pt", f"-{longer[k]}.pt"))
+        elif is_finished(sdir):  # a finished stage is never redone
             G = Generator.from_checkpoint(sdir / GENERATOR_FILE, map_location=info.device)
             continue
         images = make_dataset(cfg.data, stage.resolution, channels=teacher.channels)

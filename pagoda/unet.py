@@ -162,7 +162,7 @@ class Upsample(nn.Module):
             self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
 
     def forward(self, x):
-        n, c, h, w = x.shape  # = F.interpolate(x, scale_factor=2, mode="nearest"), bit for bit, 1.1-2.2× faster on CPU
+        n, c, h, w = x.shape  # = F.interpolate(x, scale_factor=2, mode="nearest") bit for bit; G32 1.06× on CPU (§1)
         x = x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
         return self.conv(x) if self.use_conv else x
 
